@@ -1,0 +1,10 @@
+"""Command-line entry points. Each subcommand is a module here with `add_parser(subparsers)` and `run(args)`."""
+
+# Imported lazily so that `python -m lora_trainer tags ...` does not pay for torch or gradio.
+COMMANDS = {
+    "train": "lora_trainer.cli.train",
+    "demo": "lora_trainer.cli.demo",
+    "tag": "lora_trainer.cli.tag",
+    "tags": "lora_trainer.cli.tags",
+    "ui": "lora_trainer.cli.ui",
+}
