@@ -61,6 +61,9 @@ class ModelAdapter(Protocol):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B,3,H,W]` in [-1, 1] -> latents `[B,4,H/8,W/8]`, already multiplied by the VAE scale factor."""
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (VAE-scaled, as encode_images returns them) -> images `[B,3,H,W]` in [-1, 1] (sample previews)."""
+
     def encode_captions(self, captions: list[str], clip_skip: int = 1, max_token_length: int = 75) -> TextConditioning:
         """Encode captions with the model's own tokenizer(s) and text encoder(s).
 
@@ -79,7 +82,7 @@ class ModelAdapter(Protocol):
         """UNet output (eps or v). `size_cond` `[B,6]` = original h,w, crop top,left, target h,w (SDXL only)."""
 
     def lora_targets(self, include_conv: bool = False) -> dict[str, dict[str, nn.Module]]:
-        """Trainable modules per component ("unet", "te" or "te1"/"te2") keyed by kohya name without prefix.
+        """Trainable modules per component ("unet", "te" or "te1"/"te2"), keyed by full kohya module name.
 
         Names are the kohya module names *with* their prefix (e.g. `lora_unet_down_blocks_0_...`), each mapped to
         an `nn.Linear`, `nn.Conv2d`, or for OpenCLIP's fused attention the `nn.MultiheadAttention` itself under
