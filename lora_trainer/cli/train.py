@@ -1,0 +1,85 @@
+"""`python -m lora_trainer train --config run.toml [--set key=value ...]`: train a LoRA on a checkpoint file."""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from lora_trainer.errors import LoraTrainerError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("train", help="train a LoRA from a kohya-style TOML config")
+    parser.add_argument("--config", type=Path, required=True, help="kohya-style TOML (flat or sectioned)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set network_dim=16 (repeatable)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+
+
+def run(args) -> int:
+    from lora_trainer.config import apply_overrides, load_toml
+
+    try:
+        loaded = load_toml(args.config)
+        config = apply_overrides(loaded.config, args.overrides)
+    except LoraTrainerError as error:
+        print(f"error: {error}")
+        return 2
+    report_config_keys(loaded)
+    return train(config, args.device)
+
+
+def report_config_keys(loaded) -> None:
+    for key in loaded.unknown_keys:
+        print(f"warning: unknown key '{key}' is not used (check its spelling)")
+    for key, reason in loaded.ignored_keys.items():
+        print(f"note: '{key}' is accepted but not used: {reason}")
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
+
+
+def train(config, device: str | None = None, extra_subscribers=()) -> int:
+    """Load the checkpoint named by the config, train, and report. Ctrl+C stops and saves."""
+    import torch
+
+    from lora_trainer.cli.progress_bar import TrainingProgressBar
+    from lora_trainer.models.loading import load_checkpoint_adapter
+    from lora_trainer.train import EventBus, Trainer, TrainCommands
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _weight_dtype(config.model.mixed_precision, device)
+    try:
+        adapter = load_checkpoint_adapter(
+            config.model.pretrained_model_name_or_path,
+            v_parameterization=config.model.v_parameterization,
+            config_dir=config.model.diffusers_config_dir,
+            tokenizer_dir=config.model.tokenizer_dir,
+            device=device,
+            dtype=dtype,
+        )
+        bus = EventBus()
+        bus.subscribe(TrainingProgressBar())
+        for subscriber in extra_subscribers:
+            bus.subscribe(subscriber)
+        commands = TrainCommands()
+        previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
+        try:
+            result = Trainer(config, adapter, events=bus, commands=commands).run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except LoraTrainerError as error:
+        print(f"error: {error}")
+        return 1
+    print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
+    return 0
+
+
+def _weight_dtype(mixed_precision: str, device: str):
+    """Frozen base weights in the autocast dtype on a GPU (as kohya does for LoRA training), fp32 on the CPU."""
+    import torch
+
+    if device.startswith("cpu") or mixed_precision in (None, "no"):
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
