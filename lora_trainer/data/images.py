@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_trainer.errors import DatasetError
@@ -132,6 +133,46 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if mode in ("I", "F") or mode.startswith("I;16"):
         return _high_bit_depth_to_l(im).convert("RGB")
     return im.convert("RGB")
+
+
+def verify_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSize:
+    """Decode an image fully (JPEG at reduced scale, which still reads every byte) to find truncated files early.
+
+    Args:
+        path (str | os.PathLike): image file.
+        max_pixels (int, optional): refuse larger images, defaults to DEFAULT_MAX_PIXELS.
+
+    Returns:
+        ImageSize: `(width, height)` as displayed (EXIF rotation applied).
+
+    Raises:
+        DatasetError: as load_image.
+    """
+    size = image_size(path, max_pixels)
+    path = os.fspath(path)
+    im = _open(path, max_pixels)
+    try:
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{path}: image data cannot be decoded, truncated or corrupt ({exc}). {_FIX}") from exc
+    finally:
+        im.close()
+    return size
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 tensor `[3, H, W]` in [-1, 1] (what the VAE encoder expects).
+
+    Args:
+        image (PIL.Image.Image): an image in mode "RGB".
+
+    Returns:
+        torch.Tensor: the pixels scaled to [-1, 1].
+    """
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
