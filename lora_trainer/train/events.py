@@ -178,6 +178,17 @@ class TrainCommands:
         self._save.set()
         self._stop.set()
 
+    def request_stop(self, save: bool = False) -> None:
+        """Ask the loop to end after the current step.
+
+        Args:
+            save (bool, optional): save the LoRA (and state when enabled) before ending, defaults to False.
+        """
+        if save:
+            self.stop_and_save()
+        else:
+            self.stop()
+
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()

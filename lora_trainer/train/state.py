@@ -1,0 +1,214 @@
+"""Resume state: everything a run needs to continue exactly where it stopped.
+
+A state folder (`<output_name>-state/`, `<output_name>-000002-state/`, `<output_name>-step00000100-state/`) holds:
+`network.safetensors` (trainable weights), `optimizer.pt`, `scheduler.pt` and `scaler.pt` (loaded with
+`weights_only=True`), `rng.pt` (torch, CUDA, python and numpy RNG states and the loop's own generators) and
+`train_state.json` (step, epoch, position in the epoch, config hash). It is written into a temporary folder
+that is renamed into place, so a crash never leaves a half-written state behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "train_state.json")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands.
+
+    Attributes:
+        global_step (int): optimizer steps done.
+        epoch (int): 0-based epoch the next step belongs to.
+        step_in_epoch (int): optimizer steps already done inside `epoch`.
+        config_hash (str): `config_hash()` of the run that wrote the state.
+        losses (list[float]): the per-step losses so far (for the average shown and the result).
+    """
+
+    global_step: int
+    epoch: int
+    step_in_epoch: int
+    config_hash: str = ""
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoadedState:
+    """A state folder read back; the loop puts each part where it belongs."""
+
+    train_state: TrainState
+    network: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+def config_hash(config: Any) -> str:
+    """A short hash of the parts of a config that change what a step computes (not save/log/stop settings).
+
+    Args:
+        config (TrainConfig): the run's config.
+
+    Returns:
+        str: 16 hex digits.
+    """
+    parts = {}
+    for name in ("model", "network", "optimizer", "dataset", "training"):
+        section = getattr(config, name, None)
+        if section is not None and dataclasses.is_dataclass(section):
+            values = dataclasses.asdict(section)
+            for volatile in ("max_train_steps", "max_train_epochs"):
+                values.pop(volatile, None)
+            parts[name] = values
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Every RNG state a step may draw from.
+
+    Args:
+        generators (dict[str, torch.Generator]): the loop's named generators (noise, timesteps).
+
+    Returns:
+        dict: states in types `torch.load(weights_only=True)` accepts.
+    """
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    """Put RNG states from `capture_rng` back (generators by name; unknown names are ignored).
+
+    Args:
+        state (dict): from `capture_rng` / `LoadedState.rng`.
+        generators (dict[str, torch.Generator]): the loop's generators, set in place.
+    """
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    for name, g in generators.items():
+        if name in state["generators"]:
+            g.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(
+    path: str | Path,
+    train_state: TrainState,
+    network: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rng: dict[str, Any],
+    scaler: Any = None,
+) -> Path:
+    """Write a state folder atomically (temp folder in the same parent, then rename).
+
+    Args:
+        path (str | Path): the state folder to (re)create.
+        train_state (TrainState): position of the run.
+        network (dict[str, torch.Tensor]): trainable weights (saved as float32 unless already exact).
+        optimizer (torch.optim.Optimizer): its state dict is saved.
+        scheduler: lr scheduler; its state dict is saved.
+        rng (dict): from `capture_rng`.
+        scaler (torch.amp.GradScaler, optional): fp16 loss scaler.
+
+    Returns:
+        Path: the folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in network.items()}, str(tmp / "network.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        payload = dict(dataclasses.asdict(train_state), format=STATE_FORMAT)
+        (tmp / "train_state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved resume state %s (step %d)", path, train_state.global_step)
+    return path
+
+
+def _load_pt(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a bad or foreign pickle
+        raise TrainingError(
+            f"{path}: cannot be read as resume state ({exc}). Point resume at a folder written by save_state, "
+            "or start without resume."
+        ) from exc
+
+
+def load_state(path: str | Path) -> LoadedState:
+    """Read a state folder written by `save_state`.
+
+    Args:
+        path (str | Path): the state folder (the `resume` key).
+
+    Returns:
+        LoadedState: the parts, still on the CPU.
+    """
+    path = Path(path)
+    missing = [name for name in _FILES if not (path / name).is_file()]
+    if not path.is_dir() or missing:
+        raise TrainingError(
+            f"resume: {path} is not a resume state folder (missing {', '.join(missing) or 'the folder'}). "
+            "Point resume at a '<output_name>-state' folder written with save_state = true."
+        )
+    raw = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    raw.pop("format", None)
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    train_state = TrainState(**{k: v for k, v in raw.items() if k in known})
+    scaler_path = path / "scaler.pt"
+    return LoadedState(
+        train_state=train_state,
+        network=load_file(str(path / "network.safetensors")),
+        optimizer=_load_pt(path / "optimizer.pt"),
+        scheduler=_load_pt(path / "scheduler.pt"),
+        scaler=_load_pt(scaler_path) if scaler_path.is_file() else None,
+        rng=_load_pt(path / "rng.pt"),
+    )
