@@ -1,0 +1,117 @@
+"""Make Stability's `ldm` package (stablediffusion repo / stable-diffusion-sdkit) importable without its extras.
+
+`ldm.models.diffusion.ddpm` imports `pytorch_lightning.utilities.distributed.rank_zero_only` (removed in
+PyTorch Lightning 2.0) and `torchvision.utils.make_grid` (used only for image logging);
+`ldm.modules.encoders.modules` imports `open_clip` at module level, which needs torchvision.
+`install_ldm_shims()` adds a real `pytorch_lightning.utilities.distributed` module, then imports the ldm modules
+with stand-ins for torchvision / open_clip *only while importing*, when the real ones are missing, and takes the
+stand-ins out of `sys.modules` again so that nothing else in the process sees them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+import types
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+LDM_MODULES = (
+    "ldm.util",
+    "ldm.modules.diffusionmodules.openaimodel",
+    "ldm.models.autoencoder",
+    "ldm.modules.encoders.modules",
+    "ldm.models.diffusion.ddpm",
+)
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _make_grid(tensor, nrow: int = 8, padding: int = 2, **_kwargs):
+    """A small `torchvision.utils.make_grid` for `[B,C,H,W]` tensors (ldm's image logging only)."""
+    import torch
+
+    batch, channels, height, width = tensor.shape
+    cols = min(nrow, batch)
+    rows = (batch + cols - 1) // cols
+    grid = tensor.new_zeros(channels, rows * (height + padding) + padding, cols * (width + padding) + padding)
+    for i in range(batch):
+        top = padding + (i // cols) * (height + padding)
+        left = padding + (i % cols) * (width + padding)
+        grid[:, top:top + height, left:left + width] = tensor[i]
+    return torch.as_tensor(grid)
+
+
+def _missing(name: str):
+    def fail(*_args, **_kwargs):
+        raise ImportError(f"{name} is not installed: this ldm code path needs it. Install {name.split('.')[0]}.")
+
+    return fail
+
+
+def _stand_ins() -> dict[str, types.ModuleType]:
+    modules: dict[str, types.ModuleType] = {}
+    if not _importable("torchvision"):
+        torchvision = types.ModuleType("torchvision")
+        utils = types.ModuleType("torchvision.utils")
+        utils.make_grid = _make_grid
+        torchvision.utils = utils
+        modules.update({"torchvision": torchvision, "torchvision.utils": utils})
+    if not _importable("open_clip"):
+        sys.modules.pop("open_clip", None)
+        open_clip = types.ModuleType("open_clip")
+        open_clip.create_model_and_transforms = _missing("open_clip.create_model_and_transforms")
+        open_clip.tokenize = _missing("open_clip.tokenize")
+        modules["open_clip"] = open_clip
+    return modules
+
+
+@contextmanager
+def _temporarily(modules: dict[str, types.ModuleType]):
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+def _install_lightning_distributed() -> None:
+    name = "pytorch_lightning.utilities.distributed"
+    if name in sys.modules or _importable(name):
+        return
+    from pytorch_lightning.utilities import rank_zero_only
+
+    module = types.ModuleType(name)
+    module.rank_zero_only = rank_zero_only
+    sys.modules[name] = module
+
+
+def install_ldm_shims() -> bool:
+    """Make `from ldm.models.diffusion.ddpm import LatentDiffusion` work here.
+
+    Returns:
+        bool: True when the ldm modules are imported; False when `ldm` (or pytorch_lightning) is not installed.
+    """
+    if all(name in sys.modules for name in LDM_MODULES):
+        return True
+    if importlib.util.find_spec("ldm") is None or importlib.util.find_spec("pytorch_lightning") is None:
+        logger.info("ldm or pytorch_lightning is not installed; ldm models are unavailable")
+        return False
+    _install_lightning_distributed()
+    with _temporarily(_stand_ins()):
+        for name in LDM_MODULES:
+            importlib.import_module(name)
+    return True
