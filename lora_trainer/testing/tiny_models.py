@@ -1,0 +1,232 @@
+"""Tiny real-architecture Stable Diffusion checkpoints (SD1, SD2, SDXL) with random weights, for tests and demos.
+
+Block structure, transformer depths, text-encoder layer counts, vocabulary (49408) and positions (77) are the real
+ones, so key names and module counts match full-size files; only widths are small. The checkpoint is written in
+the original single-file format (`.safetensors` + same-named ldm/sgm `.yaml`), beside a diffusers config folder
+with tokenizers so `from_single_file(ckpt, config=config_dir, local_files_only=True)` loads it offline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_trainer.models.configs import TOKENIZERS, config_dir as full_config_dir
+from lora_trainer.models.convert import OPEN_CLIP_LAYERS, pipeline_to_original
+from lora_trainer.models.tokenizer import write_clip_tokenizer
+from lora_trainer.testing.tiny_yaml import tiny_yaml
+
+logger = logging.getLogger(__name__)
+
+TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl")
+FORMAT_VERSION = 1  # bump when the tiny layout changes, so cached builds are rebuilt
+# Widths: channel changes at the same levels as the real models (so the same shortcut convs exist).
+UNET_CHANNELS = {"sd1": [32, 64, 96, 96], "sd2": [32, 64, 96, 96], "sdxl": [32, 64, 96]}
+VAE_CHANNELS = [32, 64, 96, 96]
+HEAD_CHANNELS = 16  # SD2/SDXL use num_head_channels (64 in the real models)
+TE_HIDDEN = {"clip_l": 32, "open_clip_sd2": 32, "open_clip_sdxl": 64}
+TIME_EMBED_DIM_XL = 8  # SDXL size-conditioning embedding per number (256 in the real model)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny checkpoint on disk.
+
+    Attributes:
+        arch (str): "sd1", "sd2", "sd2-v" or "sdxl".
+        checkpoint (Path): the original single-file `.safetensors`.
+        yaml (Path): the same-named ldm/sgm config the WebUI reads.
+        config_dir (Path): diffusers config folder with tiny configs and tokenizer folder(s).
+        tokenizer_dir (Path): the (first) CLIP tokenizer folder.
+        text_encoder_dir (Path): transformers-format (first) text encoder + tokenizer (`from_pretrained` loads it).
+    """
+
+    arch: str
+    checkpoint: Path
+    yaml: Path
+    config_dir: Path
+    tokenizer_dir: Path
+    text_encoder_dir: Path
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _tiny_unet_config(arch: str) -> dict:
+    cfg = _load_json(full_config_dir(arch) / "unet" / "config.json")
+    family = "sd2" if arch.startswith("sd2") else arch
+    channels = UNET_CHANNELS[family]
+    cfg.update(block_out_channels=channels, sample_size=16)
+    if family == "sd1":
+        cfg.update(cross_attention_dim=TE_HIDDEN["clip_l"])  # 8 heads, as the real model
+    elif family == "sd2":
+        cfg.update(cross_attention_dim=TE_HIDDEN["open_clip_sd2"], attention_head_dim=[c // HEAD_CHANNELS for c in channels])
+    else:
+        cfg.update(
+            cross_attention_dim=TE_HIDDEN["clip_l"] + TE_HIDDEN["open_clip_sdxl"],
+            attention_head_dim=[c // HEAD_CHANNELS for c in channels],
+            addition_time_embed_dim=TIME_EMBED_DIM_XL,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM_XL + TE_HIDDEN["open_clip_sdxl"],
+        )
+    return cfg
+
+
+def _tiny_vae_config(arch: str) -> dict:
+    cfg = _load_json(full_config_dir(arch) / "vae" / "config.json")
+    cfg.update(block_out_channels=VAE_CHANNELS, sample_size=128)
+    return cfg
+
+
+def _tiny_te_config(arch: str, sub: str) -> dict:
+    cfg = _load_json(full_config_dir(arch) / sub / "config.json")
+    key = "clip_l" if cfg["hidden_act"] == "quick_gelu" else ("open_clip_sdxl" if arch == "sdxl" else "open_clip_sd2")
+    hidden = TE_HIDDEN[key]
+    cfg.update(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=4, projection_dim=hidden)
+    return cfg
+
+
+def _tiny_configs(arch: str) -> dict[str, dict]:
+    configs = {"unet": _tiny_unet_config(arch), "vae": _tiny_vae_config(arch)}
+    configs["text_encoder"] = _tiny_te_config(arch, "text_encoder")
+    if arch == "sdxl":
+        configs["text_encoder_2"] = _tiny_te_config(arch, "text_encoder_2")
+    return configs
+
+
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Deterministic random weights with non-trivial norms, biases and output layers (nothing zero or identity)."""
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                value = 1.0 + 0.2 * noise
+            elif param.ndim == 1:
+                value = 0.05 * noise
+            elif name.endswith(("token_embedding.weight", "position_embedding.weight")):
+                value = 0.5 * noise if "position" in name else noise
+            else:
+                fan_in = param[0].numel()
+                value = noise / fan_in**0.5
+            param.copy_(value.to(param.dtype))
+
+
+def _build_components(arch: str, configs: dict[str, dict], seed: int) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    generator = torch.Generator().manual_seed(seed)
+    models = {
+        "unet": UNet2DConditionModel.from_config(configs["unet"]),
+        "vae": AutoencoderKL.from_config(configs["vae"]),
+    }
+    te_cfg = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
+    if arch.startswith("sd2"):
+        # The original file keeps all 24 OpenCLIP layers and the projection; diffusers loads the first 23.
+        full = dict(te_cfg, num_hidden_layers=OPEN_CLIP_LAYERS["sd2"])
+        models["text_encoder"] = CLIPTextModelWithProjection(CLIPTextConfig(**full))
+    else:
+        models["text_encoder"] = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    if arch == "sdxl":
+        te2_cfg = {k: v for k, v in configs["text_encoder_2"].items() if k != "architectures"}
+        models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg))
+    for name in sorted(models):
+        _randomize(models[name], generator)
+        models[name].eval()
+    return models
+
+
+def _write_config_dir(arch: str, configs: dict[str, dict], out: Path, tokenizer_src: Path) -> None:
+    shutil.copytree(full_config_dir(arch), out, dirs_exist_ok=True)
+    for sub, cfg in configs.items():
+        (out / sub / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if arch == "sd2-v":
+        sched_path = out / "scheduler" / "scheduler_config.json"
+        sched = _load_json(sched_path)
+        sched["prediction_type"] = "v_prediction"
+        sched_path.write_text(json.dumps(sched, indent=2) + "\n", encoding="utf-8")
+    for sub, pad in TOKENIZERS[arch].items():
+        write_clip_tokenizer(out / sub, pad_token=pad, source=tokenizer_src)
+
+
+def _write_text_encoder_dir(arch: str, model: torch.nn.Module, configs: dict, out: Path, tok: Path) -> None:
+    """transformers-format text encoder (as diffusers loads it: SD2 keeps 23 layers) + its tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te_cfg = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
+    te = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    te.load_state_dict({k: state[k] for k in te.state_dict()})
+    te.save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copyfile(tok / name, out / name)
+
+
+def _cached(out: Path, arch: str, seed: int) -> TinyModel | None:
+    marker = out / "tiny_model.json"
+    if not marker.is_file():
+        return None
+    info = _load_json(marker)
+    if info.get("arch") != arch or info.get("seed") != seed or info.get("format") != FORMAT_VERSION:
+        return None
+    model = _paths(out, arch)
+    required = (model.checkpoint, model.yaml, model.config_dir / "model_index.json", model.text_encoder_dir)
+    return model if all(p.exists() for p in required) else None
+
+
+def _paths(out: Path, arch: str) -> TinyModel:
+    name = f"tiny_{arch.replace('-', '_')}"
+    return TinyModel(
+        arch=arch,
+        checkpoint=out / f"{name}.safetensors",
+        yaml=out / f"{name}.yaml",
+        config_dir=out / "diffusers_config",
+        tokenizer_dir=out / "diffusers_config" / "tokenizer",
+        text_encoder_dir=out / "text_encoder",
+    )
+
+
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> TinyModel:
+    """Build (or reuse) a tiny random checkpoint of a real architecture.
+
+    Args:
+        arch (str): "sd1", "sd2", "sd2-v" (same weights as "sd2", v-prediction configs) or "sdxl".
+        out_dir (str | Path): folder for the files; a complete earlier build of the same arch and seed is reused.
+        seed (int, optional): weight seed, defaults to 0.
+
+    Returns:
+        TinyModel: the paths of the checkpoint, its yaml, the diffusers config folder and the tokenizer folders.
+    """
+    from safetensors.torch import save_file
+
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"arch={arch!r}: no tiny model. Use one of {TINY_ARCHITECTURES}.")
+    out = Path(out_dir).resolve()
+    if (cached := _cached(out, arch, seed)) is not None:
+        return cached
+    out.mkdir(parents=True, exist_ok=True)
+    paths = _paths(out, arch)
+    configs = _tiny_configs(arch)
+    models = _build_components(arch, configs, seed)
+    tok_src = write_clip_tokenizer(out / "tokenizer_source")
+    _write_config_dir(arch, configs, paths.config_dir, tok_src)
+    _write_text_encoder_dir(arch, models["text_encoder"], configs, paths.text_encoder_dir, paths.tokenizer_dir)
+    te_sds = [models["text_encoder"].state_dict()]
+    if arch == "sdxl":
+        te_sds.append(models["text_encoder_2"].state_dict())
+    state = pipeline_to_original(models["unet"].state_dict(), models["vae"].state_dict(), te_sds, arch)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(paths.checkpoint), metadata={"format": "pt"})
+    paths.yaml.write_text(tiny_yaml(arch, configs, paths.text_encoder_dir), encoding="utf-8")
+    shutil.rmtree(out / "tokenizer_source")
+    (out / "tiny_model.json").write_text(
+        json.dumps({"arch": arch, "seed": seed, "format": FORMAT_VERSION}) + "\n", encoding="utf-8"
+    )
+    logger.info("built tiny %s model in %s", arch, out)
+    return paths
+
+
+__all__ = ["TINY_ARCHITECTURES", "TinyModel", "build_tiny_model"]
