@@ -31,6 +31,7 @@ TINY_TAGS: list[tuple[str, int, float, dict[str, float]]] = [
     ("bow_(weapon)", 0, 0.2, {}),
     ("smile", 0, -0.2, {"c1": 0.8}),
     ("1girl", 0, 2.0, {}),
+    ("simple_background", 0, -0.85, {}),
 ]
 _FEATURES = ["B", "G", "R", "c0", "c1", "c2", "c3"]
 

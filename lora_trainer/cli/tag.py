@@ -1,0 +1,127 @@
+"""`python -m lora_trainer tag DIR --model-dir PATH`: tag images with a WD14 / WD-v3 tagger, write caption files.
+
+Exit status: 0 when every image was tagged or skipped, 1 when some images failed (listed), 2 on a usage or model
+error.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.progress import ProgressInfo, format_seconds
+
+_BAR_WIDTH = 30
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tag", help="tag images with a WD14 / WD-v3 ONNX tagger and write caption files",
+                       description="Tag every image in DIR and write a caption file beside each one.")
+    p.add_argument("dir", type=Path, help="folder of images")
+    model = p.add_argument_group("model")
+    model.add_argument("--model-dir", type=Path, help="tagger model folder (model.onnx + selected_tags.csv)")
+    model.add_argument("--tagger-dir", type=Path, help="folder of tagger model folders (for --model / --download)")
+    model.add_argument("--model", help="model folder name inside --tagger-dir, e.g. wd-vit-tagger-v3")
+    model.add_argument("--download", metavar="NAME", help="download SmilingWolf/NAME into --tagger-dir first "
+                       "(skipped when already there), e.g. wd-vit-tagger-v3")
+    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: auto")
+    tags = p.add_argument_group("tags")
+    tags.add_argument("--threshold", type=float, help="general tag threshold (default: the model's P=R value, "
+                      "0.35 for unknown models)")
+    tags.add_argument("--character-threshold", type=float, default=0.85, help="default: 0.85")
+    tags.add_argument("--mcut", nargs="?", const="both", choices=("general", "character", "both"),
+                      help="MCut thresholds instead (default when given: both)")
+    tags.add_argument("--no-characters", action="store_true", help="leave character tags out")
+    tags.add_argument("--rating", action="store_true", help="write the most likely rating tag")
+    tags.add_argument("--exclude", nargs="+", default=[], metavar="TAG", help="tags never written (commas ok)")
+    tags.add_argument("--trigger", nargs="+", default=[], metavar="TAG",
+                      help="tags put first, in this order (commas ok)")
+    tags.add_argument("--append", action="store_true", help="put the --trigger tags last instead")
+    out = p.add_argument_group("captions")
+    out.add_argument("--existing", choices=("skip", "overwrite", "append", "prepend"), default="skip",
+                     help="what to do with an existing caption (default: skip)")
+    out.add_argument("--no-underscore-replace", action="store_true", help="keep underscores in tags")
+    out.add_argument("--escape", action="store_true", help=r"escape parentheses as \( \) (WebUI prompts)")
+    out.add_argument("--sort", choices=("confidence", "alpha"), default="confidence", help="default: confidence")
+    out.add_argument("--keep-duplicates", action="store_true", help="do not remove repeated tags")
+    out.add_argument("--ext", default=".txt", help="caption extension (default: .txt)")
+    run_group = p.add_argument_group("run")
+    run_group.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    run_group.add_argument("--workers", type=int, help="image decoding threads (default: min(4, CPUs))")
+    run_group.add_argument("--recursive", action="store_true", help="include sub-folders")
+
+
+def _split(values: list[str]) -> tuple[str, ...]:
+    return tuple(t.strip() for v in values for t in v.split(",") if t.strip())
+
+
+def _options(args):
+    from lora_trainer.tagging.tag_format import TagOptions
+
+    return TagOptions(
+        general_threshold=args.threshold, character_threshold=args.character_threshold,
+        general_mcut=args.mcut in ("general", "both"), character_mcut=args.mcut in ("character", "both"),
+        include_characters=not args.no_characters, include_rating=args.rating,
+        replace_underscores=not args.no_underscore_replace, escape_parentheses=args.escape,
+        exclude_tags=_split(args.exclude), trigger_tags=_split(args.trigger),
+        trigger_position="append" if args.append else "prepend", sort=args.sort, existing=args.existing,
+        remove_duplicates=not args.keep_duplicates, caption_extension=args.ext)
+
+
+def _model_folder(args) -> Path:
+    from lora_trainer.tagging.tagger_models import download_model, find_models, model_info
+
+    if args.model_dir is not None:
+        return args.model_dir
+    name = args.download or args.model
+    if args.tagger_dir is None:
+        raise ValueError("--model-dir: no tagger model given. Pass --model-dir FOLDER, or --tagger-dir DIR with "
+                         "--model NAME or --download NAME.")
+    if args.download and not model_info(args.tagger_dir / args.download).ready:
+        return download_model(args.download, args.tagger_dir)
+    if name:
+        return args.tagger_dir / name
+    ready = [m for m in find_models(args.tagger_dir) if m.ready]
+    if len(ready) != 1:
+        found = ", ".join(m.name for m in ready) or "none"
+        raise ValueError(f"--tagger-dir {args.tagger_dir}: {len(ready)} ready models ({found}). Pick one with "
+                         "--model NAME, or get one with --download wd-vit-tagger-v3.")
+    return ready[0].path
+
+
+class _Bar:
+    """A one-line progress bar with rate and ETA on stderr."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+
+    def __call__(self, info: ProgressInfo) -> None:
+        filled = int(_BAR_WIDTH * info.done / info.total) if info.total else _BAR_WIDTH
+        bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+        self.stream.write(f"\rtagging [{bar}] {info.describe('img')}")
+        if info.done >= info.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run(args) -> int:
+    from lora_trainer.tagging.tagger import TaggerModel, tag_folder
+
+    try:
+        options = _options(args)
+        model = TaggerModel(_model_folder(args), device=args.device)
+        print(f"model {model.name} ({len(model.labels.names)} tags, input {model.input_size}px) on {model.provider}",
+              file=sys.stderr)
+        summary = tag_folder(args.dir, model, options, batch_size=args.batch_size, workers=args.workers,
+                             recursive=args.recursive, progress=_Bar())
+    except (LoraTrainerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    done = summary.tagged + len(summary.failed)
+    rate = f", {done / summary.seconds:.2f} img/s" if summary.seconds > 0 and done else ""
+    print(f"tagged {summary.tagged}, skipped {summary.skipped} (caption kept), failed {len(summary.failed)} "
+          f"in {format_seconds(summary.seconds)}{rate} on {summary.provider}")
+    for path, reason in summary.failed:
+        print(f"  failed: {reason}" if str(path) in reason else f"  failed: {path}: {reason}")
+    return 1 if summary.failed else 0
+
