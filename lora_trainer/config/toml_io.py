@@ -45,17 +45,13 @@ def load_toml(path: str | os.PathLike) -> LoadedConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid TOML ({error}). Fix the syntax (strings need quotes, Windows paths "
                           "use / or single quotes).") from error
-    flat, warnings = _flatten(data)
-    if isinstance(data.get("sdxl_arguments"), dict) and "sdxl" not in flat:
-        flat["sdxl"] = True  # kohya's sdxl_train_network.py configs carry this section
-        warnings.append("sdxl: set to true because the file has an [sdxl_arguments] section.")
     try:
-        loaded = config_from_dict(flat)
+        loaded = config_from_dict(data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
     for name in loaded.unknown_keys:
         log.warning("%s: unknown key %r is not used (check its spelling)", path, name)
-    return dataclasses.replace(loaded, warnings=warnings + loaded.warnings)
+    return loaded
 
 
 def _flatten(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -67,21 +63,26 @@ def _flatten(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
             if name in flat and flat[name] != item:
                 warnings.append(f"{name}: set more than once ({flat[name]!r}, then {item!r}); the last one is used.")
             flat[name] = item
+    if isinstance(data.get("sdxl_arguments"), dict) and "sdxl" not in flat:
+        flat["sdxl"] = True  # kohya's sdxl_train_network.py configs carry this section
+        warnings.append("sdxl: set to true because the file has an [sdxl_arguments] section.")
     return flat, warnings
 
 
 def config_from_dict(data: Mapping[str, Any]) -> LoadedConfig:
-    """Build a validated config from flat kohya keys (a parsed TOML, a UI form).
+    """Build a validated config from kohya keys (a parsed TOML, a UI form).
 
     Args:
-        data: mapping of kohya key -> value (unset keys take the defaults).
+        data: mapping of kohya key -> value, flat or with kohya sections (`{"model_arguments": {...}}`, which
+            are flattened); unset keys take the defaults.
     Returns:
         LoadedConfig; unknown keys are listed by name, never dropped silently.
     Raises:
         ConfigError: for invalid values or ignored keys set to a value that would change training.
     """
-    got = _Collected()
-    for key, value in data.items():
+    flat, warnings = _flatten(data)
+    got = _Collected(warnings=warnings)
+    for key, value in flat.items():
         _collect(key, value, got)
     if "network_args" in got.values:
         _split_network_args(got)
