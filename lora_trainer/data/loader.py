@@ -1,0 +1,266 @@
+"""Per-epoch batches: repeats, kohya's regularisation balance, bucket batching, captions, latents, size conditioning.
+
+Everything random is drawn from `random.Random` seeded with (seed, epoch[, batch index]), so the batches of an
+epoch are a pure function of the seed and the epoch number: a resumed run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lora_trainer.data.buckets import Bucketer, BucketSettings, bucket_info
+from lora_trainer.data.cache import CacheReport, LatentCache, LatentRequest, request_pixels
+from lora_trainer.data.captions import CaptionOptions, is_fixed, process_caption
+from lora_trainer.data.folders import DatasetIndex
+from lora_trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FOLDER = ".lora_trainer_cache"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples make one batch (all in one bucket).
+
+    Attributes:
+        bucket (tuple[int, int]): `(width, height)` of every sample.
+        items (tuple[int, ...]): indexes into `TrainDataset.items`.
+        flips (tuple[bool, ...]): horizontal flip per sample.
+        crops (tuple[tuple[int, int], ...]): `(top, left)` per sample, in the resized image before flipping.
+    """
+
+    bucket: tuple[int, int]
+    items: tuple[int, ...]
+    flips: tuple[bool, ...]
+    crops: tuple[tuple[int, int], ...]
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    Attributes:
+        latents (torch.Tensor, optional): `[B, C, h, w]` (CPU when cached, else where encode_images put them);
+            None when no encoder was given (then `pixels` is set).
+        pixels (torch.Tensor, optional): `[B, 3, H, W]` float32 in [-1, 1], only when `latents` is None.
+        captions (list[str]): processed captions.
+        size_cond (torch.Tensor): `[B, 6]` float32: original h, w, crop top, left, target h, w (SDXL).
+        loss_weights (torch.Tensor): `[B]` float32: prior_loss_weight for regularisation images, else 1.
+        paths (list[str]): image files.
+        flips (list[bool]): mirrored samples.
+    """
+
+    latents: torch.Tensor | None
+    pixels: torch.Tensor | None
+    captions: list[str]
+    size_cond: torch.Tensor
+    loss_weights: torch.Tensor
+    paths: list[str]
+    flips: list[bool]
+
+
+def _rng(*parts) -> random.Random:
+    # str seeds are hashed with sha512 by `random`: stable across processes and Python's hash randomisation
+    return random.Random(":".join(str(p) for p in ("lora_trainer",) + parts))
+
+
+class TrainDataset:
+    """The training data of one run.
+
+    Args:
+        index (DatasetIndex): from scan_dataset.
+        dataset_cfg (DatasetConfig): read with getattr (kohya keys): resolution and bucket keys, caption keys,
+            flip_aug, random_crop, cache_latents, cache_latents_to_disk, train_batch_size, prior_loss_weight,
+            train_data_dir (the disk cache goes to `<train_data_dir>/.lora_trainer_cache`).
+        model_id (str, optional): the model's identity, part of latent-cache keys, defaults to "".
+        encode_images (Callable, optional): `[B,3,H,W]` in [-1, 1] -> latents (adapter.encode_images); without it
+            batches carry pixels, defaults to None.
+        cache_dir (str, optional): disk cache folder instead of the default.
+    """
+
+    def __init__(self, index: DatasetIndex, dataset_cfg, model_id: str = "", encode_images=None, cache_dir=None):
+        if callable(model_id) and not callable(encode_images):  # tolerate (index, cfg, encode_images, model_id)
+            model_id, encode_images = encode_images or "", model_id
+        cfg = getattr(dataset_cfg, "dataset", dataset_cfg)
+        self.items = list(index.items)
+        self.caption_options = CaptionOptions.from_config(cfg)
+        self.bucket_settings = BucketSettings.from_config(cfg)
+        bucketer = Bucketer(self.bucket_settings)
+        self.placements = [bucketer.place(item.width, item.height) for item in self.items]
+        self.batch_size = max(1, int(getattr(cfg, "train_batch_size", 1) or 1))
+        self.flip_aug = bool(getattr(cfg, "flip_aug", False))
+        self.random_crop = bool(getattr(cfg, "random_crop", False))
+        prior = getattr(cfg, "prior_loss_weight", None)
+        self.prior_loss_weight = 1.0 if prior is None else float(prior)
+        self.encode_images = encode_images
+        self.model_id = str(model_id)
+        to_disk = bool(getattr(cfg, "cache_latents_to_disk", False))
+        self.cache: LatentCache | None = None
+        if getattr(cfg, "cache_latents", False) or to_disk:
+            if self.random_crop:
+                raise ConfigError(
+                    "random_crop: cannot be used with cache_latents / cache_latents_to_disk (a cached latent fixes "
+                    "the crop). Turn random_crop off, or turn latent caching off."
+                )
+            if to_disk and not cache_dir:
+                cache_dir = os.path.join(os.fspath(getattr(cfg, "train_data_dir", "") or "."), CACHE_FOLDER)
+            self.cache = LatentCache(self.model_id, cache_dir if to_disk else None)
+
+    # --- epoch order ----------------------------------------------------------------------------------------------
+
+    def _epoch_samples(self) -> list[int]:
+        """Item indexes of one epoch before shuffling: train images x repeats, then regularisation images balanced to
+        the same count as kohya does (whole repeats until enough, then one more use each in turn)."""
+        samples = [i for i, item in enumerate(self.items) if not item.is_reg for _ in range(item.repeats)]
+        reg = [i for i, item in enumerate(self.items) if item.is_reg]
+        if not reg:
+            return samples
+        wanted, reg_samples = len(samples), []
+        for i in reg:
+            if len(reg_samples) >= wanted:
+                break
+            reg_samples.extend([i] * self.items[i].repeats)
+        turn = 0
+        while len(reg_samples) < wanted:
+            reg_samples.append(reg[turn % len(reg)])
+            turn += 1
+        return samples + reg_samples
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return len(self._epoch_samples())
+
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch (the same for every epoch)."""
+        counts: dict[tuple[int, int], int] = {}
+        for i in self._epoch_samples():
+            counts[self.placements[i].bucket] = counts.get(self.placements[i].bucket, 0) + 1
+        return sum(-(-n // self.batch_size) for n in counts.values())
+
+    def epoch_batches(self, epoch: int, seed: int) -> list[BatchPlan]:
+        """The batches of one epoch, shuffled within and across buckets; a pure function of (seed, epoch).
+
+        Args:
+            epoch (int): epoch number (counted from 1, as kohya; the same number gives the same batches).
+            seed (int): the run's seed.
+
+        Returns:
+            list[BatchPlan]: every sample of the epoch once; the last batch of a bucket may be smaller.
+        """
+        rng = _rng(seed, epoch)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in self._epoch_samples():
+            by_bucket.setdefault(self.placements[i].bucket, []).append(i)
+        plans = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            rng.shuffle(members)
+            for start in range(0, len(members), self.batch_size):
+                chunk = tuple(members[start:start + self.batch_size])
+                flips = tuple(self.flip_aug and rng.random() < 0.5 for _ in chunk)
+                crops = tuple(
+                    self.placements[i].random_crop(rng) if self.random_crop else self.placements[i].center_crop()
+                    for i in chunk
+                )
+                plans.append(BatchPlan(bucket, chunk, flips, crops))
+        rng.shuffle(plans)
+        return plans
+
+    # --- batches --------------------------------------------------------------------------------------------------
+
+    def _request(self, i: int, crop, flip: bool) -> LatentRequest:
+        return LatentRequest(self.items[i].path, self.placements[i], tuple(crop), bool(flip))
+
+    def _size_cond(self, plan: BatchPlan) -> torch.Tensor:
+        rows = []
+        for i, (top, left), flip in zip(plan.items, plan.crops, plan.flips):
+            item, placement = self.items[i], self.placements[i]
+            if flip:  # the kept window measured from the mirrored image's left edge
+                left = placement.resized[0] - left - placement.bucket[0]
+            rows.append([item.height, item.width, top, left, placement.bucket[1], placement.bucket[0]])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def _latents(self, requests: list[LatentRequest]) -> torch.Tensor:
+        if self.cache is None:
+            pixels = torch.stack([request_pixels(r) for r in requests])
+            with torch.no_grad():
+                return self.encode_images(pixels)
+        found = [self.cache.get(r) for r in requests]
+        missing = [r for r, latent in zip(requests, found) if latent is None]
+        if missing:
+            if self.encode_images is None:
+                raise ConfigError(
+                    f"cache_latents: {missing[0].path} has no cached latent and no image encoder was given. "
+                    "Call cache_latents() with the model's encode_images before training."
+                )
+            self.cache.cache_all(missing, self.encode_images, batch_size=len(missing))
+            found = [latent if latent is not None else self.cache.get(r) for r, latent in zip(requests, found)]
+        return torch.stack(found)
+
+    def load_batch(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
+        """Load one planned batch.
+
+        Args:
+            plan (BatchPlan): from epoch_batches.
+            seed (int): the run's seed.
+            epoch (int): epoch number (from 1; used by caption_dropout_every_n_epochs).
+            index (int): the batch's position in the epoch (seeds its caption randomness).
+
+        Returns:
+            Batch: latents (cached, or encoded now) or pixels, processed captions, size conditioning, loss weights.
+        """
+        rng = _rng(seed, epoch, index, "captions")
+        captions = [process_caption(self.items[i].caption, self.caption_options, rng, epoch=epoch) for i in plan.items]
+        requests = [self._request(i, c, f) for i, c, f in zip(plan.items, plan.crops, plan.flips)]
+        latents = pixels = None
+        if self.encode_images is not None or self.cache is not None:
+            latents = self._latents(requests)
+        else:
+            pixels = torch.stack([request_pixels(r) for r in requests])
+        weights = [self.prior_loss_weight if self.items[i].is_reg else 1.0 for i in plan.items]
+        return Batch(
+            latents, pixels, captions, self._size_cond(plan), torch.tensor(weights, dtype=torch.float32),
+            [self.items[i].path for i in plan.items], list(plan.flips),
+        )
+
+    # --- caches and metadata --------------------------------------------------------------------------------------
+
+    def latent_requests(self) -> list[LatentRequest]:
+        """Every latent training can ask for (center crop; both flips with flip_aug)."""
+        flips = (False, True) if self.flip_aug else (False,)
+        return [self._request(i, self.placements[i].center_crop(), f) for i in range(len(self.items)) for f in flips]
+
+    def cache_latents(self, batch_size: int = 1, progress=None, cancel=None) -> CacheReport:
+        """Encode every latent up front (with cache_latents on).
+
+        Args:
+            batch_size (int, optional): images per encode call, defaults to 1.
+            progress (Callable[[ProgressInfo], None], optional): called after each batch.
+            cancel (CancelToken, optional): checked between batches.
+
+        Returns:
+            CacheReport: what was encoded or found.
+        """
+        if self.cache is None:
+            raise ConfigError("cache_latents: is off for this dataset. Set cache_latents = true to cache latents.")
+        if self.encode_images is None:
+            raise ConfigError("cache_latents: no image encoder was given. Pass the model adapter's encode_images.")
+        return self.cache.cache_all(self.latent_requests(), self.encode_images, batch_size, progress, cancel)
+
+    def fixed_captions(self) -> list[str] | None:
+        """The processed captions when they never change (text-encoder outputs may then be cached), else None."""
+        if not is_fixed(self.caption_options, [item.caption for item in self.items]):
+            return None
+        rng = random.Random(0)
+        return sorted({process_caption(item.caption, self.caption_options, rng) for item in self.items})
+
+    def bucket_info(self) -> dict | None:
+        """Kohya's `ss_bucket_info` (counts with repeats), or None with enable_bucket off (kohya writes none)."""
+        if not self.bucket_settings.enable_bucket:
+            return None
+        return bucket_info(self.placements, [item.repeats for item in self.items])
