@@ -42,16 +42,15 @@ def parse_network_args(args) -> dict[str, str]:
 
 
 def read_setting(cfg, key: str, default=None):
-    """`cfg.<key>` unless None, else the same key in `cfg.network_args`, else `default`."""
+    """The key from `cfg.network_args` when given there (kohya reads these keys from network_args), else
+    `cfg.<key>` unless None, else `default`."""
     cfg = _network_section(cfg)
-    value = getattr(cfg, key, None)
-    if value is not None:
-        return value
     args = parse_network_args(getattr(cfg, "network_args", None))
     for name in _ARG_ALIASES.get(key, (key,)):
         if name in args and args[name] not in ("", "None"):
             return args[name]
-    return default
+    value = getattr(cfg, key, None)
+    return default if value is None else value
 
 
 def _numbers(key: str, value, cast, length: int | None) -> list | None:
