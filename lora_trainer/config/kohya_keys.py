@@ -114,6 +114,7 @@ def is_neutral(key: str, value: Any) -> bool:
 
 
 def refuse_ignored(key: str, value: Any) -> ConfigError:
+    """The error for an ignored key set to a value that would change training (names the key, value and fix)."""
     reason, neutral = IGNORED_KEYS[key]
     return ConfigError(f"{key} = {value!r}: {reason}. Remove {key} from the config or set it to {neutral!r}.")
 

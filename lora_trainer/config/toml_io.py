@@ -149,7 +149,13 @@ def _build(values: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
 
 
 def field_values(config: TrainConfig) -> dict[str, Any]:
-    """Every field of `config` as one flat {kohya key: value} dict (network_args holds only the unparsed rest)."""
+    """Every field of `config` as one flat dict.
+
+    Args:
+        config: TrainConfig.
+    Returns:
+        dict of field name (kohya key) -> value; `network_args` holds only the entries not parsed into fields.
+    """
     return {key: getattr(getattr(config, spec.section), key) for key, spec in FIELDS.items()}
 
 
