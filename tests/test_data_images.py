@@ -170,3 +170,29 @@ def test_max_pixels_limit(tmp_path):
 def test_is_image_file():
     assert is_image_file("a/b.PNG") and is_image_file("x.jpeg") and is_image_file("x.webp")
     assert not is_image_file("x.txt") and not is_image_file("x.gif")
+
+
+def test_image_size_reads_only_the_header_and_verify_reads_the_data(tmp_path):
+    from lora_trainer.data.images import verify_image
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert tuple(image_size(tmp_path / "cut.png")) == (48, 64)
+    assert tuple(verify_image(tmp_path / "full.png")) == (48, 64)
+    with pytest.raises(DatasetError, match="cut.png.*truncated"):
+        verify_image(tmp_path / "cut.png")
+
+
+def test_exif_rotated_jpeg(tmp_path):
+    from lora_trainer.data.images import verify_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    _halves().save(tmp_path / "r.jpg", exif=exif, quality=95)
+    assert tuple(image_size(tmp_path / "r.jpg")) == (20, 40) == tuple(verify_image(tmp_path / "r.jpg"))
+    arr = np.asarray(load_image(tmp_path / "r.jpg")).astype(int)
+    # orientation 8 = rotate 90 degrees counter-clockwise: stored right half (blue) ends up on top
+    assert arr[2, 10, 2] > 200 and arr[2, 10, 0] < 60
+    assert arr[37, 10, 0] > 200 and arr[37, 10, 2] < 60
