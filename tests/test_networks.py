@@ -260,3 +260,32 @@ def test_conv3x3_without_conv_dim_gets_no_module_and_unsupported_targets_fail():
     assert len(LoRANetwork.create(_targets("conv3x3", layer), _cfg("lora", conv_dim=None)).loras) == 0
     with pytest.raises(NetworkError, match="LayerNorm"):
         LoRANetwork.create({"unet": {"lora_unet_norm": nn.LayerNorm(4)}}, _cfg("lora"))
+
+
+def test_batch_first_attention_in_training_matches_merged_weights():
+    torch.manual_seed(0)
+    layer = nn.MultiheadAttention(16, 4, batch_first=True, dropout=0.0).train()
+    x = torch.randn(2, 6, 16)
+    network = LoRANetwork.create(_targets("mha", layer), _cfg("lora"))
+    _randomize(network)
+    merged = _merged_copy("mha", layer, network)
+    network.apply()
+    mask = torch.triu(torch.full((6, 6), float("-inf")), 1)
+    out = layer(x, x, x, attn_mask=mask, need_weights=False)[0]
+    ref = merged(x, x, x, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in network.parameters())
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_half_precision_base_keeps_its_dtype(algo):
+    layer = nn.Linear(16, 12).to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    network = LoRANetwork.create(_targets("linear", layer), _cfg(algo))
+    _randomize(network)
+    network.apply()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    ref = x.float() @ (layer.weight.float() + next(iter(network.loras.values())).delta_weight()).T + layer.bias.float()
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)

@@ -202,3 +202,21 @@ def test_network_args_fill_unset_keys(unet_targets):
     network = LoRANetwork.create(with_conv, cfg)
     assert network.algo == "loha" and network.settings.network_dropout == 0.1
     assert any(m.conv is not None and m.weight_shape[-1] == 3 and m.dim == 2 for m in network.loras.values())
+
+
+def test_real_preset_config_builds_loha_with_conv_and_metadata(unet_targets):
+    from lora_trainer.config import preset_config
+    from lora_trainer.networks import TrainingFacts, build_metadata
+
+    config = preset_config("sd1_style_loha")
+    settings = NetworkSettings.from_config(config.network)
+    assert settings.wants_conv and settings.algo == "loha"
+    _, with_conv = unet_targets
+    network = LoRANetwork.create(with_conv, config)          # a whole TrainConfig works too
+    assert network.algo == "loha"
+    assert {m.dim for m in network.loras.values()} == {16, 4}
+    groups = network.param_groups(config.optimizer.unet_lr, config.optimizer.text_encoder_lr, config.network)
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 6e-05)]
+    meta = build_metadata(config, TrainingFacts(), "sd1")
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_network_dim"] == "16"
+    assert '"algo": "loha"' in meta["ss_network_args"] and meta["ss_network_dropout"] == "0.1"

@@ -90,7 +90,10 @@ def network_args_metadata(config) -> dict[str, str]:
     """The `ss_network_args` dict: kohya network_args as given, plus conv_dim/conv_alpha/algo/dropouts we hold."""
     net = config if hasattr(config, "network_dim") else getattr(config, "network", config)
     args = parse_network_args(getattr(net, "network_args", None))
-    for key in ("conv_dim", "conv_alpha", "algo", "rank_dropout", "module_dropout"):
+    keys = ["conv_dim", "conv_alpha", "rank_dropout", "module_dropout"]
+    if _network_module(config) != "networks.lora":
+        keys.append("algo")  # LyCORIS reads algo from network_args; kohya's networks.lora has none
+    for key in keys:
         value = read_setting(net, key)
         if value is not None:
             args[key] = str(value)
