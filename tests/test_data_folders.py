@@ -97,6 +97,10 @@ def test_missing_or_empty_dataset_is_an_error(tmp_path):
     _img(tmp_path / "empty" / "images" / "x.png")
     with pytest.raises(DatasetError, match="no usable training image.*10_mychar.*images"):
         scan_dataset(tmp_path / "empty")
+    concept = tmp_path / "ds" / "5_mychar"
+    _img(concept / "y.png")
+    with pytest.raises(DatasetError, match="looks like a concept folder.*parent folder"):
+        scan_dataset(concept)
     with pytest.raises(DatasetError, match="reg_data_dir.*does not exist"):
         _img(tmp_path / "ok" / "1_a" / "x.png")
         scan_dataset(tmp_path / "ok", reg_data_dir=str(tmp_path / "noreg"))

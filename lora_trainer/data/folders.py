@@ -135,12 +135,12 @@ def _scan_folder(folder: str, repeats: int, concept: str, caption_extension: str
 def _scan_root(root: str, key: str, caption_extension: str, is_reg: bool, index: DatasetIndex) -> int:
     if not root or not os.path.isdir(root):
         raise DatasetError(f"{key}: folder '{root}' does not exist. Set {key} to your dataset folder.")
-    found = 0
+    found, loose = 0, []
     for entry in sorted(os.listdir(root)):
         path = os.path.join(root, entry)
         if entry.startswith(".") or not os.path.isdir(path):
             if os.path.isfile(path) and is_image_file(entry):
-                index.problems.append(f"{path}: image directly in {key} is not used. {_LAYOUT_FIX}")
+                loose.append(entry)
             continue
         match = _FOLDER.match(entry)
         if not match or int(match.group(1)) < 1:
@@ -157,7 +157,20 @@ def _scan_root(root: str, key: str, caption_extension: str, is_reg: bool, index:
         for tag, n in count_tags(i.caption for i in items).items():
             freq[tag] = freq.get(tag, 0) + n
         found += len(items)
+    if loose:
+        index.problems.append(_loose_images_problem(root, key, loose))
     return found
+
+
+def _loose_images_problem(root: str, key: str, names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    match = _FOLDER.match(os.path.basename(os.path.normpath(root)))
+    if match:
+        return (
+            f"{root}: {len(names)} image(s) directly in {key} are not used ({shown}). This folder looks like a "
+            f"concept folder itself: set {key} to its parent folder '{os.path.dirname(os.path.normpath(root))}'."
+        )
+    return f"{root}: {len(names)} image(s) directly in {key} are not used ({shown}). {_LAYOUT_FIX}"
 
 
 def scan_dataset(train_data_dir, caption_extension: str = ".txt", reg_data_dir: str | None = None) -> DatasetIndex:
