@@ -225,7 +225,11 @@ def clip_l_diffusers_to_original(sd: dict[str, torch.Tensor], arch: str = "sd1")
     unknown = [k for k in text if not k.startswith(("embeddings.", "encoder.layers.", "final_layer_norm."))]
     if unknown:
         raise _unknown(unknown, "text_encoder")
-    return {f"{prefix}text_model.{k}": v for k, v in text.items()}
+    out = {f"{prefix}text_model.{k}": v for k, v in text.items()}
+    # Released SD1/SDXL files carry the position_ids buffer of older transformers versions; keep that layout.
+    positions = text["embeddings.position_embedding.weight"].shape[0]
+    out[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+    return out
 
 
 def _fuse_qkv(text: dict, layer: int, kind: str) -> torch.Tensor:
