@@ -289,3 +289,27 @@ def test_half_precision_base_keeps_its_dtype(algo):
     assert out.dtype == torch.bfloat16
     ref = x.float() @ (layer.weight.float() + next(iter(network.loras.values())).delta_weight()).T + layer.bias.float()
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_new_network_starts_without_dropout():
+    layer, x = _layer("linear")
+    network = LoRANetwork.create(_targets("linear", layer), _cfg("lora", network_dropout=0.9, module_dropout=0.5))
+    assert not network.training
+    _randomize(network)
+    network.apply()
+    first = _run("linear", layer, x)
+    assert all(torch.equal(first, _run("linear", layer, x)) for _ in range(5))
+
+
+def test_key_helpers():
+    from lora_trainer.networks import component_of, kohya_name, split_key
+    from lora_trainer.networks.keys import fused_attention_part
+
+    assert kohya_name("te2", "text_model.encoder.layers.0.mlp.fc1") == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    assert [component_of(f"lora_{c}_x") for c in ("unet", "te", "te1", "te2")] == ["unet", "te", "te1", "te2"]
+    assert component_of("model_x") is None
+    assert split_key("lora_unet_a_b.lora_up.weight") == ("lora_unet_a_b", "lora_up.weight")
+    assert fused_attention_part("lora_te2_x_self_attn_out_proj") == ("lora_te2_x_self_attn", "out_proj")
+    assert fused_attention_part("lora_te2_x_mlp_fc1") is None
+    with pytest.raises(ValueError, match="te3"):
+        kohya_name("te3", "a.b")

@@ -85,10 +85,12 @@ class NetworkModule(nn.Module):
 
     @property
     def org_module(self) -> nn.Module:
+        """The target layer."""
         return self._org[0]
 
     @property
     def applied(self) -> bool:
+        """True while this module's forward is injected."""
         return self._org_forward is not None
 
     def param_device_dtype(self, dtype=torch.float32) -> dict:
@@ -130,13 +132,16 @@ class NetworkModule(nn.Module):
 
     # -- formulas (subclasses) -------------------------------------------------------------------------------
     def diff_weight(self) -> torch.Tensor:
+        """The unscaled weight delta, shaped like the target weight."""
         raise NotImplementedError
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled delta output for input `x` (dropouts applied in training mode)."""
         raise NotImplementedError
 
     @classmethod
     def rank_of(cls, tensors: dict[str, torch.Tensor]) -> int:
+        """The rank of a module from its file tensors (suffix -> tensor)."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:

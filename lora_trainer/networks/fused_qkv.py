@@ -51,6 +51,7 @@ class FusedAttention:
         self._saved_instance_forward = None
 
     def apply(self) -> None:
+        """Replace the attention's `forward` by `self.forward` (idempotent)."""
         if self._org_forward is not None:
             return
         self._saved_instance_forward = self.mha.__dict__.get("forward")
@@ -58,6 +59,7 @@ class FusedAttention:
         self.mha.forward = self.forward
 
     def restore(self) -> None:
+        """Put the attention's original `forward` back exactly (idempotent)."""
         if self._org_forward is None:
             return
         if self._saved_instance_forward is None:
@@ -95,6 +97,8 @@ class FusedAttention:
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        """`nn.MultiheadAttention.forward` with the part deltas added to its weights (same arguments, same result
+        layout); the original forward when every delta is off."""
         weights = self.weights()
         if weights is None:
             return self._org_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

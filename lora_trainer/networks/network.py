@@ -47,8 +47,9 @@ def _names_preview(names: list[str], limit: int = 8) -> str:
 class LoRANetwork(nn.Module):
     """A set of `NetworkModule`s keyed by kohya name, plus fused-attention injectors.
 
-    Use `create(targets, cfg)` for training or `from_kohya(targets, sd)` to rebuild a saved file. `train()` /
-    `eval()` switch dropout on/off; `multiplier` may be set at any time and acts on the next forward.
+    Use `create(targets, cfg)` for training or `from_kohya(targets, sd)` to rebuild a saved file. A new network is
+    in eval mode (no dropout); call `train()` for training. `multiplier` may be set at any time and acts on the
+    next forward.
     """
 
     def __init__(self, modules: dict[str, NetworkModule], fused: list[FusedAttention], algo: str = "lora",
@@ -63,6 +64,7 @@ class LoRANetwork(nn.Module):
         self.settings = settings or NetworkSettings(algo=algo)
         self._multiplier = 1.0
         self.applied = False
+        self.eval()
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -134,9 +136,11 @@ class LoRANetwork(nn.Module):
 
     # -- names and parameters --------------------------------------------------------------------------------
     def unet_names(self) -> list[str]:
+        """Kohya names of the UNet modules."""
         return [n for n in self.loras if component_of(n) == "unet"]
 
     def te_names(self) -> list[str]:
+        """Kohya names of the text-encoder modules (te, te1, te2)."""
         return [n for n in self.loras if component_of(n) in TE_COMPONENTS]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -145,6 +149,7 @@ class LoRANetwork(nn.Module):
 
     @property
     def multiplier(self) -> float:
+        """Strength of every module's delta (0 = base model); set it at any time."""
         return self._multiplier
 
     @multiplier.setter
