@@ -15,8 +15,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_MAX_ASSOCIATION_TAGS = 4000  # co-occurrence matrix is tags x tags float32: 64 MB at this size
-_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -204,14 +202,29 @@ def concept_balance(records: Iterable[CaptionRecord], max_ratio: float = 2.0) ->
     return ConceptBalance(rows, total, ratio, warnings, untrained)
 
 
-def _incidence_chunks(tag_sets: list[set], index: dict[str, int]):
-    for start in range(0, len(tag_sets), _CHUNK):
-        chunk = tag_sets[start : start + _CHUNK]
-        mat = np.zeros((len(chunk), len(index)), dtype=np.float32)
-        for row, tags in enumerate(chunk):
-            cols = [index[t] for t in tags if t in index]
-            mat[row, cols] = 1.0
-        yield mat
+def _pair_counts(tag_sets: list[set], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images holding each pair of indexed tags -> (first ids, second ids, counts), first id < second id.
+
+    Vectorised per caption length: the ids of all captions with k indexed tags form an (m, k) array whose
+    upper-triangle column pairs are every pair once; pairs are encoded as ``a * T + b`` and counted with
+    `np.unique`, so memory grows with the number of pairs present, not with T squared.
+    """
+    by_len: dict[int, list[list[int]]] = defaultdict(list)
+    for tags in tag_sets:
+        ids = sorted(index[t] for t in tags if t in index)
+        if len(ids) >= 2:
+            by_len[len(ids)].append(ids)
+    width = len(index)
+    codes = []
+    for k, rows in by_len.items():
+        arr = np.asarray(rows, dtype=np.int64)
+        iu, ju = np.triu_indices(k, 1)
+        codes.append((arr[:, iu] * width + arr[:, ju]).ravel())
+    if not codes:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    pairs, counts = np.unique(np.concatenate(codes), return_counts=True)
+    return pairs // width, pairs % width, counts
 
 
 def associations(
@@ -233,27 +246,25 @@ def associations(
     counts: Counter = Counter()
     for tags in tag_sets:
         counts.update(tags)
-    frequent = [t for t, c in counts.most_common() if c >= min_count]
-    if len(frequent) > _MAX_ASSOCIATION_TAGS:
-        logger.info("association report: only the %d most frequent of %d tags are paired", _MAX_ASSOCIATION_TAGS, len(frequent))
-        frequent = frequent[:_MAX_ASSOCIATION_TAGS]
+    frequent = sorted(t for t, c in counts.items() if c >= max(min_count, 1))
     if n == 0 or len(frequent) < 2:
         return []
     index = {t: i for i, t in enumerate(frequent)}
-    co = np.zeros((len(frequent), len(frequent)), dtype=np.float64)
-    for mat in _incidence_chunks(tag_sets, index):
-        co += mat.T @ mat
+    first, second, joint = _pair_counts(tag_sets, index)
     single = np.array([counts[t] for t in frequent], dtype=np.float64)
-    lift = co * n / np.outer(single, single)
-    rows_i, cols_j = np.nonzero(np.triu((co >= min_count) & (lift >= min_lift), k=1))
+    lift = joint * n / (single[first] * single[second])
+    keep = np.nonzero((joint >= min_count) & (lift >= min_lift))[0]
+    keep = keep[np.lexsort((-joint[keep], -lift[keep]))]  # strongest first; only the kept rows become objects
+    if limit is not None:
+        keep = keep[:limit]
     out = []
-    for i, j in zip(rows_i.tolist(), cols_j.tolist()):
+    for k in keep.tolist():
+        i, j = int(first[k]), int(second[k])
         a, b = (i, j) if (single[i], frequent[i]) <= (single[j], frequent[j]) else (j, i)
-        n_a, n_b, n_ab = int(single[a]), int(single[b]), int(co[a, b])
-        value = float(lift[a, b])
+        n_a, n_b, n_ab, value = int(single[a]), int(single[b]), int(joint[k]), float(lift[k])
         out.append(Association(frequent[a], frequent[b], n_a, n_b, n_ab, value, math.log2(value), n_ab / n_a, n_ab / n_b))
     out.sort(key=lambda r: (-r.lift, -r.count_ab, r.tag_a, r.tag_b))
-    return out if limit is None else out[:limit]
+    return out
 
 
 def near_universal_tags(records: Iterable[CaptionRecord], threshold: float = 0.9, min_images: int = 3) -> list[UniversalTag]:

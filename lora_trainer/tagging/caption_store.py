@@ -72,6 +72,16 @@ def _check_writable(path: Path) -> os.stat_result | None:
     return st
 
 
+def fsync_dirs(folders) -> None:
+    """Flush folder entries (after renames) to disk; a no-op where folders cannot be fsynced (Windows).
+
+    Args:
+        folders (Iterable[Path]): folders whose renames to make durable.
+    """
+    for folder in folders:
+        _fsync_dir(Path(folder))
+
+
 def _fsync_dir(folder: Path) -> None:
     if os.name != "posix":
         return
@@ -88,13 +98,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
-    """Write bytes to `path` atomically: temp file in the same folder, fsync, `os.replace`.
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None, dirs_to_sync: set | None = None) -> None:
+    """Write bytes to `path` atomically: temp file in the same folder, fsync, `os.replace`, fsync the folder.
 
     Args:
         path (str | PathLike): the target file.
         data (bytes): the full new content.
         mode (int, optional): permission bits for the file; default: the umask default for a new file.
+        dirs_to_sync (set, optional): when given, the folder is added to it instead of being fsynced now, so a
+            caller writing many files calls `fsync_dirs` once per folder at the end. Defaults to None.
 
     Returns:
         None. On any error the target is unchanged and no temporary file is left behind.
@@ -122,10 +134,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    if dirs_to_sync is None:
+        _fsync_dir(path.parent)
+    else:
+        dirs_to_sync.add(path.parent)
 
 
-def _make_backup(path: Path) -> Path | None:
+def _make_backup(path: Path, dirs_to_sync: set | None) -> Path | None:
     backup = backup_path(path)
     if backup.exists():
         return None
@@ -137,18 +152,20 @@ def _make_backup(path: Path) -> Path | None:
             f"{path}: cannot create the backup folder {backup.parent} ({err.strerror}). "
             f"Make the folder writable, or save with backup=False."
         ) from err
-    atomic_write_bytes(backup, original)
+    atomic_write_bytes(backup, original, dirs_to_sync=dirs_to_sync)
     logger.debug("backed up %s to %s", path, backup)
     return backup
 
 
-def write_caption_bytes(path: str | os.PathLike, data: bytes, backup: bool = True) -> WriteInfo:
+def write_caption_bytes(path: str | os.PathLike, data: bytes, backup: bool = True, *,
+                        dirs_to_sync: set | None = None) -> WriteInfo:
     """Write a caption file's exact bytes atomically, after a one-time backup of the original.
 
     Args:
         path (str | PathLike): the caption file.
         data (bytes): the new content.
         backup (bool, optional): back up the original before its first overwrite. Defaults to True.
+        dirs_to_sync (set, optional): collect folders to fsync later (see `atomic_write_bytes`). Defaults to None.
 
     Returns:
         WriteInfo: the path, whether it was created, and the backup made now (if any).
@@ -159,9 +176,9 @@ def write_caption_bytes(path: str | os.PathLike, data: bytes, backup: bool = Tru
     """
     path = Path(path)
     st = _check_writable(path)
-    made = _make_backup(path) if backup and st is not None else None
+    made = _make_backup(path, dirs_to_sync) if backup and st is not None else None
     try:
-        atomic_write_bytes(path, data, mode=stat.S_IMODE(st.st_mode) if st is not None else None)
+        atomic_write_bytes(path, data, mode=stat.S_IMODE(st.st_mode) if st is not None else None, dirs_to_sync=dirs_to_sync)
     except DatasetError:
         raise
     except OSError as err:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.errors import DatasetError
-from lora_trainer.tagging.caption_store import encode_caption, write_caption_bytes
+from lora_trainer.tagging.caption_store import encode_caption, fsync_dirs, write_caption_bytes
 from lora_trainer.tagging.editor_io import ImageEntry, LoadedCaption, read_caption_exact
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def _conflict(i: int, entry: ImageEntry, disk: DiskState, now: LoadedCaption, ed
     return Conflict(i, entry.caption_path, disk.text[i], now.text, editor_text)
 
 
-def _write_one(i: int, path: Path, text: str, orig_text: str, disk: DiskState, backup: bool, result: SaveResult) -> None:
+def _write_one(i: int, path: Path, text: str, orig_text: str, disk: DiskState, backup: bool, result: SaveResult,
+               dirs: set) -> None:
     if text == orig_text and disk.orig_data[i] is None and text == "":
         try:
             os.remove(path)
@@ -121,7 +122,7 @@ def _write_one(i: int, path: Path, text: str, orig_text: str, disk: DiskState, b
         data = None
     else:
         data = disk.orig_data[i] if text == orig_text and disk.orig_data[i] is not None else encode_caption(text, disk.orig_bom[i])
-        write_caption_bytes(path, data, backup=backup)
+        write_caption_bytes(path, data, backup=backup, dirs_to_sync=dirs)
         result.written.append(path)
     result.written_indices.append(i)
     disk.data[i], disk.text[i], disk.problem[i] = data, text, None
@@ -143,7 +144,7 @@ def save_captions(entries: list[ImageEntry], disk: DiskState, texts: list[str], 
     Returns:
         SaveResult: written, removed, failed and conflicting files.
     """
-    result = SaveResult()
+    result, dirs = SaveResult(), set()
     for i in dirty:
         entry = entries[i]
         if not force:
@@ -152,10 +153,11 @@ def save_captions(entries: list[ImageEntry], disk: DiskState, texts: list[str], 
                 result.conflicts.append(_conflict(i, entry, disk, now, texts[i]))
                 continue
         try:
-            _write_one(i, entry.caption_path, texts[i], orig_texts[i], disk, backup, result)
+            _write_one(i, entry.caption_path, texts[i], orig_texts[i], disk, backup, result, dirs)
         except DatasetError as err:
             logger.error("%s", err)
             result.failed.append(SaveFailure(i, entry.caption_path, str(err)))
+    fsync_dirs(dirs)
     if result.conflicts:
         logger.warning("%d captions changed on disk since load were not saved: reload, or save with force", len(result.conflicts))
     return result
