@@ -115,3 +115,52 @@ def install_ldm_shims() -> bool:
         for name in LDM_MODULES:
             importlib.import_module(name)
     return True
+
+
+def build_ldm_model(yaml_path, checkpoint_path):
+    """Instantiate an ldm `LatentDiffusion` from its yaml and load an original single-file checkpoint strictly.
+
+    The noise-schedule buffers may be absent from the file (ldm computes them from the yaml). With transformers
+    >= 5.6 `CLIPTextModel` has no `.text_model` level, so `cond_stage_model.transformer.text_model.` keys are
+    mapped onto it.
+
+    Args:
+        yaml_path (str | Path): the ldm config (`model.target` = LatentDiffusion).
+        checkpoint_path (str | Path): `.safetensors` (or a torch file readable with weights_only=True).
+
+    Returns:
+        nn.Module: the model in eval mode.
+
+    Raises:
+        RuntimeError: when ldm is not importable, or keys other than the schedule buffers are missing/unexpected.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    if not install_ldm_shims():
+        raise RuntimeError("ldm is not importable: install stable-diffusion-sdkit (Stability's ldm package).")
+    from ldm.util import instantiate_from_config
+
+    model = instantiate_from_config(OmegaConf.load(str(yaml_path)).model)
+    if str(checkpoint_path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint_path))
+    else:
+        state = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    own = model.state_dict()
+    prefix = "cond_stage_model.transformer."
+    fixed = {}
+    for key, value in state.items():
+        if key.startswith(prefix + "text_model.") and key not in own:
+            key = prefix + key[len(prefix + "text_model."):]
+        fixed[key] = value
+    result = model.load_state_dict(fixed, strict=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in result.missing_keys if k not in buffers]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"{checkpoint_path}: does not fit {yaml_path}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model.eval()

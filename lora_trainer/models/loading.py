@@ -1,0 +1,182 @@
+"""Load a single-file SD1/SD2/SDXL checkpoint into a DiffusersAdapter, offline, with local diffusers configs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.diffusers_adapter import DiffusersAdapter
+
+logger = logging.getLogger(__name__)
+
+ID_SAMPLES = 64
+ID_SAMPLE_BYTES = 1 << 16
+
+
+def file_id(path: str | Path) -> str:
+    """A short identity of a checkpoint file (12 hex digits), cheap for multi-GB files.
+
+    sha256 of the size and of 64 evenly spaced 64 KiB samples (the whole file when it is smaller): a fine-tune or
+    merge changes nearly every tensor, so it changes the id; reading 4 MiB keeps loading fast.
+
+    Args:
+        path (str | Path): the file.
+
+    Returns:
+        str: the id.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        if size <= ID_SAMPLES * ID_SAMPLE_BYTES:
+            digest.update(handle.read())
+        else:
+            step = (size - ID_SAMPLE_BYTES) // (ID_SAMPLES - 1)
+            for i in range(ID_SAMPLES):
+                handle.seek(i * step)
+                digest.update(handle.read(ID_SAMPLE_BYTES))
+    return digest.hexdigest()[:12]
+
+
+def _tokenizer_subfolders(architecture: str) -> tuple[str, ...]:
+    return ("tokenizer", "tokenizer_2") if architecture == "sdxl" else ("tokenizer",)
+
+
+def _find_tokenizer_folder(sub: str, tokenizer_dir: Path | None, config_dir: Path) -> Path | None:
+    candidates = []
+    if tokenizer_dir is not None:
+        candidates += [tokenizer_dir / sub, tokenizer_dir.parent / sub]
+        if sub == "tokenizer":
+            candidates.insert(0, tokenizer_dir)
+    candidates.append(config_dir / sub)
+    return next((c for c in candidates if (c / "vocab.json").is_file()), None)
+
+
+def load_tokenizers(architecture: str, config_dir: Path, tokenizer_dir: Path | None = None) -> list:
+    """The CLIP tokenizer(s) of an architecture, from local files or generated offline.
+
+    Args:
+        architecture (str): "sd1", "sd2", "sd2-v" or "sdxl".
+        config_dir (Path): the diffusers config folder (its `tokenizer/`, `tokenizer_2/` are used when present).
+        tokenizer_dir (Path, optional): a tokenizer folder, or a folder holding `tokenizer/` (and `tokenizer_2/`),
+            defaults to None (config_dir's, else built from OpenCLIP's BPE file with the right pad token).
+
+    Returns:
+        list: one `CLIPTokenizer` per text encoder.
+    """
+    from transformers import CLIPTokenizer
+
+    from lora_trainer.models.configs import TOKENIZERS
+    from lora_trainer.models.tokenizer import write_clip_tokenizer
+
+    tokenizers = []
+    for sub in _tokenizer_subfolders(architecture):
+        folder = _find_tokenizer_folder(sub, tokenizer_dir, config_dir)
+        if folder is None and tokenizer_dir is not None:
+            raise ModelLoadError(f"{tokenizer_dir}: no CLIP tokenizer ({sub}/vocab.json) found. Pass a folder "
+                                 "with vocab.json and merges.txt, or leave tokenizer_dir unset to build one.")
+        if folder is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                built = write_clip_tokenizer(Path(tmp) / sub, pad_token=TOKENIZERS[architecture][sub])
+                tokenizers.append(CLIPTokenizer.from_pretrained(str(built)))
+            continue
+        tokenizers.append(CLIPTokenizer.from_pretrained(str(folder)))
+    return tokenizers
+
+
+def _prediction_type(config_dir: Path, architecture: str, v_parameterization: bool) -> str:
+    if v_parameterization or architecture == "sd2-v":
+        return "v_prediction"
+    scheduler = config_dir / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        return json.loads(scheduler.read_text(encoding="utf-8")).get("prediction_type", "epsilon")
+    return "epsilon"
+
+
+def _scheduler_config(config_dir: Path) -> dict:
+    path = config_dir / "scheduler" / "scheduler_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _text_encoders(state_dict: dict, architecture: str, config_dir: Path, dtype: torch.dtype) -> list:
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    classes = [("text_encoder", CLIPTextModel)]
+    if architecture == "sdxl":
+        classes.append(("text_encoder_2", CLIPTextModelWithProjection))
+    return [
+        create_diffusers_clip_model_from_ldm(cls, state_dict, subfolder=sub, config=str(config_dir),
+                                             torch_dtype=dtype, local_files_only=True)
+        for sub, cls in classes
+    ]
+
+
+def _load_components(state_dict: dict, architecture: str, config_dir: Path, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    return {
+        "unet": UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", **common),
+        "vae": AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common),
+        "text_encoders": _text_encoders(state_dict, architecture, config_dir, dtype),
+    }
+
+
+def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = False, config_dir: str | Path | None = None,
+                            tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32) -> DiffusersAdapter:
+    """Load an original single-file checkpoint (`.safetensors`, `.ckpt`) as a DiffusersAdapter, offline.
+
+    Args:
+        path (str | Path): the checkpoint file.
+        v_parameterization (bool, optional): the model predicts v (SD2 768-v), defaults to False.
+        config_dir (str | Path, optional): diffusers config folder (`unet/`, `vae/`, `text_encoder/`, ...),
+            defaults to the shipped configs of the detected architecture.
+        tokenizer_dir (str | Path, optional): tokenizer folder (see load_tokenizers), defaults to None.
+        device (str | torch.device, optional): where to put the models, defaults to "cpu".
+        dtype (torch.dtype, optional): weight dtype, defaults to torch.float32.
+
+    Returns:
+        DiffusersAdapter: frozen (requires_grad False), eval-mode models; `model_id` = short file hash.
+
+    Raises:
+        ModelLoadError: the file is missing or unreadable, the architecture is unknown, or the weights do not fit
+            the configs.
+    """
+    from lora_trainer.models.checkpoint import detect_architecture, read_state_dict
+    from lora_trainer.models.configs import config_dir as shipped_config_dir
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint file not found. Check pretrained_model_name_or_path.")
+    state_dict = read_state_dict(path)
+    architecture = detect_architecture(state_dict, v_parameterization=v_parameterization, source=path)
+    configs = Path(config_dir) if config_dir is not None else shipped_config_dir(architecture)
+    if not (configs / "unet" / "config.json").is_file():
+        raise ModelLoadError(f"{configs}: not a diffusers config folder (no unet/config.json). Pass "
+                             "diffusers_config_dir pointing at a folder with unet/, vae/, text_encoder/ configs.")
+    try:
+        parts = _load_components(state_dict, architecture, configs, dtype)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{path}: the weights do not load into the {architecture} configs in {configs} "
+                             f"({type(exc).__name__}: {exc}). Pass the matching diffusers_config_dir, or check "
+                             "the file is a complete SD1/SD2/SDXL checkpoint.") from exc
+    del state_dict
+    tokenizers = load_tokenizers(architecture, configs, Path(tokenizer_dir) if tokenizer_dir is not None else None)
+    for module in [parts["unet"], parts["vae"], *parts["text_encoders"]]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    logger.info("loaded %s checkpoint %s (%s)", architecture, path.name, dtype)
+    return DiffusersAdapter(
+        unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"], tokenizers=tokenizers,
+        scheduler_config=_scheduler_config(configs), architecture=architecture,
+        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=file_id(path),
+    )
