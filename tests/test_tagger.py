@@ -98,6 +98,19 @@ def test_model_shape_provider_and_log(models, caplog):
     assert dynamic.default_threshold == pytest.approx(0.35)
 
 
+def test_cuda_request_without_a_cuda_onnxruntime_warns_and_runs_on_cpu(models, caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with caplog.at_level(logging.WARNING, logger="lora_trainer.tagging.tagger"):
+        model = TaggerModel(models["dynamic"], device="cuda")
+    assert model.provider == "CPUExecutionProvider"
+    assert "onnxruntime-gpu" in caplog.text
+    with pytest.raises(ValueError, match="device"):
+        TaggerModel(models["dynamic"], device="gpu")
+
+
 def test_categories_come_from_the_csv_not_row_order(tagger, tmp_path):
     names = tagger.labels.names
     assert sorted(names[i] for i in tagger.labels.rating) == ["explicit", "general", "questionable", "sensitive"]

@@ -104,6 +104,8 @@ class TaggerModel:
         self.labels = read_labels(self.folder / TAGS_FILE)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle session threads sleep instead of spinning, leaving the cores to the image decoding threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         requested = _choose_providers(device)
@@ -195,9 +197,21 @@ class TagSummary:
     cancelled: bool = False
 
 
-def list_images(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
-    """The image files to tag: a folder's images (sorted; sub-folders if `recursive`, hidden ones skipped) or the
-    given paths as they are."""
+def list_images(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
+                recursive: bool = False) -> list[Path]:
+    """The image files to tag.
+
+    Args:
+        folder_or_paths: a folder, or image paths (returned as they are).
+        recursive (bool, optional): include sub-folders of a folder, defaults to False. Hidden folders (such as
+            caption backups) are always skipped.
+
+    Returns:
+        list[Path]: a folder's image files (png, jpg, jpeg, webp, bmp), sorted.
+
+    Raises:
+        TaggerError: the folder does not exist.
+    """
     if isinstance(folder_or_paths, (str, os.PathLike)):
         root = Path(folder_or_paths)
         if not root.is_dir():
@@ -280,8 +294,8 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
         batch_size (int, optional): images per session call for dynamic-batch models, defaults to 8.
         workers (int, optional): decode/preprocess threads, defaults to min(4, CPU count).
         recursive (bool, optional): include sub-folders of a folder, defaults to False.
-        progress (callable, optional): called with a ProgressInfo (rate, ETA) after each image.
-        cancel (CancelToken, optional): checked between images; the summary then says `cancelled`.
+        progress (callable, optional): called with a ProgressInfo (rate, ETA) after each batch.
+        cancel (CancelToken, optional): checked between batches; the summary then says `cancelled`.
 
     Returns:
         TagSummary: counts, failures with reasons, provider and time. Bad images are reported, never raised.
