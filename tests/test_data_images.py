@@ -196,3 +196,14 @@ def test_exif_rotated_jpeg(tmp_path):
     # orientation 8 = rotate 90 degrees counter-clockwise: stored right half (blue) ends up on top
     assert arr[2, 10, 2] > 200 and arr[2, 10, 0] < 60
     assert arr[37, 10, 0] > 200 and arr[37, 10, 2] < 60
+
+
+def test_16_bit_rgb_png(tmp_path):
+    w, h = 4, 3
+    arr = np.zeros((h, w, 3), dtype=">u2")
+    arr[..., 0], arr[..., 1] = 65535, 32896
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+    (tmp_path / "rgb48.png").write_bytes(data + _png_chunk(b"IEND", b""))
+    assert load_image(tmp_path / "rgb48.png").getpixel((1, 1)) == (255, 128, 0)
