@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.errors import TaggerError
+from lora_trainer.errors import DatasetError, TaggerError
 from lora_trainer.progress import CancelToken
 from lora_trainer.tagging.caption_store import BACKUP_DIR
 from lora_trainer.tagging.tag_format import TagOptions
@@ -84,6 +84,26 @@ def test_designed_tags_confirm_channel_order_end_to_end(tagger):
     assert "blue_theme" in blue.general and "red_theme" not in blue.general
     assert list(green.character) == ["hatsune_miku"] and list(blue.character) == ["saber_(fate)"]
     assert "white_background" in white.general and "white_background" not in red.general
+
+
+def test_large_jpegs_are_drafted_close_to_a_full_decode(tmp_path):
+    from lora_trainer.tagging.tagger_input import load_for_tagging
+
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    path = tmp_path / "big.jpg"
+    image = Image.fromarray(small).resize((128, 96), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated to portrait
+    image.save(path, quality=95, exif=exif)
+    drafted, full = load_for_tagging(path, 32), load_for_tagging(path, 32, draft=False)
+    assert full.size == (96, 128) and drafted.size == (48, 64)  # rotated; half scale keeps >= 1.5 x 32
+    diff = np.abs(prepare_image(drafted, 32) - prepare_image(full, 32))
+    assert diff.mean() < 2.0 and diff.max() < 12
+    assert load_for_tagging(path, 64).size == (96, 128)  # 128 < 2 x 1.5 x 64: nothing to gain, full decode
+    (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DatasetError, match="cut.jpg"):
+        load_for_tagging(tmp_path / "cut.jpg", 32)
 
 
 # --- model loading -------------------------------------------------------------------------------------------------

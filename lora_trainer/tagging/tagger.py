@@ -9,9 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from lora_trainer.data.caption_files import MISSING, caption_path, read_caption
-from lora_trainer.data.images import is_image_file, load_image, to_rgb
 from lora_trainer.errors import LoraTrainerError, TaggerError
 from lora_trainer.progress import CancelToken, ProgressInfo, ProgressTracker
 from lora_trainer.tagging.caption_store import write_caption
 from lora_trainer.tagging.tag_format import TagOptions, TagScores, build_caption, model_tags, select_tags
+from lora_trainer.tagging.tagger_input import list_images, prepare_image, prepared_batches
 from lora_trainer.tagging.tagger_models import MODEL_FILE, TAGS_FILE, check_model_folder, read_labels
 
 logger = logging.getLogger(__name__)
@@ -31,29 +29,6 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
-_WHITE = (255, 255, 255)
-
-
-def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-    """Turn an image into the model's input: alpha on white, padded to a centered white square, resized, BGR.
-
-    Args:
-        image (PIL.Image.Image): any mode; transparency is composited on white.
-        size (int): the model's input side (448 for WD14 v2/v3).
-
-    Returns:
-        np.ndarray: [size, size, 3] float32 in 0..255, channels in BGR order.
-    """
-    image = to_rgb(image)
-    w, h = image.size
-    side = max(w, h)
-    if w != h:
-        canvas = Image.new("RGB", (side, side), _WHITE)
-        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-        image = canvas
-    if side != size:
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.float32)[:, :, ::-1])
 
 
 def _choose_providers(device: str) -> list[str]:
@@ -197,71 +172,6 @@ class TagSummary:
     cancelled: bool = False
 
 
-def list_images(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
-                recursive: bool = False) -> list[Path]:
-    """The image files to tag.
-
-    Args:
-        folder_or_paths: a folder, or image paths (returned as they are).
-        recursive (bool, optional): include sub-folders of a folder, defaults to False. Hidden folders (such as
-            caption backups) are always skipped.
-
-    Returns:
-        list[Path]: a folder's image files (png, jpg, jpeg, webp, bmp), sorted.
-
-    Raises:
-        TaggerError: the folder does not exist.
-    """
-    if isinstance(folder_or_paths, (str, os.PathLike)):
-        root = Path(folder_or_paths)
-        if not root.is_dir():
-            raise TaggerError(f"{root}: folder not found. Give the folder that holds the images.")
-        pattern = root.rglob("*") if recursive else root.iterdir()
-        return sorted(p for p in pattern if p.is_file() and is_image_file(p)
-                      and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return [Path(p) for p in folder_or_paths]
-
-
-_IMAGE_ERRORS = (LoraTrainerError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError)
-
-
-def _load(path: Path, size: int) -> np.ndarray:
-    return prepare_image(load_image(path), size)
-
-
-def _prepared(paths: list[Path], size: int, batch: int, workers: int,
-              cancel: CancelToken | None) -> Iterator[list[tuple[Path, np.ndarray | None, str | None]]]:
-    """Decode and preprocess in a thread pool, ahead of the consumer; yield chunks of (path, array, error)."""
-    todo = iter(paths)
-    pending: deque[tuple[Path, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tagger-load") as pool:
-        def fill() -> None:
-            while len(pending) < 2 * batch + workers:
-                path = next(todo, None)
-                if path is None:
-                    return
-                pending.append((path, pool.submit(_load, path, size)))
-
-        fill()
-        chunk: list[tuple[Path, np.ndarray | None, str | None]] = []
-        while pending:
-            if cancel is not None and cancel.cancelled:
-                for _, future in pending:
-                    future.cancel()
-                return
-            path, future = pending.popleft()
-            fill()
-            try:
-                chunk.append((path, future.result(), None))
-            except _IMAGE_ERRORS as exc:
-                chunk.append((path, None, str(exc) or type(exc).__name__))
-            if len(chunk) == batch:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-
 def _write_one(path: Path, scores: TagScores, options: TagOptions) -> tuple[bool, str | None]:
     """Write one caption. Returns (written, error)."""
     target = caption_path(path, options.caption_extension)
@@ -283,8 +193,8 @@ def _write_one(path: Path, scores: TagScores, options: TagOptions) -> tuple[bool
 
 def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike], model: TaggerModel | str | os.PathLike,
                options: TagOptions | None = None, *, batch_size: int = 8, workers: int | None = None,
-               recursive: bool = False, progress: Callable[[ProgressInfo], None] | None = None,
-               cancel: CancelToken | None = None) -> TagSummary:
+               recursive: bool = False, jpeg_draft: bool = True,
+               progress: Callable[[ProgressInfo], None] | None = None, cancel: CancelToken | None = None) -> TagSummary:
     """Tag images and write their caption files (atomically, via caption_store).
 
     Args:
@@ -294,6 +204,8 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
         batch_size (int, optional): images per session call for dynamic-batch models, defaults to 8.
         workers (int, optional): decode/preprocess threads, defaults to min(4, CPU count).
         recursive (bool, optional): include sub-folders of a folder, defaults to False.
+        jpeg_draft (bool, optional): decode large JPEGs at a reduced scale (still >= 1.5x the model's input side,
+            see `tagger_input.load_for_tagging`), defaults to True; False decodes every image in full.
         progress (callable, optional): called with a ProgressInfo (rate, ETA) after each batch.
         cancel (CancelToken, optional): checked between batches; the summary then says `cancelled`.
 
@@ -313,7 +225,7 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
     batch = max(1, tagger.fixed_batch or batch_size)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     tracker = ProgressTracker(len(todo))
-    for chunk in _prepared(todo, tagger.input_size, batch, workers, cancel):
+    for chunk in prepared_batches(todo, tagger.input_size, batch, workers, cancel, jpeg_draft):
         good = [(path, array) for path, array, _ in chunk if array is not None]
         summary.failed += [(path, error) for path, array, error in chunk if array is None]
         probs = tagger.predict(np.stack([a for _, a in good])) if good else []
