@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lora_trainer.tagging import TagEditor, analyze  # noqa: E402
+from lora_trainer.tagging import TagEditor, analyze
 
 TARGETS = {"load": 1.0, "add_tags (all)": 0.3, "undo": 0.1}
 

@@ -90,7 +90,7 @@ def test_frequency_sorting(editor):
 
 
 def test_filters_and_or_exclude_text_folder(editor):
-    rels = lambda found: {editor.images[i].rel_path for i in found}  # noqa: E731
+    rels = lambda found: {editor.images[i].rel_path for i in found}
     assert rels(editor.filter(["rain", "umbrella"])) == {"10_cat/01.png", "10_cat/02.jpg"}
     assert rels(editor.filter(["rain", "grass"], mode="any")) == {"10_cat/01.png", "10_cat/02.jpg", "3_dog/06.jpeg"}
     assert rels(editor.filter(["cat"], exclude=["blue eyes"])) == {"10_cat/02.jpg"}

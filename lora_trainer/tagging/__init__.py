@@ -13,10 +13,40 @@ from lora_trainer.tagging.analysis import (
     near_universal_tags,
     tag_frequency,
 )
-from lora_trainer.tagging.caption_store import WriteInfo, backup_path, restore_backup, write_caption, write_caption_bytes
+from lora_trainer.tagging.caption_store import (
+    WriteInfo,
+    backup_path,
+    restore_backup,
+    write_caption,
+    write_caption_bytes,
+)
 from lora_trainer.tagging.editor import CaptionPreview, EditResult, TagEditor
 from lora_trainer.tagging.editor_io import FolderInfo, ImageEntry
 from lora_trainer.tagging.editor_store import Conflict, ReloadResult, SaveFailure, SaveResult
+
+# The WD14 tagger pulls in PIL and onnxruntime: imported on first use of one of its names.
+_LAZY = {
+    "TaggerModel": "lora_trainer.tagging.tagger",
+    "TagSummary": "lora_trainer.tagging.tagger",
+    "tag_folder": "lora_trainer.tagging.tagger",
+    "TagOptions": "lora_trainer.tagging.tag_format",
+    "ModelInfo": "lora_trainer.tagging.tagger_models",
+    "find_models": "lora_trainer.tagging.tagger_models",
+    "model_info": "lora_trainer.tagging.tagger_models",
+    "download_model": "lora_trainer.tagging.tagger_models",
+}
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Association",
@@ -29,19 +59,27 @@ __all__ = [
     "EditResult",
     "FolderInfo",
     "ImageEntry",
+    "ModelInfo",
     "ReloadResult",
     "SaveFailure",
     "SaveResult",
     "TagCount",
     "TagEditor",
+    "TagOptions",
+    "TagSummary",
+    "TaggerModel",
     "UniversalTag",
     "WriteInfo",
     "analyze",
     "associations",
     "backup_path",
     "concept_balance",
+    "download_model",
+    "find_models",
+    "model_info",
     "near_universal_tags",
     "restore_backup",
+    "tag_folder",
     "tag_frequency",
     "write_caption",
     "write_caption_bytes",

@@ -23,6 +23,7 @@ from pathlib import Path
 from lora_trainer.data.caption_files import join_lines
 from lora_trainer.tagging import tag_ops
 from lora_trainer.tagging.analysis import CaptionRecord, TagCount, sorted_counts
+from lora_trainer.tagging.editor_history import Edit, EditResult, History
 from lora_trainer.tagging.editor_io import (
     FolderInfo,
     ImageEntry,
@@ -31,34 +32,18 @@ from lora_trainer.tagging.editor_io import (
     read_caption_exact,
     scan_folder,
 )
-from lora_trainer.tagging.editor_store import Conflict, DiskState, ReloadResult, SaveResult, reload_captions, save_captions
+from lora_trainer.tagging.editor_store import (
+    Conflict,
+    DiskState,
+    ReloadResult,
+    SaveResult,
+    reload_captions,
+    save_captions,
+)
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("selection", "all")
-
-
-@dataclass(frozen=True)
-class EditResult:
-    """What one operation (or its undo/redo) did.
-
-    Attributes:
-        operation: e.g. ``"add_tags"``, ``"undo add_tags"``.
-        scope: ``"selection"``, ``"all"`` or ``"image"``.
-        in_scope: number of images the operation looked at.
-        changed: indices of the images whose caption changed.
-        skipped: indices left alone because their caption is not UTF-8 (locked).
-    """
-
-    operation: str
-    scope: str
-    in_scope: int
-    changed: tuple[int, ...]
-    skipped: tuple[int, ...] = ()
-
-    @property
-    def n_changed(self) -> int:
-        return len(self.changed)
 
 
 @dataclass(frozen=True)
@@ -67,19 +52,6 @@ class CaptionPreview:
 
     caption: str
     seed: int
-
-
-@dataclass(frozen=True)
-class _Edit:
-    operation: str
-    scope: str
-    in_scope: int
-    indices: tuple[int, ...]
-    old_text: tuple[str, ...]
-    old_tags: tuple[tuple[str, ...], ...]
-    new_text: tuple[str, ...]
-    new_tags: tuple[tuple[str, ...], ...]
-    skipped: tuple[int, ...]
 
 
 class TagEditor:
@@ -102,8 +74,7 @@ class TagEditor:
         for tags in self._tags:
             self._freq.update(set(tags))
         self._selection: set[int] = set()
-        self._undo: list[_Edit] = []
-        self._redo: list[_Edit] = []
+        self._history = History()
         self._by_path = {str(e.image_path): e.index for e in entries}
         self._by_path.update({e.rel_path: e.index for e in entries})
 
@@ -315,7 +286,7 @@ class TagEditor:
         if text == self._text[i]:
             return EditResult("set_caption", "image", 1, ())
         tags = tuple(tag_ops.parse_tags(text))
-        self._push(_Edit("set_caption", "image", 1, (i,), (self._text[i],), (self._tags[i],), (text,), (tags,), ()))
+        self._push(Edit("set_caption", "image", 1, (i,), (self._text[i],), (self._tags[i],), (text,), (tags,), ()))
         self._locked.discard(i)
         return EditResult("set_caption", "image", 1, (i,))
 
@@ -338,15 +309,14 @@ class TagEditor:
         if skipped:
             logger.info("%s: %d images with non-UTF-8 captions were left alone", operation, len(skipped))
         if idx:
-            self._push(_Edit(operation, scope, len(targets), tuple(idx), tuple(old_text), tuple(old_tags),
+            self._push(Edit(operation, scope, len(targets), tuple(idx), tuple(old_text), tuple(old_tags),
                              tuple(new_text), tuple(new_tags), tuple(skipped)))
         return EditResult(operation, scope, len(targets), tuple(idx), tuple(skipped))
 
     # ----- history -----
-    def _push(self, edit: _Edit) -> None:
+    def _push(self, edit: Edit) -> None:
         self._write(edit.indices, edit.new_text, edit.new_tags)
-        self._undo.append(edit)
-        self._redo.clear()
+        self._history.push(edit)
 
     def _write(self, indices, texts, tags) -> None:
         freq, cur_tags, cur_text = self._freq, self._tags, self._text
@@ -365,33 +335,31 @@ class TagEditor:
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._undo)
+        return self._history.can_undo
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._redo)
+        return self._history.can_redo
 
     def history(self) -> list[str]:
         """Names of the operations that `undo` would take back, oldest first."""
-        return [e.operation for e in self._undo]
+        return self._history.names()
 
     def undo(self) -> EditResult | None:
         """Take back the last operation. Returns what changed, or None when there is nothing to undo."""
-        if not self._undo:
+        edit = self._history.pop_undo()
+        if edit is None:
             return None
-        edit = self._undo.pop()
         self._write(edit.indices, edit.old_text, edit.old_tags)
-        self._redo.append(edit)
-        return EditResult("undo " + edit.operation, edit.scope, edit.in_scope, edit.indices, edit.skipped)
+        return edit.result("undo ")
 
     def redo(self) -> EditResult | None:
         """Do the last undone operation again. Returns what changed, or None when there is nothing to redo."""
-        if not self._redo:
+        edit = self._history.pop_redo()
+        if edit is None:
             return None
-        edit = self._redo.pop()
         self._write(edit.indices, edit.new_text, edit.new_tags)
-        self._undo.append(edit)
-        return EditResult("redo " + edit.operation, edit.scope, edit.in_scope, edit.indices, edit.skipped)
+        return edit.result("redo ")
 
     # ----- preview, save, reload -----
     def preview_caption(self, image: int | str | os.PathLike, caption_options=None, seed: int | None = None,
@@ -448,11 +416,11 @@ class TagEditor:
             idx = tuple(i for i, _ in result.taken)
             texts = tuple(t for _, t in result.taken)
             tags = tuple(tuple(tag_ops.parse_tags(t)) for t in texts)
-            self._push(_Edit("reload", "all", len(self.images), idx, tuple(self._text[i] for i in idx),
+            self._push(Edit("reload", "all", len(self.images), idx, tuple(self._text[i] for i in idx),
                              tuple(self._tags[i] for i in idx), texts, tags, ()))
             for i in idx:
                 (self._locked.add if self._disk.problem[i] else self._locked.discard)(i)
         return result
 
 
-__all__ = ["TagEditor", "EditResult", "CaptionPreview", "Conflict", "SaveResult", "ReloadResult", "SCOPES"]
+__all__ = ["SCOPES", "CaptionPreview", "Conflict", "EditResult", "ReloadResult", "SaveResult", "TagEditor"]

@@ -152,7 +152,7 @@ def rename_tag(tags: Sequence[str], old: str, new: str) -> list[str]:
     if old not in tags:
         return list(tags)
     out: list[str] = []
-    seen = set(t for t in tags if t != old)
+    seen = {t for t in tags if t != old}
     for tag in tags:
         if tag != old:
             out.append(tag)
