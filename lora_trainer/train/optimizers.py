@@ -157,7 +157,8 @@ def build_optimizer(
 
 
 def current_lr(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> float:
-    """The learning rate of the first group as a user would read it (d*lr for Prodigy/D-Adaptation).
+    """The learning rate as a user would read it: the UNet group's (else the first group's), d*lr for
+    Prodigy/D-Adaptation.
 
     Args:
         optimizer (torch.optim.Optimizer): the optimizer.
@@ -166,8 +167,10 @@ def current_lr(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> float
     Returns:
         float: the lr, 0.0 when unknown.
     """
-    group = optimizer.param_groups[0]
+    groups = optimizer.param_groups
+    index = next((i for i, g in enumerate(groups) if str(g.get("name", "")).startswith("unet")), 0)
+    group = groups[index]
     if group.get("lr") is None and scheduler is not None:
-        return float(scheduler.get_lr()[0])
+        return float(scheduler.get_lr()[index])
     lr = float(group.get("lr") or 0.0)
     return lr * float(group["d"]) if "d" in group else lr

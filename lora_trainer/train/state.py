@@ -41,6 +41,7 @@ class TrainState:
         step_in_epoch (int): optimizer steps already done inside `epoch`.
         config_hash (str): `config_hash()` of the run that wrote the state.
         losses (list[float]): the per-step losses so far (for the average shown and the result).
+        seed (int, optional): the run's seed (data order and noise follow it).
     """
 
     global_step: int
@@ -48,6 +49,7 @@ class TrainState:
     step_in_epoch: int
     config_hash: str = ""
     losses: list[float] = field(default_factory=list)
+    seed: int | None = None
 
 
 @dataclass

@@ -1,0 +1,275 @@
+"""The training loop: `Trainer(config, adapter, events, commands).run() -> TrainResult`.
+
+It talks to the model only through the adapter, reports through events and reads stop requests between steps.
+Preparation lives in `preparation.py`, model modes in `model_state.py`, saving in `checkpoints.py`/`state.py`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_trainer.errors import LoraTrainerError, TrainingError
+from lora_trainer.progress import ProgressTracker
+from lora_trainer.train import checkpoints
+from lora_trainer.train.events import EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands
+from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
+from lora_trainer.train.model_state import Precision, training_mode
+from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
+from lora_trainer.train.optimizers import build_optimizer, current_lr
+from lora_trainer.train.preparation import (
+    TextSource, build_network, param_groups, plan_steps, prepare_data, seed_everything,
+)
+from lora_trainer.train.samples import Sampler
+from lora_trainer.train.schedulers import build_scheduler
+from lora_trainer.train.state import TrainState, capture_rng, config_hash, load_state, restore_rng, save_state
+
+logger = logging.getLogger(__name__)
+
+OOM_MESSAGE = (
+    "training: the GPU ran out of memory. Lower train_batch_size or resolution, set gradient_checkpointing = true, "
+    "set cache_latents = true (and cache_text_encoder_outputs), or use mixed_precision = \"fp16\"/\"bf16\"."
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        lora_path (str, optional): the last LoRA file written (None when stopped without saving).
+        steps (int): optimizer steps done.
+        epochs (int): epochs finished.
+        stopped (bool): ended by a stop command.
+        losses (list[float]): the loss of every step (of the resumed run's start too).
+    """
+
+    lora_path: str | None
+    steps: int
+    epochs: int
+    stopped: bool
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Position:
+    global_step: int = 0
+    epoch: int = 0          # 0-based epoch the next step belongs to (= epochs finished)
+    step_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one LoRA on an adapter's model.
+
+    Args:
+        config (TrainConfig): the run's config.
+        adapter (ModelAdapter): the model; left as it was found when `run` returns or raises.
+        events (EventBus, optional): receives Progress/Started/Step/Sample/Saved/Finished/Failed.
+        commands (TrainCommands, optional): stop / stop-and-save requests, read between steps.
+    """
+
+    def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None):
+        self.config = config
+        self.adapter = adapter
+        self.events = events or EventBus()
+        self.commands = commands or TrainCommands()
+        self._last_saved: str | None = None
+
+    def run(self) -> TrainResult:
+        """Train. Errors are emitted as `Failed` and raised (`TrainingError` for NaN loss and out of memory).
+
+        Returns:
+            TrainResult: files, steps and losses.
+        """
+        try:
+            return self._run()
+        except LoraTrainerError as error:
+            self.events.emit(Failed(str(error)))
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            error = TrainingError(OOM_MESSAGE)
+            self.events.emit(Failed(str(error)))
+            raise error from exc
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _run(self) -> TrainResult:
+        cfg = self.config
+        self.folder = checkpoints.output_dir(cfg)
+        resumed = load_state(cfg.save.resume) if cfg.save.resume else None
+        seed = resumed.train_state.seed if resumed and resumed.train_state.seed is not None else cfg.training.seed
+        self.seed = seed_everything(seed)
+        self.started_at = time.time()
+        self.network = build_network(cfg, self.adapter)
+        train_te = bool(self.network.te_names())
+        self.data = prepare_data(cfg, self.adapter, self.events, train_te)
+        self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
+        with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           offload_vae=self.data.dataset.cache is not None):
+            self.network.apply()
+            self.network.train()
+            try:
+                return self._train(resumed)
+            finally:
+                self.network.remove()
+
+    def _train(self, resumed) -> TrainResult:
+        cfg, opt, t = self.config, self.config.optimizer, self.config.training
+        self.optimizer = build_optimizer(opt.optimizer_type, param_groups(cfg, self.network), opt.learning_rate,
+                                         list(opt.optimizer_args))
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.plan = plan_steps(self.data.dataset.batches_per_epoch(), opt.gradient_accumulation_steps,
+                               t.max_train_steps, t.max_train_epochs)
+        self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.plan.total_steps, opt.lr_warmup_steps,
+                                         opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
+        self.precision = Precision(cfg.model.mixed_precision, self.adapter.device)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.loss_options = LossOptions(self.adapter.prediction_type, t.min_snr_gamma, t.debiased_estimation_loss)
+        self.sampler = Sampler(cfg, self.adapter, self.seed)
+        position = self._resume(resumed) if resumed else _Position()
+        return self._loop(position)
+
+    def _resume(self, resumed) -> _Position:
+        state = resumed.train_state
+        if state.config_hash and state.config_hash != config_hash(self.config):
+            logger.warning("resume: the config differs from the run that saved %s; continuing with the new one",
+                           self.config.save.resume)
+        self.network.load_state_dict(resumed.network)
+        self.optimizer.load_state_dict(resumed.optimizer)
+        self.scheduler.load_state_dict(resumed.scheduler)
+        if self.precision.scaler is not None and resumed.scaler:
+            self.precision.scaler.load_state_dict(resumed.scaler)
+        restore_rng(resumed.rng, {"noise": self.generator})
+        logger.info("resumed from %s at step %d (epoch %d)", self.config.save.resume, state.global_step,
+                    state.epoch + 1)
+        return _Position(state.global_step, state.epoch, state.step_in_epoch, list(state.losses))
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _loop(self, pos: _Position) -> TrainResult:
+        plan = self.plan
+        self.events.emit(Started(plan.total_steps, plan.total_epochs, pos.global_step))
+        self.tracker = ProgressTracker(plan.total_steps, done=pos.global_step)
+        while pos.global_step < plan.total_steps:
+            for group in self._step_groups(pos.epoch, pos.step_in_epoch):
+                if self.commands.stop_requested:
+                    return self._stop(pos)
+                if pos.global_step >= plan.total_steps:
+                    break
+                pos.losses.append(self._train_step(group, pos))
+                pos.global_step += 1
+                pos.step_in_epoch += 1
+                self._after_step(pos)
+            if pos.step_in_epoch >= plan.steps_per_epoch:
+                pos.epoch += 1
+                pos.step_in_epoch = 0
+                self._after_epoch(pos)
+        return self._finish(pos)
+
+    def _step_groups(self, epoch: int, skip: int) -> list[list[tuple[int, object]]]:
+        """The epoch's batches, grouped per optimizer step; the first `skip` steps (already done) left out."""
+        plans = list(enumerate(self.data.dataset.epoch_batches(epoch + 1, self.seed)))
+        size = max(1, int(self.config.optimizer.gradient_accumulation_steps or 1))
+        return [plans[i:i + size] for i in range(0, len(plans), size)][skip:]
+
+    def _train_step(self, group: list[tuple[int, object]], pos: _Position) -> float:
+        """One optimizer step over the micro-batches of `group` (gradient accumulation)."""
+        losses = []
+        for index, plan in group:
+            batch = self.data.dataset.load_batch(plan, self.seed, pos.epoch + 1, index)
+            with self.precision.autocast():
+                loss = self._batch_loss(batch)
+            if not torch.isfinite(loss):
+                raise self._nan_error(pos.global_step + 1, loss.item())
+            self.precision.backward(loss / len(group))
+            losses.append(loss.item())
+        self.precision.step(self.optimizer, self.params, self.config.optimizer.max_grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses)
+
+    def _batch_loss(self, batch) -> torch.Tensor:
+        t, device, ac = self.config.training, self.adapter.device, self.adapter.alphas_cumprod
+        latents = batch.latents.to(device=device, dtype=torch.float32)
+        noise = sample_noise(latents, self.generator, t.noise_offset, t.multires_noise_iterations,
+                             t.multires_noise_discount)
+        timesteps = sample_timesteps(len(latents), t.min_timestep, t.max_timestep, self.generator, device)
+        noisy = add_noise(latents, noise, timesteps, ac)
+        cond = self.text(batch.captions)
+        pred = self.adapter.predict(noisy, timesteps, cond, batch.size_cond.to(device))
+        target = compute_target(latents, noise, timesteps, ac, self.adapter.prediction_type)
+        return diffusion_loss(pred, target, timesteps, ac, self.loss_options, batch.loss_weights)
+
+    def _nan_error(self, step: int, value: float) -> TrainingError:
+        kept = f"the last saved file {self._last_saved} is kept" if self._last_saved else "nothing was saved"
+        return TrainingError(
+            f"step {step}: the loss is {value} (NaN/inf), so training stopped and {kept}. Lower learning_rate "
+            f"(now {self.config.optimizer.learning_rate:g}), use mixed_precision = \"bf16\" or \"no\" instead of "
+            "fp16, keep max_grad_norm at 1.0, and check the model with a plain generation."
+        )
+
+    # -- after steps and epochs ------------------------------------------------------------------------------------
+    def _after_step(self, pos: _Position) -> None:
+        info = self.tracker.update()
+        window = pos.losses[-self.plan.steps_per_epoch:]
+        self.events.emit(Step(pos.global_step, self.plan.total_steps, pos.epoch + 1, pos.losses[-1],
+                              sum(window) / len(window), current_lr(self.optimizer, self.scheduler),
+                              info.rate_per_s, info.eta_s))
+        every = self.config.save.save_every_n_steps
+        if every and pos.global_step % every == 0 and pos.global_step < self.plan.total_steps:
+            self._save(pos, checkpoints.checkpoint_stem(self.config.save.output_name, step=pos.global_step))
+        if self.sampler.due(step=pos.global_step):
+            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+
+    def _after_epoch(self, pos: _Position) -> None:
+        save, name = self.config.save, self.config.save.output_name
+        if save.save_every_n_epochs and pos.epoch % save.save_every_n_epochs == 0 and pos.epoch < self.plan.total_epochs:
+            self._save(pos, checkpoints.checkpoint_stem(name, epoch=pos.epoch))
+            checkpoints.prune_old_epochs(self.folder, name, pos.epoch, save.save_every_n_epochs, save.save_last_n_epochs)
+        if self.sampler.due(epoch=pos.epoch):
+            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+
+    def _save(self, pos: _Position, stem: str, final: bool = False) -> str:
+        checkpoints.check_finite(self.network.state_dict(), pos.global_step)
+        path = self.folder / f"{stem}.safetensors"
+        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final))
+        if self.config.save.save_state:
+            state = TrainState(pos.global_step, pos.epoch, pos.step_in_epoch, config_hash(self.config),
+                               list(pos.losses), self.seed)
+            save_state(self.folder / f"{stem}-state", state, self.network.state_dict(), self.optimizer,
+                       self.scheduler, capture_rng({"noise": self.generator}), self.precision.scaler)
+        self._last_saved = str(path)
+        self.events.emit(Saved(str(path), pos.global_step, pos.epoch))
+        return str(path)
+
+    def _metadata(self, pos: _Position, final: bool) -> dict[str, str]:
+        from lora_trainer.networks import TrainingFacts, build_metadata
+
+        index, cfg = self.data.index, self.config
+        facts = TrainingFacts(
+            session_id=random.SystemRandom().randint(0, 2**31 - 1), training_started_at=self.started_at,
+            training_finished_at=time.time() if final else None, epoch=pos.epoch, steps=pos.global_step,
+            num_epochs=self.plan.total_epochs, max_train_steps=self.plan.total_steps,
+            num_train_images=index.num_train_images, num_reg_images=index.num_reg_images,
+            num_batches_per_epoch=self.plan.batches_per_epoch,
+            total_batch_size=cfg.dataset.train_batch_size * max(1, cfg.optimizer.gradient_accumulation_steps),
+            sd_model_name=Path(cfg.model.pretrained_model_name_or_path or self.adapter.model_id).name,
+            dataset_dirs=index.dirs, reg_dataset_dirs=index.reg_dirs, tag_frequency=index.tag_frequency,
+            bucket_info=self.data.dataset.bucket_info(),
+        )
+        return build_metadata(cfg, facts, self.adapter.architecture)
+
+    # -- endings ---------------------------------------------------------------------------------------------------
+    def _finish(self, pos: _Position) -> TrainResult:
+        path = self._save(pos, self.config.save.output_name, final=True)
+        self.events.emit(Finished(path, False, pos.global_step))
+        return TrainResult(path, pos.global_step, pos.epoch, False, list(pos.losses))
+
+    def _stop(self, pos: _Position) -> TrainResult:
+        path = self._save(pos, self.config.save.output_name, final=True) if self.commands.save_requested else None
+        logger.info("stopped at step %d%s", pos.global_step, f"; saved {path}" if path else " without saving")
+        self.events.emit(Finished(path, True, pos.global_step))
+        return TrainResult(path, pos.global_step, pos.epoch, True, list(pos.losses))

@@ -1,0 +1,142 @@
+"""Sample images during training from a kohya prompt file (`prompt --n negative --w 512 --h 512 --s 20 ...`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_OPTIONS = {"n": "negative", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed"}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One line of a kohya prompt file.
+
+    Attributes:
+        prompt (str): the prompt.
+        negative (str): `--n`, defaults to "".
+        width (int, optional): `--w`, None = training resolution.
+        height (int, optional): `--h`, None = training resolution.
+        steps (int): `--s`, defaults to 20.
+        scale (float): `--l` guidance, defaults to 7.5.
+        seed (int, optional): `--d`, None = the run's seed.
+    """
+
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    scale: float = 7.5
+    seed: int | None = None
+
+
+def parse_prompt_line(line: str) -> SamplePrompt | None:
+    """Parse `a prompt --n bad --w 512 --h 768 --s 28 --l 7 --d 42`; comments and blank lines give None.
+
+    Args:
+        line (str): one line.
+
+    Returns:
+        SamplePrompt | None: the prompt.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    parts = line.split(" --")
+    values: dict = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        flag, _, value = part.partition(" ")
+        if flag not in _OPTIONS:
+            logger.warning("sample prompt option --%s is not supported and is ignored", flag)
+            continue
+        field_name = _OPTIONS[flag]
+        caster = {"negative": str, "scale": float}.get(field_name, int)
+        try:
+            values[field_name] = caster(value.strip())
+        except ValueError as exc:
+            raise ConfigError(f"sample_prompts: --{flag} {value!r} in {line!r} is not a number. Fix the line.") from exc
+    return SamplePrompt(**values)
+
+
+def read_prompt_file(path: str) -> list[SamplePrompt]:
+    """Read a kohya `.txt` prompt file, one prompt per line.
+
+    Args:
+        path (str): `sample_prompts`.
+
+    Returns:
+        list[SamplePrompt]: the prompts.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sample_prompts: {path} does not exist. Point it at a .txt file with one prompt per line.")
+    prompts = [p for p in map(parse_prompt_line, file.read_text(encoding="utf-8").splitlines()) if p is not None]
+    if not prompts:
+        raise ConfigError(f"sample_prompts: {path} holds no prompt. Write one prompt per line.")
+    return prompts
+
+
+class Sampler:
+    """Renders the prompt file with the adapter's Euler sampler, the LoRA applied and in eval mode.
+
+    Args:
+        config (TrainConfig): sample and dataset settings.
+        adapter (ModelAdapter): the model.
+        seed (int): fallback seed.
+    """
+
+    def __init__(self, config, adapter, seed: int):
+        sample = config.sample
+        self.every_steps = sample.sample_every_n_steps or 0
+        self.every_epochs = sample.sample_every_n_epochs or 0
+        self.prompts = read_prompt_file(sample.sample_prompts) if sample.sample_prompts else []
+        if (self.every_steps or self.every_epochs) and not self.prompts:
+            logger.warning("sample_every_n_* is set but sample_prompts is not; no samples are rendered")
+        if self.prompts and (sample.sample_sampler or "euler") not in ("euler", "k_euler"):
+            logger.info("sample_sampler %s: samples are rendered with Euler", sample.sample_sampler)
+        self.adapter = adapter
+        self.seed = seed
+        self.size = tuple(config.dataset.resolution)
+        self.clip_skip = config.model.clip_skip
+        self.max_token_length = config.model.max_token_length
+
+    def due(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether a step (or the end of an epoch) asks for samples."""
+        if not self.prompts:
+            return False
+        if step is not None:
+            return bool(self.every_steps) and step % self.every_steps == 0
+        return bool(self.every_epochs) and epoch is not None and epoch % self.every_epochs == 0
+
+    def render(self, network) -> list:
+        """Render every prompt; the network goes back to train mode afterwards.
+
+        Args:
+            network (LoRANetwork): the applied network.
+
+        Returns:
+            list[PIL.Image.Image]: one image per prompt.
+        """
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.random.fork_rng():  # sampling must not shift the training RNG streams
+                return [image for p in self.prompts for image in self._render_one(p)]
+        finally:
+            network.train(was_training)
+
+    def _render_one(self, p: SamplePrompt) -> list:
+        from lora_trainer.models.sampling import SampleSettings, sample_images
+
+        settings = SampleSettings(
+            width=p.width or self.size[0], height=p.height or self.size[1], steps=p.steps, guidance_scale=p.scale,
+            negative_prompt=p.negative, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
+        )
+        return sample_images(self.adapter, [p.prompt], seed=self.seed if p.seed is None else p.seed, settings=settings)
