@@ -335,3 +335,31 @@ def test_other_caption_extension(tmp_path):
     editor.save()
     assert (root / "2_a" / "1.caption").read_bytes() == b"a, b, c"
     assert (root / "2_a" / "1.txt").read_bytes() == b"ignored"
+
+
+def test_reload_reports_new_and_missing_images(editor, root):
+    (root / "3_dog/09.png").write_bytes(b"")
+    (root / "misc/08.png").unlink()
+    result = editor.reload()
+    assert result.new_images == ["3_dog/09.png"]
+    assert result.missing_images == [idx(editor, "misc/08.png")]
+
+
+def test_plain_str_is_one_caption_not_characters(editor, root):
+    assert editor.filter("rain, umbrella") == editor.filter(["rain", "umbrella"])
+    editor.add_tags("mytag", scope="all")
+    assert "mytag" in editor.tags("3_dog/06.jpeg") and "m" not in editor.tags("3_dog/06.jpeg")
+    assert editor.index_of(root / "3_dog" / ".." / "3_dog" / "06.jpeg") == idx(editor, "3_dog/06.jpeg")
+    assert editor.plain_folders == ["misc"]
+
+
+def test_images_sharing_a_caption_and_root_concept_folder(tmp_path):
+    root = tmp_path / "4_solo"
+    root.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        (root / name).write_bytes(b"")
+    (root / "a.txt").write_bytes(b"x")
+    editor = TagEditor.load(root)
+    assert [e.rel_path for e in editor.images] == ["a.jpg", "b.png"]
+    assert any("a.png" in p and "shares its caption a.txt" in p for p in editor.problems)
+    assert {k: (f.concept, f.repeats) for k, f in editor.folders.items()} == {".": ("solo", 4)}

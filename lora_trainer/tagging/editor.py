@@ -24,14 +24,7 @@ from lora_trainer.data.caption_files import join_lines
 from lora_trainer.tagging import tag_ops
 from lora_trainer.tagging.analysis import CaptionRecord, TagCount, sorted_counts
 from lora_trainer.tagging.editor_history import Edit, EditResult, History
-from lora_trainer.tagging.editor_io import (
-    FolderInfo,
-    ImageEntry,
-    caption_path_for,
-    check_extension,
-    read_caption_exact,
-    scan_folder,
-)
+from lora_trainer.tagging.editor_io import FolderInfo, ImageEntry, check_extension, load_dataset, scan_folder
 from lora_trainer.tagging.editor_store import (
     Conflict,
     DiskState,
@@ -92,24 +85,9 @@ class TagEditor:
         """
         ext = check_extension(caption_extension)
         root = Path(dataset_dir)
-        scan = scan_folder(root)
-        folders, problems = scan.folders, list(scan.problems)
-        entries, loaded, seen = [], [], {}
-        for image, rel, folder in scan.images:
-            cap = caption_path_for(image, ext)
-            if cap in seen:
-                problems.append(f"{image}: shares its caption {cap.name} with {seen[cap]}; skipped. Rename one of them.")
-                continue
-            seen[cap] = image.name
-            got = read_caption_exact(cap)
-            info = folders[folder]
-            entries.append(ImageEntry(len(entries), image, cap, rel, folder, info.concept, info.repeats,
-                                      got.data is None and got.problem is None, got.problem))
-            loaded.append(got)
-            if got.problem:
-                problems.append(got.problem)
-        logger.info("loaded %d images from %s (%d folders)", len(entries), root, len(folders))
-        return cls(root, ext, entries, DiskState.from_loaded(loaded), folders, problems)
+        data = load_dataset(root, ext)
+        logger.info("loaded %d images from %s (%d folders)", len(data.entries), root, len(data.folders))
+        return cls(root, ext, data.entries, DiskState.from_loaded(data.captions), data.folders, data.problems)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -123,6 +101,12 @@ class TagEditor:
         key = os.fspath(image)
         if key in self._by_path:
             return self._by_path[key]
+        try:
+            rel = Path(key).resolve().relative_to(self.root.resolve()).as_posix()
+        except (ValueError, OSError):
+            rel = None
+        if rel in self._by_path:
+            return self._by_path[rel]
         raise KeyError(f"{key}: not an image of {self.root}. Give its index or its path as loaded.")
 
     def caption(self, image: int | str | os.PathLike) -> str:
@@ -140,6 +124,11 @@ class TagEditor:
     def dirty(self) -> list[int]:
         """Indices of images whose caption differs from what is on disk (as last loaded or saved)."""
         return [i for i, (now, disk) in enumerate(zip(self._text, self._disk.text)) if now != disk]
+
+    @property
+    def plain_folders(self) -> list[str]:
+        """Folders without the ``N_`` repeat prefix (kohya does not train their images)."""
+        return [f.rel_path for f in self.folders.values() if not f.is_concept]
 
     def records(self) -> list[CaptionRecord]:
         """The current captions for `analysis` functions."""
@@ -180,7 +169,7 @@ class TagEditor:
         """
         if mode not in ("all", "any"):
             raise ValueError(f"mode: {mode!r} is not a filter mode. Use 'all' (AND) or 'any' (OR).")
-        inc, exc = tag_ops.parse_tags(",".join(include)), set(tag_ops.parse_tags(",".join(exclude)))
+        inc, exc = tag_ops.as_tag_list(include), set(tag_ops.as_tag_list(exclude))
         needle = text.casefold() if text else None
         test = all if mode == "all" else any
         out = []
@@ -231,12 +220,12 @@ class TagEditor:
     # ----- batch operations -----
     def add_tags(self, tags: Iterable[str], *, scope: str, front: bool = False) -> EditResult:
         """Add tags not yet present, at the end or the front. `scope`: "selection" or "all"."""
-        new = list(tags)
+        new = tag_ops.as_tag_list(tags)
         return self._batch("add_tags", scope, lambda t: tag_ops.add_tags(t, new, front))
 
     def remove_tags(self, tags: Iterable[str], *, scope: str) -> EditResult:
         """Remove tags (exact match). `scope`: "selection" or "all"."""
-        gone = list(tags)
+        gone = tag_ops.as_tag_list(tags)
         return self._batch("remove_tags", scope, lambda t: tag_ops.remove_tags(t, gone))
 
     def replace(self, old: str, new: str, *, scope: str, regex: bool = False) -> EditResult:
@@ -255,7 +244,7 @@ class TagEditor:
 
     def move_to_front(self, tags: Iterable[str], *, scope: str) -> EditResult:
         """Move present tags to the front in the given order. `scope`: "selection" or "all"."""
-        front = list(tags)
+        front = tag_ops.as_tag_list(tags)
         return self._batch("move_to_front", scope, lambda t: tag_ops.move_to_front(t, front))
 
     def dedupe(self, *, scope: str) -> EditResult:
@@ -409,9 +398,13 @@ class TagEditor:
             prefer_disk (bool, optional): resolve conflicts by taking the disk caption. Defaults to False.
 
         Returns:
-            ReloadResult: images updated from disk and conflicts.
+            ReloadResult: images updated from disk, conflicts, and images added or removed on disk since load
+            (reported only: `load` again to edit new images).
         """
         result = reload_captions(self.images, self._disk, self._text, prefer_disk)
+        on_disk = {rel for _, rel, _ in scan_folder(self.root).images}
+        result.new_images = sorted(on_disk - {e.rel_path for e in self.images})
+        result.missing_images = [e.index for e in self.images if e.rel_path not in on_disk]
         if result.taken:
             idx = tuple(i for i, _ in result.taken)
             texts = tuple(t for _, t in result.taken)

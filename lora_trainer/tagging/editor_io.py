@@ -86,6 +86,16 @@ class ScanResult:
     problems: list[str]
 
 
+@dataclass(frozen=True)
+class LoadedDataset:
+    """Images with their captions as read, folders and problems (see `load_dataset`)."""
+
+    entries: list[ImageEntry]
+    captions: list[LoadedCaption]
+    folders: dict[str, FolderInfo]
+    problems: list[str]
+
+
 def parse_folder_name(name: str) -> tuple[int, str] | None:
     """Split an ``N_concept`` folder name.
 
@@ -203,3 +213,33 @@ def check_extension(caption_extension: str) -> str:
     if ext == "." or ext.lower() in IMAGE_EXTENSIONS:
         raise DatasetError(f"caption_extension: {caption_extension!r} is not a caption extension. Use e.g. '.txt' or '.caption'.")
     return ext
+
+
+def load_dataset(root: Path, caption_extension: str) -> LoadedDataset:
+    """Scan `root` and read every image's caption with its exact bytes.
+
+    Args:
+        root (Path): the dataset folder.
+        caption_extension (str): e.g. ".txt" (checked by `check_extension`).
+
+    Returns:
+        LoadedDataset: entries and captions in the same order; images sharing one caption file keep only the
+        first (the others are reported in `problems`), as do non-UTF-8 captions.
+    """
+    scan = scan_folder(root)
+    problems = list(scan.problems)
+    entries, captions, seen = [], [], {}
+    for image, rel, folder in scan.images:
+        cap = caption_path_for(image, caption_extension)
+        if cap in seen:
+            problems.append(f"{image}: shares its caption {cap.name} with {seen[cap]}; skipped. Rename one of them.")
+            continue
+        seen[cap] = image.name
+        got = read_caption_exact(cap)
+        info = scan.folders[folder]
+        entries.append(ImageEntry(len(entries), image, cap, rel, folder, info.concept, info.repeats,
+                                  got.data is None and got.problem is None, got.problem))
+        captions.append(got)
+        if got.problem:
+            problems.append(got.problem)
+    return LoadedDataset(entries, captions, scan.folders, problems)

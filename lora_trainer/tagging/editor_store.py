@@ -94,10 +94,14 @@ class ReloadResult:
     Attributes:
         taken: (index, text) of captions taken from disk (changed there, not edited here).
         conflicts: captions changed on disk and edited here; the edit is kept.
+        new_images: images found on disk that were not loaded (relative paths; load again to edit them).
+        missing_images: indices of loaded images whose image file is gone.
     """
 
     taken: list[tuple[int, str]] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
+    new_images: list[str] = field(default_factory=list)
+    missing_images: list[int] = field(default_factory=list)
 
     @property
     def updated(self) -> list[int]:

@@ -60,8 +60,22 @@ def join_tags(tags: Iterable[str]) -> str:
     return ", ".join(tags)
 
 
+def as_tag_list(tags: str | Iterable[str]) -> list[str]:
+    """User-given tags as a normalised list.
+
+    Args:
+        tags (str | Iterable[str]): a caption-like str (``"a, b"``), or tags (each may hold several).
+
+    Returns:
+        list[str]: the tags; a str is never split into characters.
+    """
+    return _clean(tags)
+
+
 def _clean(tags: Iterable[str]) -> list[str]:
-    """Normalise user-given tags (each may itself hold several comma-separated tags)."""
+    """Normalise user-given tags (each may itself hold several comma-separated tags; a str is one caption)."""
+    if isinstance(tags, str):
+        return parse_tags(tags)
     out: list[str] = []
     for tag in tags:
         out.extend(parse_tags(tag))
