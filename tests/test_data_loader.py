@@ -189,3 +189,33 @@ def test_caption_dropout_every_n_epochs_in_batches(root):
     ds = TrainDataset(scan_dataset(root), cfg, "m")
     assert all(c for c in ds.load_batch(ds.epoch_batches(1, 0)[0], 0, 1, 0).captions)
     assert all(c == "" for c in ds.load_batch(ds.epoch_batches(2, 0)[0], 0, 2, 0).captions)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iter_batches_matches_load_batch_and_resumes_mid_epoch(root, workers):
+    cfg = Cfg(train_data_dir=str(root), flip_aug=True, shuffle_caption=True)
+    ds = TrainDataset(scan_dataset(root), cfg, "m")
+    plans = ds.epoch_batches(2, 9)
+    got = list(ds.iter_batches(2, 9, start=1, workers=workers))
+    assert [i for i, _ in got] == list(range(1, len(plans)))
+    for index, batch in got:
+        expected = ds.load_batch(plans[index], 9, 2, index)
+        assert batch.paths == expected.paths and batch.captions == expected.captions
+        assert torch.equal(batch.pixels, expected.pixels) and torch.equal(batch.size_cond, expected.size_cond)
+
+
+def test_iter_batches_encodes_in_the_calling_thread(root, encode):
+    import threading
+
+    threads = set()
+
+    def tracking(pixels):
+        threads.add(threading.get_ident())
+        return encode(pixels)
+
+    cfg = Cfg(train_data_dir=str(root))
+    cfg.max_data_loader_n_workers = 2
+    ds = TrainDataset(scan_dataset(root), cfg, "m", encode_images=tracking)
+    batches = [b for _, b in ds.iter_batches(1, 0)]
+    assert all(b.latents is not None and b.pixels is None for b in batches)
+    assert threads == {threading.get_ident()}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +78,8 @@ class TrainDataset:
         index (DatasetIndex): from scan_dataset.
         dataset_cfg (DatasetConfig): read with getattr (kohya keys): resolution and bucket keys, caption keys,
             flip_aug, random_crop, cache_latents, cache_latents_to_disk, train_batch_size, prior_loss_weight,
-            train_data_dir (the disk cache goes to `<train_data_dir>/.lora_trainer_cache`).
+            max_data_loader_n_workers (reader threads of iter_batches), train_data_dir (the disk cache goes to
+            `<train_data_dir>/.lora_trainer_cache`).
         model_id (str, optional): the model's identity, part of latent-cache keys, defaults to "".
         encode_images (Callable, optional): `[B,3,H,W]` in [-1, 1] -> latents (adapter.encode_images); without it
             batches carry pixels, defaults to None.
@@ -98,6 +101,7 @@ class TrainDataset:
         prior = getattr(cfg, "prior_loss_weight", None)
         self.prior_loss_weight = 1.0 if prior is None else float(prior)
         self.encode_images = encode_images
+        self.workers = max(0, int(getattr(cfg, "max_data_loader_n_workers", 0) or 0))
         self.model_id = str(model_id)
         to_disk = bool(getattr(cfg, "cache_latents_to_disk", False))
         self.cache: LatentCache | None = None
@@ -185,22 +189,46 @@ class TrainDataset:
             rows.append([item.height, item.width, top, left, placement.bucket[1], placement.bucket[0]])
         return torch.tensor(rows, dtype=torch.float32)
 
-    def _latents(self, requests: list[LatentRequest]) -> torch.Tensor:
-        if self.cache is None:
+    def _requests(self, plan: BatchPlan) -> list[LatentRequest]:
+        return [self._request(i, c, f) for i, c, f in zip(plan.items, plan.crops, plan.flips)]
+
+    def _read(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
+        """The CPU part of load_batch (safe in a worker thread): captions, cached latents or pixels; never encodes."""
+        rng = _rng(seed, epoch, index, "captions")
+        captions = [process_caption(self.items[i].caption, self.caption_options, rng, epoch=epoch) for i in plan.items]
+        requests = self._requests(plan)
+        latents = pixels = None
+        if self.cache is not None:
+            found = [self.cache.get(r) for r in requests]
+            if all(latent is not None for latent in found):
+                latents = torch.stack(found)
+        else:
             pixels = torch.stack([request_pixels(r) for r in requests])
-            with torch.no_grad():
-                return self.encode_images(pixels)
-        found = [self.cache.get(r) for r in requests]
-        missing = [r for r, latent in zip(requests, found) if latent is None]
-        if missing:
-            if self.encode_images is None:
+        weights = [self.prior_loss_weight if self.items[i].is_reg else 1.0 for i in plan.items]
+        return Batch(
+            latents, pixels, captions, self._size_cond(plan), torch.tensor(weights, dtype=torch.float32),
+            [self.items[i].path for i in plan.items], list(plan.flips),
+        )
+
+    def _encode(self, plan: BatchPlan, batch: Batch) -> Batch:
+        """The model part of load_batch (caller's thread): encode pixels, or fill cache misses."""
+        if batch.latents is not None:
+            return batch
+        if self.cache is not None:
+            requests = self._requests(plan)
+            missing = [r for r in requests if self.cache.get(r) is None]
+            if missing and self.encode_images is None:
                 raise ConfigError(
                     f"cache_latents: {missing[0].path} has no cached latent and no image encoder was given. "
                     "Call cache_latents() with the model's encode_images before training."
                 )
             self.cache.cache_all(missing, self.encode_images, batch_size=len(missing))
-            found = [latent if latent is not None else self.cache.get(r) for r, latent in zip(requests, found)]
-        return torch.stack(found)
+            batch.latents = torch.stack([self.cache.get(r) for r in requests])
+        elif self.encode_images is not None:
+            with torch.no_grad():
+                batch.latents = self.encode_images(batch.pixels)
+            batch.pixels = None
+        return batch
 
     def load_batch(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
         """Load one planned batch.
@@ -212,21 +240,44 @@ class TrainDataset:
             index (int): the batch's position in the epoch (seeds its caption randomness).
 
         Returns:
-            Batch: latents (cached, or encoded now) or pixels, processed captions, size conditioning, loss weights.
+            Batch: latents (cached, or encoded now) or pixels (no encoder), processed captions, size conditioning,
+            loss weights.
         """
-        rng = _rng(seed, epoch, index, "captions")
-        captions = [process_caption(self.items[i].caption, self.caption_options, rng, epoch=epoch) for i in plan.items]
-        requests = [self._request(i, c, f) for i, c, f in zip(plan.items, plan.crops, plan.flips)]
-        latents = pixels = None
-        if self.encode_images is not None or self.cache is not None:
-            latents = self._latents(requests)
-        else:
-            pixels = torch.stack([request_pixels(r) for r in requests])
-        weights = [self.prior_loss_weight if self.items[i].is_reg else 1.0 for i in plan.items]
-        return Batch(
-            latents, pixels, captions, self._size_cond(plan), torch.tensor(weights, dtype=torch.float32),
-            [self.items[i].path for i in plan.items], list(plan.flips),
-        )
+        return self._encode(plan, self._read(plan, seed, epoch, index))
+
+    def iter_batches(self, epoch: int, seed: int, start: int = 0, workers: int | None = None):
+        """Yield `(index, Batch)` for one epoch from batch `start` on, reading ahead in worker threads.
+
+        Images are read, resized and cropped (or cached latents fetched) in `workers` threads; encoding stays in
+        the calling thread. The batches are exactly those of load_batch, in epoch_batches order.
+
+        Args:
+            epoch (int): epoch number (from 1).
+            seed (int): the run's seed.
+            start (int, optional): first batch index (resume mid-epoch), defaults to 0.
+            workers (int, optional): reader threads; 0 reads in the calling thread, defaults to the config's
+                max_data_loader_n_workers.
+
+        Yields:
+            tuple[int, Batch]: the batch index in the epoch and the batch.
+        """
+        plans = self.epoch_batches(epoch, seed)
+        workers = self.workers if workers is None else max(0, int(workers))
+        if workers == 0:
+            for index in range(start, len(plans)):
+                yield index, self.load_batch(plans[index], seed, epoch, index)
+            return
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-data")
+        try:
+            pending: deque = deque()
+            next_index = start
+            for index in range(start, len(plans)):
+                while next_index < len(plans) and len(pending) < 2 * workers:
+                    pending.append(pool.submit(self._read, plans[next_index], seed, epoch, next_index))
+                    next_index += 1
+                yield index, self._encode(plans[index], pending.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # --- caches and metadata --------------------------------------------------------------------------------------
 
