@@ -219,3 +219,15 @@ def test_iter_batches_encodes_in_the_calling_thread(root, encode):
     batches = [b for _, b in ds.iter_batches(1, 0)]
     assert all(b.latents is not None and b.pixels is None for b in batches)
     assert threads == {threading.get_ident()}
+
+
+def test_real_dataset_config(root):
+    from lora_trainer.config.schema import DatasetConfig
+
+    cfg = DatasetConfig(train_data_dir=str(root), resolution=(64, 64), enable_bucket=True, min_bucket_reso=32,
+                        max_bucket_reso=128, bucket_reso_steps=32, shuffle_caption=True, keep_tokens=1,
+                        train_batch_size=3, prior_loss_weight=0.5)
+    ds = TrainDataset(scan_dataset(cfg), cfg, "m")
+    assert ds.caption_options.shuffle_caption and ds.caption_options.keep_tokens == 1
+    assert ds.bucket_settings.bucket_reso_steps == 32 and ds.batch_size == 3 and ds.prior_loss_weight == 0.5
+    assert len(ds) == 11 and ds.fixed_captions() is None
