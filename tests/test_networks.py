@@ -313,3 +313,20 @@ def test_key_helpers():
     assert fused_attention_part("lora_te2_x_mlp_fc1") is None
     with pytest.raises(ValueError, match="te3"):
         kohya_name("te3", "a.b")
+
+
+def test_file_without_alpha_means_scale_one():
+    layer, x = _layer("linear")
+    network = LoRANetwork.create(_targets("linear", layer), _cfg("lora", network_alpha=1.0))
+    _randomize(network)
+    sd = {k: v for k, v in network.state_dict_kohya(torch.float32).items() if not k.endswith(".alpha")}
+    network.load_kohya(sd)
+    (module,) = network.loras.values()
+    assert module.scale == 1.0 and float(module.alpha) == 4.0
+
+
+@pytest.mark.parametrize("key,value", [("rank_dropout", 1.0), ("network_dropout", -0.1), ("network_dim", 0)])
+def test_bad_settings_name_the_key(key, value):
+    layer, _ = _layer("linear")
+    with pytest.raises(NetworkError, match=key):
+        LoRANetwork.create(_targets("linear", layer), _cfg("lora", **{key: value}))

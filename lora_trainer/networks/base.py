@@ -172,7 +172,7 @@ class NetworkModule(nn.Module):
                 )
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Check, then copy tensors keyed by kohya suffix into this module; `alpha` also updates `scale`.
+        """Check, then copy tensors keyed by kohya suffix into this module; `alpha` (dim when absent) sets `scale`.
 
         Args:
             tensors (dict[str, torch.Tensor]): suffix -> tensor.
@@ -182,6 +182,8 @@ class NetworkModule(nn.Module):
         """
         self.check_tensors(tensors)
         own = self.state_dict()
+        if "alpha" not in tensors:  # old files: no alpha means alpha = dim (scale 1), as kohya and the WebUI read it
+            tensors = {**tensors, "alpha": torch.tensor(float(self.dim))}
         with torch.no_grad():
             for suffix, value in tensors.items():
                 if suffix == "alpha":

@@ -160,7 +160,16 @@ class NetworkSettings:
             lr_weights=block_lr_weights(cfg),
         )
         settings._read_blocks(cfg)
+        settings._check_ranges()
         return settings
+
+    def _check_ranges(self) -> None:
+        if self.network_dim <= 0:
+            raise NetworkError(f"network_dim: {self.network_dim} is not positive. Use 1 or more (e.g. 16 or 32).")
+        for key, upper in (("network_dropout", 1.0), ("rank_dropout", 1.0), ("module_dropout", 1.0 + 1e-9)):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < upper:
+                raise NetworkError(f"{key}: {value} is outside [0, 1). Use a probability such as 0.1, or leave it unset.")
 
     def _read_blocks(self, cfg) -> None:
         self.block_dims = _numbers("block_dims", read_setting(cfg, "block_dims"), int, NUM_BLOCKS)
