@@ -20,6 +20,13 @@ def sd1(tiny_sd1):
 
 
 @pytest.fixture(scope="module")
+def sd2(tiny_sd2):
+    from lora_trainer.models.loading import load_checkpoint_adapter
+
+    return load_checkpoint_adapter(tiny_sd2.checkpoint, v_parameterization=True, config_dir=tiny_sd2.config_dir)
+
+
+@pytest.fixture(scope="module")
 def ldm_sd1(tiny_sd1):
     from lora_trainer.models.ldm_adapter import LdmAdapter
     from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
@@ -196,3 +203,89 @@ def test_encode_clip_rejects_bad_clip_skip(sd1):
     ids = tokenize_chunks(sd1.tokenizers[0], ["x"], 75)
     with pytest.raises(ValueError, match="clip_skip"):
         encode_clip(sd1.text_encoders()[0], ids, clip_skip=0)
+
+
+class ResidualAttentionBlock(torch.nn.Module):
+    """OpenCLIP's text resblock (open_clip itself needs torchvision, absent here): same names and math."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_2 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.add_module("c_fc", torch.nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", torch.nn.GELU())
+        self.mlp.add_module("c_proj", torch.nn.Linear(4 * width, width))
+
+    def forward(self, x, attn_mask=None):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def open_clip_tower(state: dict, prefix: str = "cond_stage_model.model.") -> torch.nn.Module:
+    """An OpenCLIP text tower shaped like the checkpoint's, holding its weights."""
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    width = own["ln_final.weight"].shape[0]
+    layers = 1 + max(int(k.split(".")[2]) for k in own if k.startswith("transformer.resblocks."))
+    tower = torch.nn.Module()
+    tower.token_embedding = torch.nn.Embedding(*own["token_embedding.weight"].shape)
+    tower.positional_embedding = torch.nn.Parameter(torch.empty(77, width))
+    tower.transformer = torch.nn.Module()
+    tower.transformer.resblocks = torch.nn.ModuleList(ResidualAttentionBlock(width, 4) for _ in range(layers))
+    tower.ln_final = torch.nn.LayerNorm(width)
+    tower.text_projection = torch.nn.Parameter(torch.empty(width, width))
+    tower.logit_scale = torch.nn.Parameter(torch.empty(()))
+    tower.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu(1), persistent=False)
+    if own:
+        tower.load_state_dict(own, strict=True)
+    return tower.eval()
+
+
+def test_sd2_v_adapter_and_open_clip_encoding_agree(sd2, tiny_sd2):
+    from safetensors.torch import load_file
+
+    from lora_trainer.models.naming import te_targets
+    from lora_trainer.models.text_encoding import encode_open_clip
+
+    assert (sd2.architecture, sd2.prediction_type) == ("sd2-v", "v_prediction")
+    assert sd2.tokenizers[0].pad_token == "!"
+    targets = sd2.lora_targets()
+    assert (len(targets["unet"]), len(targets["te"])) == (192, 23 * 6)  # diffusers/kohya drop the unused layer
+    tower = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
+    assert set(te_targets(tower, "lora_te_", max_layers=23)) == set(targets["te"])
+    with torch.no_grad():
+        ids = tokenize_chunks(sd2.tokenizers[0], CAPTIONS, 150)
+        expected = sd2.encode_captions(CAPTIONS, max_token_length=150).crossattn
+        assert torch.allclose(encode_open_clip(tower, ids, layer_idx=1), expected, atol=1e-5)
+        skip2 = sd2.encode_captions(CAPTIONS, clip_skip=2, max_token_length=150).crossattn
+        assert torch.allclose(encode_open_clip(tower, ids, layer_idx=2), skip2, atol=1e-5)
+
+
+def test_ldm_sd2_v_agrees_with_diffusers(sd2, tiny_sd2):
+    from safetensors.torch import load_file
+
+    from lora_trainer.models.ldm_adapter import LdmAdapter
+    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+
+    if not install_ldm_shims():
+        pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
+    embedder = torch.nn.Module()  # ldm FrozenOpenCLIPEmbedder's layout: .model (the tower), .layer_idx
+    embedder.model = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
+    embedder.layer_idx = 1
+    latent_diffusion = build_ldm_model(tiny_sd2.yaml, tiny_sd2.checkpoint, cond_stage=embedder)
+    latent_diffusion.parameterization = "v"  # the 768-v yaml says so; the tiny yaml is the 512 base one
+    ldm = LdmAdapter(latent_diffusion, tokenizer=sd2.tokenizers[0])
+    assert (ldm.architecture, ldm.prediction_type) == ("sd2-v", "v_prediction")
+    for conv in (False, True):
+        a, b = sd2.lora_targets(conv), ldm.lora_targets(conv)
+        assert {k: set(v) for k, v in a.items()} == {k: set(v) for k, v in b.items()}
+    assert ldm.lora_targets()["te"]["lora_te_text_model_encoder_layers_0_self_attn_v_proj"] is \
+        embedder.model.transformer.resblocks[0].attn
+    with torch.no_grad():
+        cond = sd2.encode_captions(CAPTIONS, clip_skip=2)
+        assert torch.allclose(ldm.encode_captions(CAPTIONS, clip_skip=2).crossattn, cond.crossattn, atol=1e-5)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        t = torch.tensor([50, 950])
+        assert torch.allclose(ldm.predict(x, t, cond), sd2.predict(x, t, cond), atol=1e-4, rtol=1e-4)

@@ -117,7 +117,7 @@ def install_ldm_shims() -> bool:
     return True
 
 
-def build_ldm_model(yaml_path, checkpoint_path):
+def build_ldm_model(yaml_path, checkpoint_path, cond_stage=None):
     """Instantiate an ldm `LatentDiffusion` from its yaml and load an original single-file checkpoint strictly.
 
     The noise-schedule buffers may be absent from the file (ldm computes them from the yaml). With transformers
@@ -127,6 +127,9 @@ def build_ldm_model(yaml_path, checkpoint_path):
     Args:
         yaml_path (str | Path): the ldm config (`model.target` = LatentDiffusion).
         checkpoint_path (str | Path): `.safetensors` (or a torch file readable with weights_only=True).
+        cond_stage (nn.Module, optional): used as `cond_stage_model` instead of the yaml's (e.g. an OpenCLIP text
+            tower where `open_clip` cannot be imported); the checkpoint's `cond_stage_model.` weights are loaded
+            into it, defaults to None.
 
     Returns:
         nn.Module: the model in eval mode.
@@ -141,7 +144,12 @@ def build_ldm_model(yaml_path, checkpoint_path):
         raise RuntimeError("ldm is not importable: install stable-diffusion-sdkit (Stability's ldm package).")
     from ldm.util import instantiate_from_config
 
-    model = instantiate_from_config(OmegaConf.load(str(yaml_path)).model)
+    config = OmegaConf.load(str(yaml_path)).model
+    if cond_stage is not None:
+        config.params.cond_stage_config = {"target": "torch.nn.Identity"}
+    model = instantiate_from_config(config)
+    if cond_stage is not None:
+        model.cond_stage_model = cond_stage
     if str(checkpoint_path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
