@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models.checkpoint import checkpoint_hash, detect_architecture, read_state_dict
 from lora_trainer.models.configs import config_dir, write_config_dir
-from lora_trainer.models.convert import OPEN_CLIP_LAYERS, pipeline_to_original
 from lora_trainer.models.tokenizer import BPE_FILE_NAME, find_bpe_file, write_clip_tokenizer
+from lora_trainer.testing import full_size_original_state_dict
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
@@ -179,33 +179,9 @@ def test_checkpoint_hash_matches_webui_definition(tmp_path):
 # --- full-size configs and converters (meta device: no memory, real shapes) ----------------------------------------
 
 
-def _full_original_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    folder = config_dir(arch)
-
-    def te(sub, cls, **override):
-        cfg = json.loads((folder / sub / "config.json").read_text())
-        return cls(CLIPTextConfig(**{**cfg, **override})).state_dict()
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-        if arch == "sd1":
-            tes = [te("text_encoder", CLIPTextModel)]
-        elif arch == "sd2":
-            # The original file keeps OpenCLIP-H's 24th layer and its 1024x1024 projection (diffusers drops both).
-            full = {"num_hidden_layers": OPEN_CLIP_LAYERS["sd2"], "projection_dim": 1024}
-            tes = [te("text_encoder", CLIPTextModelWithProjection, **full)]
-        else:
-            tes = [te("text_encoder", CLIPTextModel), te("text_encoder_2", CLIPTextModelWithProjection)]
-        return pipeline_to_original(unet.state_dict(), vae.state_dict(), tes, arch)
-
-
 @pytest.fixture(scope="module")
 def full_size():
-    return {arch: _full_original_state_dict(arch) for arch in ("sd1", "sd2", "sdxl")}
+    return {arch: full_size_original_state_dict(arch) for arch in ("sd1", "sd2", "sdxl")}
 
 
 # Keys and shapes of the released files (v1-5-pruned, v2-1_768, sd_xl_base_1.0), incl. diffusers' signature keys.

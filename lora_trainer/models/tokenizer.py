@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from lora_trainer.errors import ModelLoadError
@@ -140,17 +141,17 @@ def write_clip_tokenizer(out_dir: str | Path, pad_token: str = PAD_CLIP_L, sourc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder, bpe_file = _resolve_source(source)
+    if pad_token not in (PAD_CLIP_L, PAD_OPEN_CLIP):
+        raise ValueError(f"pad_token={pad_token!r}: not a CLIP pad token. Use '<|endoftext|>' or '!'.")
     if folder is not None:
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        merges_text = (folder / "merges.txt").read_text(encoding="utf-8")
+        if folder.resolve() != out.resolve():
+            shutil.copyfile(folder / "vocab.json", out / "vocab.json")
+            shutil.copyfile(folder / "merges.txt", out / "merges.txt")
     else:
         merges = read_merges(bpe_file)
-        vocab = build_vocab(merges)
+        _write_json(out / "vocab.json", build_vocab(merges))
         merges_text = "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    if pad_token not in vocab:
-        raise ValueError(f"pad_token={pad_token!r}: not in the CLIP vocabulary. Use '<|endoftext|>' or '!'.")
-    _write_json(out / "vocab.json", vocab)
-    (out / "merges.txt").write_text(merges_text, encoding="utf-8")
+        (out / "merges.txt").write_text(merges_text, encoding="utf-8")
     special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
     _write_json(out / "special_tokens_map.json", special)
     config = {

@@ -1,4 +1,9 @@
 """Test helpers that build real things: tiny real-architecture checkpoints (SD1, SD2, SDXL) with random weights."""
-from lora_trainer.testing.tiny_models import TINY_ARCHITECTURES, TinyModel, build_tiny_model
+from lora_trainer.testing.tiny_models import (
+    TINY_ARCHITECTURES,
+    TinyModel,
+    build_tiny_model,
+    full_size_original_state_dict,
+)
 
-__all__ = ["TINY_ARCHITECTURES", "TinyModel", "build_tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "TinyModel", "build_tiny_model", "full_size_original_state_dict"]

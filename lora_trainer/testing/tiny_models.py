@@ -23,7 +23,7 @@ from lora_trainer.testing.tiny_yaml import tiny_yaml
 logger = logging.getLogger(__name__)
 
 TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl")
-FORMAT_VERSION = 2  # bump when the tiny layout changes, so cached builds are rebuilt
+FORMAT_VERSION = 3  # bump when the tiny layout changes, so cached builds are rebuilt
 # Widths: channel changes at the same levels as the real models (so the same shortcut convs exist).
 UNET_CHANNELS = {"sd1": [32, 64, 96, 96], "sd2": [32, 64, 96, 96], "sdxl": [32, 64, 96]}
 VAE_CHANNELS = [32, 64, 96, 96]
@@ -102,17 +102,16 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Deterministic random weights with non-trivial norms, biases and output layers (nothing zero or identity)."""
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if param.ndim == 1 and "norm" in name and name.endswith("weight"):
-                value = 1.0 + 0.2 * noise
+                param.normal_(1.0, 0.2, generator=generator)
             elif param.ndim == 1:
-                value = 0.05 * noise
-            elif name.endswith(("token_embedding.weight", "position_embedding.weight")):
-                value = 0.5 * noise if "position" in name else noise
+                param.normal_(0.0, 0.05, generator=generator)
+            elif name.endswith("token_embedding.weight"):
+                param.normal_(0.0, 1.0, generator=generator)
+            elif name.endswith("position_embedding.weight"):
+                param.normal_(0.0, 0.5, generator=generator)
             else:
-                fan_in = param[0].numel()
-                value = noise / fan_in**0.5
-            param.copy_(value.to(param.dtype))
+                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
 
 
 def _build_components(arch: str, configs: dict[str, dict], seed: int) -> dict[str, torch.nn.Module]:
@@ -154,14 +153,23 @@ def _write_config_dir(arch: str, configs: dict[str, dict], out: Path, tokenizer_
 
 
 def _write_text_encoder_dir(arch: str, model: torch.nn.Module, configs: dict, out: Path, tok: Path) -> None:
-    """transformers-format text encoder (as diffusers loads it: SD2 keeps 23 layers) + its tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """transformers-format text encoder (as diffusers loads it: SD2 keeps 23 layers) + its tokenizer.
 
-    te_cfg = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
-    te = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
-    te.load_state_dict({k: state[k] for k in te.state_dict()})
-    te.save_pretrained(out, safe_serialization=True)
+    Written in the classic `text_model.` layout, which old (the WebUI's) and new transformers versions both load.
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(configs["text_encoder"], architectures=["CLIPTextModel"], model_type="clip_text_model")
+    layers = cfg["num_hidden_layers"]
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.removeprefix("text_model.")
+        if key == "text_projection.weight" or (key.startswith("encoder.layers.") and int(key.split(".")[2]) >= layers):
+            continue
+        state["text_model." + key] = value.contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         shutil.copyfile(tok / name, out / name)
 
@@ -229,4 +237,38 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> TinyModel
     return paths
 
 
-__all__ = ["TINY_ARCHITECTURES", "TinyModel", "build_tiny_model"]
+def full_size_original_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """The original-format state dict of a full-size model on the `meta` device (real keys and shapes, no memory).
+
+    Built from the shipped diffusers configs and converted with `pipeline_to_original`; SD2's text encoder gets the
+    24 layers and 1024x1024 projection of the released files.
+
+    Args:
+        arch (str): "sd1", "sd2", "sd2-v" or "sdxl".
+
+    Returns:
+        dict[str, torch.Tensor]: meta tensors by original key.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = full_config_dir(arch)
+
+    def text_encoder(sub: str, cls, **override) -> dict:
+        cfg = {k: v for k, v in _load_json(folder / sub / "config.json").items() if k != "architectures"}
+        return cls(CLIPTextConfig(**{**cfg, **override})).state_dict()
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_load_json(folder / "unet" / "config.json")).state_dict()
+        vae = AutoencoderKL.from_config(_load_json(folder / "vae" / "config.json")).state_dict()
+        if arch == "sd1":
+            tes = [text_encoder("text_encoder", CLIPTextModel)]
+        elif arch.startswith("sd2"):
+            full = {"num_hidden_layers": OPEN_CLIP_LAYERS["sd2"], "projection_dim": 1024}
+            tes = [text_encoder("text_encoder", CLIPTextModelWithProjection, **full)]
+        else:
+            tes = [text_encoder("text_encoder", CLIPTextModel), text_encoder("text_encoder_2", CLIPTextModelWithProjection)]
+        return pipeline_to_original(unet, vae, tes, arch)
+
+
+__all__ = ["TINY_ARCHITECTURES", "TinyModel", "build_tiny_model", "full_size_original_state_dict"]
