@@ -24,18 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_trainer.data.images import load_image  # noqa: E402
 from lora_trainer.tagging.tag_format import TagOptions  # noqa: E402
 from lora_trainer.tagging.tagger import TaggerModel, prepare_image, tag_folder  # noqa: E402
+from lora_trainer.tagging.tagger_input import load_for_tagging  # noqa: E402
 from lora_trainer.testing.tiny_tagger import build_convnet_tagger  # noqa: E402
 
-# (width, height, format, mode): a mix of what a LoRA dataset holds.
-SHAPES = [(1024, 1536, "JPEG", "RGB"), (1536, 1024, "JPEG", "RGB"), (1024, 1024, "PNG", "RGB"),
-          (768, 1152, "PNG", "RGBA")]
+# (width, height, format, mode): image mixes of what LoRA datasets hold.
+MIXES = {
+    "dataset": [(1024, 1536, "JPEG", "RGB"), (1536, 1024, "JPEG", "RGB"), (1024, 1024, "PNG", "RGB"),
+                (768, 1152, "PNG", "RGBA")],
+    "photos": [(2000, 3000, "JPEG", "RGB"), (3000, 2000, "JPEG", "RGB")],
+    "small": [(512, 768, "PNG", "RGB"), (768, 512, "JPEG", "RGB")],
+}
 
 
-def make_images(folder: Path, n: int) -> list[Path]:
+def make_images(folder: Path, n: int, mix: str = "dataset") -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        w, h, fmt, mode = SHAPES[i % len(SHAPES)]
+        w, h, fmt, mode = MIXES[mix][i % len(MIXES[mix])]
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         phase = rng.uniform(0, 6.28, 3)
         img = np.stack([127 + 100 * np.sin(x / (40 + 20 * k) + y / 70 + phase[k]) for k in range(3)], -1)
@@ -76,61 +81,68 @@ def plain_loop(paths: list[Path], model_file: Path, names: list[str], general: n
     return time.perf_counter() - start
 
 
+def _ms_per(items, fn) -> tuple[list, float]:
+    start = time.perf_counter()
+    out = [fn(x) for x in items]
+    return out, (time.perf_counter() - start) / len(items) * 1e3
+
+
 def breakdown(paths: list[Path], model: TaggerModel, batch: int) -> dict[str, float]:
-    """Milliseconds per image of each stage, measured alone (single thread for decode and preprocess)."""
-    sample = paths[: min(len(paths), 16)]
-    t0 = time.perf_counter()
-    images = [load_image(p) for p in sample]
-    t1 = time.perf_counter()
-    arrays = np.stack([prepare_image(im, model.input_size) for im in images])
-    t2 = time.perf_counter()
-    for i in range(len(arrays)):
-        model.predict(arrays[i:i + 1])
-    t3 = time.perf_counter()
-    reps = max(1, len(arrays) // batch)
-    for _ in range(reps):
-        model.predict(arrays[:batch])
-    t4 = time.perf_counter()
-    n = len(sample)
-    return {"decode": (t1 - t0) / n * 1e3, "preprocess": (t2 - t1) / n * 1e3, "model_b1": (t3 - t2) / n * 1e3,
-            f"model_b{batch}": (t4 - t3) / (reps * batch) * 1e3}
+    """Milliseconds per image of each stage, measured alone (one thread for decoding and preprocessing)."""
+    size, sample = model.input_size, paths[: min(len(paths), 16)]
+    images, decode = _ms_per(sample, load_image)
+    arrays, preprocess = _ms_per(images, lambda im: prepare_image(im, size))
+    _, drafted = _ms_per(sample, lambda p: prepare_image(load_for_tagging(p, size), size))
+    arrays = np.stack(arrays)
+    _, b1 = _ms_per(range(len(arrays)), lambda i: model.predict(arrays[i:i + 1]))
+    _, bn = _ms_per(range(max(1, len(arrays) // batch)), lambda _: model.predict(arrays[:batch]))
+    return {"decode": decode, "preprocess": preprocess, "decode+preprocess with --fast-jpeg": drafted,
+            "model batch 1": b1, f"model batch {batch}": bn / batch}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="dataset", help="image sizes/formats")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="decode threads (default: tagger's default)")
     parser.add_argument("--width", type=int, default=32, help="convnet width: 32 = tens of ms per image on CPU")
     parser.add_argument("--tags", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate both runs this many times (median)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folder = build_convnet_tagger(tmp / "convnet-tagger", width=args.width, num_tags=args.tags)
-        paths = make_images(tmp, args.images)
+        paths = make_images(tmp, args.images, args.mix)
         model = TaggerModel(folder)
         model.predict(np.zeros((args.batch_size, model.input_size, model.input_size, 3), np.float32))  # warm-up
-        print(f"{len(paths)} images {sorted({f'{w}x{h} {f}' for w, h, f, _ in SHAPES})}, model input "
-              f"{model.input_size}px, {len(model.labels.names)} tags, {os.cpu_count()} CPUs, {model.provider}")
-        plain_s = plain_loop(paths, folder / "model.onnx", list(model.labels.names), model.labels.general)
-        summary = tag_folder(paths, model, TagOptions(existing="overwrite", general_threshold=0.35,
-                                                       include_characters=False),
-                             batch_size=args.batch_size, workers=args.workers)
-        assert summary.tagged == len(paths), summary.failed
-        same = sum(set(p.with_suffix(".txt").read_text().split(", "))
-                   == set(p.with_suffix(".plain.txt").read_text().split(", ")) for p in paths)
+        shapes = sorted({f"{w}x{h} {f}" for w, h, f, _ in MIXES[args.mix]})
+        print(f"{len(paths)} images {shapes}, model input {model.input_size}px, {len(model.labels.names)} tags, "
+              f"{os.cpu_count()} CPUs, {model.provider}")
+        options = TagOptions(existing="overwrite", general_threshold=0.35, include_characters=False)
+        rates: dict[str, list[float]] = {"plain": [], "ours": [], "ours_fast_jpeg": []}
+        same = {}
+        for _ in range(args.repeats):
+            rates["plain"].append(len(paths) / plain_loop(paths, folder / "model.onnx", list(model.labels.names),
+                                                          model.labels.general))
+            for key, draft in (("ours", False), ("ours_fast_jpeg", True)):
+                summary = tag_folder(paths, model, options, batch_size=args.batch_size, workers=args.workers,
+                                     jpeg_draft=draft)
+                assert summary.tagged == len(paths), summary.failed
+                rates[key].append(len(paths) / summary.seconds)
+                same[key] = sum(set(p.with_suffix(".txt").read_text().split(", "))
+                                == set(p.with_suffix(".plain.txt").read_text().split(", ")) for p in paths)
         parts = breakdown(paths, model, args.batch_size)
-    plain_rate, ours_rate = len(paths) / plain_s, len(paths) / summary.seconds
-    print(f"plain one-by-one loop: {plain_rate:6.2f} images/s ({plain_s:.2f} s)")
-    print(f"our tagger:            {ours_rate:6.2f} images/s ({summary.seconds:.2f} s, batch {args.batch_size})")
-    print(f"ratio:                 {ours_rate / plain_rate:6.2f}x")
-    print(f"same tags as the plain loop on {same}/{len(paths)} images")
+    plain = float(np.median(rates["plain"]))
+    for key, label in (("plain", "plain one-by-one loop"), ("ours", f"our tagger (batch {args.batch_size})"),
+                       ("ours_fast_jpeg", "our tagger, --fast-jpeg")):
+        rate = float(np.median(rates[key]))
+        extra = "" if key == "plain" else f", {rate / plain:.2f}x, same tags on {same[key]}/{len(paths)} images"
+        print(f"{label:32s} {rate:6.2f} images/s (runs: {', '.join(f'{r:.2f}' for r in rates[key])}){extra}")
     print("per image, each stage alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
-    serial = parts["decode"] + parts["preprocess"] + parts["model_b1"]
-    print(f"serial sum {serial:.1f} ms/img; ours {1e3 / ours_rate:.1f} ms/img; a perfect overlap on this machine "
-          f"cannot beat the model alone at batch {args.batch_size}: {parts[f'model_b{args.batch_size}']:.1f} ms/img "
-          f"(= at most {serial / parts[f'model_b{args.batch_size}']:.2f}x), and on few cores less, because decoding "
-          "competes with the model for the same cores")
+    model_ms = parts[f"model batch {args.batch_size}"]
+    print(f"the model alone at batch {args.batch_size} allows at most {1e3 / model_ms:.2f} images/s here, i.e. "
+          f"{1e3 / model_ms / plain:.2f}x the plain loop, if decoding took no CPU at all")
     return 0
 
 

@@ -96,14 +96,17 @@ def test_large_jpegs_are_drafted_close_to_a_full_decode(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated to portrait
     image.save(path, quality=95, exif=exif)
-    drafted, full = load_for_tagging(path, 32), load_for_tagging(path, 32, draft=False)
+    drafted, full = load_for_tagging(path, 32, draft=True), load_for_tagging(path, 32)
     assert full.size == (96, 128) and drafted.size == (48, 64)  # rotated; half scale keeps >= 1.5 x 32
     diff = np.abs(prepare_image(drafted, 32) - prepare_image(full, 32))
     assert diff.mean() < 2.0 and diff.max() < 12
-    assert load_for_tagging(path, 64).size == (96, 128)  # 128 < 2 x 1.5 x 64: nothing to gain, full decode
+    assert load_for_tagging(path, 64, draft=True).size == (96, 128)  # 128 < 2 x 1.5 x 64: full decode
     (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:300])
     with pytest.raises(DatasetError, match="cut.jpg"):
-        load_for_tagging(tmp_path / "cut.jpg", 32)
+        load_for_tagging(tmp_path / "cut.jpg", 32, draft=True)
+    model = TaggerModel(build_tiny_tagger(tmp_path / "small", size=32))
+    summary = tag_folder(tmp_path, model, jpeg_draft=True)
+    assert summary.tagged == 1 and [p.name for p, _ in summary.failed] == ["cut.jpg"]
 
 
 # --- model loading -------------------------------------------------------------------------------------------------

@@ -49,8 +49,9 @@ def add_parser(sub) -> None:
     run_group.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     run_group.add_argument("--workers", type=int, help="image decoding threads (default: min(4, CPUs))")
     run_group.add_argument("--recursive", action="store_true", help="include sub-folders")
-    run_group.add_argument("--exact-decode", action="store_true",
-                           help="decode large JPEGs in full instead of at a reduced scale (slower, same tags)")
+    run_group.add_argument("--fast-jpeg", action="store_true",
+                           help="decode large JPEGs at a reduced scale (>= 1.5x the model input): several times "
+                                "faster on big photos; a tag right at the threshold may flip")
 
 
 def _split(values: list[str]) -> tuple[str, ...]:
@@ -115,7 +116,7 @@ def run(args) -> int:
         print(f"model {model.name} ({len(model.labels.names)} tags, input {model.input_size}px) on {model.provider}",
               file=sys.stderr)
         summary = tag_folder(args.dir, model, options, batch_size=args.batch_size, workers=args.workers,
-                             recursive=args.recursive, jpeg_draft=not args.exact_decode,
+                             recursive=args.recursive, jpeg_draft=args.fast_jpeg,
                              progress=_Bar())
     except (LoraTrainerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,9 +2,9 @@
 
 Preprocessing follows SmilingWolf's reference tagger: alpha composited on white, padded to a centered white
 square, resized to the model's input side with bicubic, RGB -> BGR, float32 0..255, NHWC.
-Large JPEGs may be decoded at a reduced scale (libjpeg's DCT scaling, 1/2..1/8) that keeps at least 1.5x the
-model's input side before that bicubic step: the decode and the resize then cost a fraction, and the model input
-differs from a full decode by about one grey level on average.
+On request, large JPEGs are decoded at a reduced scale (libjpeg's DCT scaling, 1/2..1/8) that keeps at least 1.5x
+the model's input side before that bicubic step: the decode and the resize then cost a fraction, and the model
+input differs from a full decode by about one grey level on average (a tag right at the threshold may flip).
 """
 from __future__ import annotations
 
@@ -54,14 +54,14 @@ def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.float32)[:, :, ::-1])
 
 
-def load_for_tagging(path: str | os.PathLike, size: int, draft: bool = True) -> Image.Image:
+def load_for_tagging(path: str | os.PathLike, size: int, draft: bool = False) -> Image.Image:
     """Load an image as RGB for a model of input side `size`.
 
     Args:
         path (str | os.PathLike): the image file.
         size (int): the model's input side.
         draft (bool, optional): decode a JPEG of at least 2 x 1.5 x `size` pixels at a reduced scale that keeps
-            >= 1.5 x `size`, defaults to True. Other files (and draft=False) go through `data.images.load_image`.
+            >= 1.5 x `size`, defaults to False. Other files (and draft=False) go through `data.images.load_image`.
 
     Returns:
         PIL.Image.Image: RGB, EXIF orientation applied, transparency on white.
@@ -122,7 +122,7 @@ def _load(path: Path, size: int, draft: bool) -> np.ndarray:
 
 
 def prepared_batches(paths: list[Path], size: int, batch: int, workers: int, cancel: CancelToken | None = None,
-                     draft: bool = True) -> Iterator[list[Prepared]]:
+                     draft: bool = False) -> Iterator[list[Prepared]]:
     """Decode and preprocess images in a thread pool, ahead of the consumer, in order.
 
     Args:
@@ -131,7 +131,7 @@ def prepared_batches(paths: list[Path], size: int, batch: int, workers: int, can
         batch (int): images per yielded chunk.
         workers (int): threads; up to 2 x batch + workers images are in flight.
         cancel (CancelToken, optional): stop (pending work is dropped) when set.
-        draft (bool, optional): see `load_for_tagging`.
+        draft (bool, optional): see `load_for_tagging`, defaults to False.
 
     Returns:
         Iterator[list[tuple[Path, np.ndarray | None, str | None]]]: chunks of (path, model input, None), or
