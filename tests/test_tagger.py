@@ -168,6 +168,11 @@ def test_missing_csv_or_wrong_output_count_is_a_clear_error(tmp_path):
         TaggerModel(tmp_path / "nowhere")
 
 
+def test_a_failing_session_run_is_a_tagger_error(tagger):
+    with pytest.raises(TaggerError, match="model.onnx: running the model on 2 image.*Lower the batch size"):
+        tagger.predict(np.zeros((2, 32, 32, 3), np.float32))
+
+
 def test_find_models_lists_ready_and_incomplete_folders(tmp_path):
     build_tiny_tagger(tmp_path / "b_ready")
     build_tiny_tagger(tmp_path / "a_broken", write_csv=False)

@@ -71,6 +71,7 @@ class TaggerModel:
 
         Raises:
             TaggerError: missing files, not an NHWC image model, or output count != number of tags.
+            ValueError: unknown `device`.
         """
         import onnxruntime as ort
 
@@ -124,9 +125,18 @@ class TaggerModel:
 
         Returns:
             np.ndarray: [N, T] probabilities, in the order of `labels.names`.
+
+        Raises:
+            TaggerError: onnxruntime failed (e.g. out of memory), or the output count != number of tags.
         """
         step = self.fixed_batch or len(batch)
-        outs = [self.session.run(None, {self.input_name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
+        try:
+            outs = [self.session.run(None, {self.input_name: batch[i:i + step]})[0]
+                    for i in range(0, len(batch), step)]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise TaggerError(f"{self.folder / MODEL_FILE}: running the model on {len(batch)} image(s) at once "
+                              f"failed on {self.provider} ({exc}). Lower the batch size (out of memory?) or run "
+                              "on the CPU.") from exc
         probs = np.concatenate(outs).astype(np.float32, copy=False)
         self._check_count(probs.shape[-1])
         return probs
@@ -191,10 +201,11 @@ def _write_one(path: Path, scores: TagScores, options: TagOptions) -> tuple[bool
     return True, None
 
 
-def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike], model: TaggerModel | str | os.PathLike,
-               options: TagOptions | None = None, *, batch_size: int = 8, workers: int | None = None,
-               recursive: bool = False, jpeg_draft: bool = False,
-               progress: Callable[[ProgressInfo], None] | None = None, cancel: CancelToken | None = None) -> TagSummary:
+def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
+               model: TaggerModel | str | os.PathLike, options: TagOptions | None = None, *, batch_size: int = 8,
+               workers: int | None = None, recursive: bool = False, jpeg_draft: bool = False,
+               progress: Callable[[ProgressInfo], None] | None = None,
+               cancel: CancelToken | None = None) -> TagSummary:
     """Tag images and write their caption files (atomically, via caption_store).
 
     Args:
@@ -212,6 +223,9 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
 
     Returns:
         TagSummary: counts, failures with reasons, provider and time. Bad images are reported, never raised.
+
+    Raises:
+        TaggerError: the model cannot be loaded or run, or the folder does not exist.
     """
     start = time.monotonic()
     options = options or TagOptions()
