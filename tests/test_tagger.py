@@ -169,7 +169,7 @@ def test_missing_csv_or_wrong_output_count_is_a_clear_error(tmp_path):
 
 
 def test_a_failing_session_run_is_a_tagger_error(tagger):
-    with pytest.raises(TaggerError, match="model.onnx: running the model on 2 image.*Lower the batch size"):
+    with pytest.raises(TaggerError, match=r"(?s)model\.onnx: running the model on 2 image.*Lower the batch size"):
         tagger.predict(np.zeros((2, 32, 32, 3), np.float32))
 
 
