@@ -240,3 +240,20 @@ def test_write_config_dir_adds_tokenizers(tmp_path):
     assert not list(config_dir("sdxl").rglob("vocab.json")), "tokenizer files must not be shipped"
     with pytest.raises(ValueError, match="sd3"):
         config_dir("sd3")
+
+
+def test_converters_refuse_foreign_keys_and_short_encoders():
+    from lora_trainer.models.convert import open_clip_diffusers_to_original, unet_diffusers_to_original
+
+    unet = {
+        "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1),
+        "up_blocks.0.resnets.0.conv1.weight": torch.zeros(1),
+        "lora_unet_x.lora_down.weight": torch.zeros(1),
+    }
+    with pytest.raises(ModelLoadError, match="lora_unet_x"):
+        unet_diffusers_to_original(unet, "sd1")
+    with pytest.raises(ValueError, match="sd3"):
+        unet_diffusers_to_original(unet, "sd3")
+    te = {"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(1)}
+    with pytest.raises(ModelLoadError, match="num_hidden_layers=24"):
+        open_clip_diffusers_to_original(te, "cond_stage_model.model.", n_layers=24)

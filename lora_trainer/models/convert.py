@@ -87,38 +87,44 @@ def _unknown(keys: list[str], what: str) -> ModelLoadError:
     )
 
 
-def _unet_layout(sd: dict) -> tuple[int, int, int]:
-    """(number of down blocks, resnets per down block, resnets per up block) read from the keys."""
-    down = {int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))}
+def _unet_layout(sd: dict) -> tuple[int, int, set[int]]:
+    """(resnets per down block, resnets per up block, up blocks with attentions) read from the keys."""
     per_down = {int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
     per_up = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.0\.resnets\.(\d+)\.", k))}
-    if not down or not per_down or not per_up:
+    if not per_down or not per_up:
         raise _unknown(list(sd)[:5], "unet")
-    return len(down), len(per_down), len(per_up)
+    up_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    return len(per_down), len(per_up), up_attn
 
 
-def _unet_block_key(key: str, layers: int, up_layers: int) -> str | None:
-    """Original name (without prefix) of one down/mid/up-block key, or None when it is not one."""
+def _block_part(kind: str, rest: str) -> str:
+    """`0.<resnet key>` (ldm ResBlock names) or `1.<attention key>` (same names in ldm's SpatialTransformer)."""
+    return f"0.{_replace_prefix(rest, _RESNET) or rest}" if kind == "resnets" else f"1.{rest}"
+
+
+def _unet_block_key(key: str, layers: int, up_layers: int, up_attn: set[int]) -> str | None:
+    """Original name (without prefix) of one down/mid/up-block key, or None when it is not one.
+
+    input_blocks: 0 = conv_in, then per down block `layers` (resnet, attention) pairs and its downsampler;
+    output_blocks: per up block `up_layers` (resnet, attention) pairs, the upsampler after the last one.
+    """
     if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        block, kind, idx, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-        n = 1 + block * (layers + 1) + idx
-        return f"input_blocks.{n}.0.{_replace_prefix(rest, _RESNET) or rest}" if kind == "resnets" else (
-            f"input_blocks.{n}.1.{rest}"
-        )
+        n = 1 + int(m.group(1)) * (layers + 1) + int(m.group(3))
+        return f"input_blocks.{n}.{_block_part(m.group(2), m.group(4))}"
     if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
         n = 1 + int(m.group(1)) * (layers + 1) + layers
         return f"input_blocks.{n}.0.op.{m.group(2)}"
     if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "attentions":
-            return f"middle_block.1.{rest}"
-        return f"middle_block.{2 * idx}.{_replace_prefix(rest, _RESNET) or rest}"
+        if m.group(1) == "attentions":
+            return f"middle_block.1.{m.group(3)}"
+        return f"middle_block.{2 * int(m.group(2))}.{_replace_prefix(m.group(3), _RESNET) or m.group(3)}"
     if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-        block, kind, idx, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-        n = block * up_layers + idx
-        return f"output_blocks.{n}.0.{_replace_prefix(rest, _RESNET) or rest}" if kind == "resnets" else (
-            f"output_blocks.{n}.1.{rest}"
-        )
+        n = int(m.group(1)) * up_layers + int(m.group(3))
+        return f"output_blocks.{n}.{_block_part(m.group(2), m.group(4))}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        block = int(m.group(1))
+        n = block * up_layers + up_layers - 1
+        return f"output_blocks.{n}.{2 if block in up_attn else 1}.conv.{m.group(2)}"
     return None
 
 
@@ -134,15 +140,10 @@ def unet_diffusers_to_original(sd: dict[str, torch.Tensor], arch: str) -> dict[s
     """
     if arch not in ("sd1", "sd2", "sd2-v", "sdxl"):
         raise ValueError(f"arch={arch!r}: unknown architecture. Use 'sd1', 'sd2', 'sd2-v' or 'sdxl'.")
-    _, layers, up_layers = _unet_layout(sd)
+    layers, up_layers, up_attn = _unet_layout(sd)
     out, unknown = {}, []
     for key, value in sd.items():
-        new = _replace_prefix(key, _UNET_TOP) or _unet_block_key(key, layers, up_layers)
-        if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
-            block = int(m.group(1))
-            n = block * up_layers + up_layers - 1
-            has_attn = any(k.startswith(f"up_blocks.{block}.attentions.") for k in sd)
-            new = f"output_blocks.{n}.{2 if has_attn else 1}.conv.{m.group(2)}"
+        new = _replace_prefix(key, _UNET_TOP) or _unet_block_key(key, layers, up_layers, up_attn)
         if new is None:
             unknown.append(key)
         else:
