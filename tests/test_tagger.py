@@ -311,3 +311,32 @@ def test_cli_tags_a_folder(models, tmp_path, capsys):
     assert "2/2" in out.err and "img/s" in out.err
     rc = main(["tag", str(tmp_path / "data"), "--tagger-dir", str(tmp_path / "models"), "--model", "missing"])
     assert rc == 2 and "tagger model folder not found" in capsys.readouterr().err
+
+
+def test_cli_flags_map_to_options_and_model_choice(tmp_path, capsys):
+    import argparse
+
+    from lora_trainer.__main__ import main
+    from lora_trainer.cli import tag as tag_cli
+
+    parser = argparse.ArgumentParser()
+    tag_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["tag", "d", "--mcut", "--trigger", "a,b", "c", "--append", "--existing", "prepend",
+                              "--exclude", "x_y", "--no-underscore-replace", "--escape", "--sort", "alpha",
+                              "--ext", "caption", "--no-characters", "--keep-duplicates"])
+    opts = tag_cli._options(args)
+    assert (opts.general_mcut, opts.character_mcut, opts.trigger_tags, opts.trigger_position) == \
+        (True, True, ("a", "b", "c"), "append")
+    assert (opts.existing, opts.exclude_tags, opts.replace_underscores, opts.escape_parentheses, opts.sort) == \
+        ("prepend", ("x_y",), False, True, "alpha")
+    assert (opts.caption_extension, opts.include_characters, opts.remove_duplicates) == (".caption", False, False)
+    assert tag_cli._options(parser.parse_args(["tag", "d", "--mcut", "character"])).general_mcut is False
+    # --download of a model that is already there uses it without going online; a lone model is picked by itself.
+    build_tiny_tagger(tmp_path / "models" / "wd-vit-tagger-v3")
+    image = _save(tmp_path / "data", "a.png", GREEN)
+    for extra in (["--download", "wd-vit-tagger-v3"], []):
+        rc = main(["tag", str(tmp_path / "data"), "--tagger-dir", str(tmp_path / "models"), "--existing",
+                   "overwrite", *extra])
+        assert rc == 0, capsys.readouterr().err
+        assert "hatsune miku" in _caption(image)
+        assert "wd-vit-tagger-v3" in capsys.readouterr().err

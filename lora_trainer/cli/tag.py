@@ -95,8 +95,8 @@ def _model_folder(args) -> Path:
 class _Bar:
     """A one-line progress bar with rate and ETA on stderr."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
 
     def __call__(self, info: ProgressInfo) -> None:
         filled = int(_BAR_WIDTH * info.done / info.total) if info.total else _BAR_WIDTH
