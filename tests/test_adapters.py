@@ -1,6 +1,9 @@
 """Model adapters on tiny real-architecture checkpoints: loading, encoding, prediction, targets, checkpointing."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -115,12 +118,17 @@ def _grad(adapter, module_name, checkpointing):
 NAME = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-def test_diffusers_checkpointing_keeps_gradients_of_injected_modules(sd1):
+def test_checkpointing_keeps_gradients_of_injected_modules(sd1, ldm_sd1):
     plain, plain_calls = _grad(sd1, NAME, False)
-    ckpt, ckpt_calls = _grad(sd1, NAME, True)
-    assert plain is not None and plain.abs() > 0
-    assert ckpt_calls == 2 * plain_calls  # recomputed in backward: checkpointing is really on
-    assert torch.allclose(ckpt, plain, rtol=1e-4, atol=1e-8)
+    assert plain is not None and plain.abs() > 0 and plain_calls == 1
+    for adapter in (sd1, ldm_sd1):
+        grad, calls = _grad(adapter, NAME, True)
+        assert calls == 2, type(adapter)  # recomputed in backward: checkpointing is really on
+        assert torch.allclose(grad, plain, rtol=1e-3, atol=1e-7), (type(adapter), grad, plain)
+    ldm_sd1.restore_checkpoint_flags()
+    # ldm's own checkpointing (use_checkpoint in the yaml) gives the injected parameter no gradient at all
+    own, _ = _grad_without_toggle(ldm_sd1, NAME)
+    assert own is None or own.abs() == 0
 
 
 def test_ldm_and_diffusers_adapters_agree(sd1, ldm_sd1):
@@ -143,16 +151,26 @@ def test_ldm_and_diffusers_adapters_agree(sd1, ldm_sd1):
     assert torch.allclose(out_l, out_d, atol=1e-4, rtol=1e-4), (out_l - out_d).abs().max()
 
 
-def test_ldm_checkpointing_gives_injected_modules_gradients(ldm_sd1):
-    name = NAME
-    plain, plain_calls = _grad(ldm_sd1, name, False)
-    ckpt, ckpt_calls = _grad(ldm_sd1, name, True)
-    assert plain.abs() > 0 and ckpt_calls == 2 * plain_calls
+def test_text_encoder_checkpointing_keeps_gradients(sd1):
+    te = sd1.text_encoders()[0]
+    module = sd1.lora_targets()["te"]["lora_te_text_model_encoder_layers_3_mlp_fc1"]
+    grads = []
+    te.train()
+    try:
+        for enabled in (False, True):
+            scale, calls, remove = _bypass(module)
+            sd1.enable_gradient_checkpointing(enabled)
+            try:
+                sd1.encode_captions(CAPTIONS[:1]).crossattn.square().mean().backward()
+            finally:
+                remove()
+            grads.append((scale.grad, len(calls)))
+    finally:
+        sd1.enable_gradient_checkpointing(False)
+        te.eval()
+    (plain, plain_calls), (ckpt, ckpt_calls) = grads
+    assert plain.abs() > 0 and (plain_calls, ckpt_calls) == (1, 2)
     assert torch.allclose(ckpt, plain, rtol=1e-4, atol=1e-8)
-    ldm_sd1.restore_checkpoint_flags()
-    # ldm's own checkpointing (use_checkpoint in the yaml) gives the injected parameter no gradient at all
-    own, _ = _grad_without_toggle(ldm_sd1, name)
-    assert own is None or own.abs() == 0
 
 
 def _grad_without_toggle(adapter, module_name):
@@ -197,6 +215,23 @@ def test_loading_errors_name_the_file(tmp_path, tiny_sd1):
         load_checkpoint_adapter(tmp_path / "missing.safetensors")
     with pytest.raises(ModelLoadError, match="unet/config.json"):
         load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=tmp_path)
+    wrong = tmp_path / "sdxl_configs"
+    shutil.copytree(tiny_sd1.config_dir, wrong)
+    unet_cfg = json.loads((wrong / "unet" / "config.json").read_text())
+    unet_cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=64)
+    (wrong / "unet" / "config.json").write_text(json.dumps(unet_cfg))
+    with pytest.raises(ModelLoadError, match="tiny_sd1.safetensors.*diffusers_config_dir"):
+        load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=wrong)
+    with pytest.raises(ModelLoadError, match="vocab.json"):
+        load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=tiny_sd1.config_dir, tokenizer_dir=tmp_path)
+
+
+def test_tokenizers_are_built_offline_when_none_are_given(tmp_path):
+    from lora_trainer.models.loading import load_tokenizers
+
+    tokenizers = load_tokenizers("sdxl", tmp_path)
+    assert [t.pad_token for t in tokenizers] == ["<|endoftext|>", "!"]
+    assert tokenizers[0]("a photo")["input_ids"] == tokenizers[1]("a photo")["input_ids"]
 
 
 def test_encode_clip_rejects_bad_clip_skip(sd1):

@@ -2,10 +2,22 @@
 
 Heavy back ends load lazily: diffusers in `loading`, Stability's `ldm` only where an ldm model is passed in.
 """
-from lora_trainer.models.adapter import ARCHITECTURES, COMPONENTS, ModelAdapter, TextConditioning
-from lora_trainer.models.diffusers_adapter import DiffusersAdapter, alphas_cumprod_from_config
+from lora_trainer.models.adapter import (
+    ARCHITECTURES,
+    COMPONENTS,
+    ModelAdapter,
+    TextConditioning,
+)
+from lora_trainer.models.diffusers_adapter import (
+    DiffusersAdapter,
+    alphas_cumprod_from_config,
+)
 from lora_trainer.models.ldm_adapter import LdmAdapter
-from lora_trainer.models.loading import file_id, load_checkpoint_adapter, load_tokenizers
+from lora_trainer.models.loading import (
+    file_id,
+    load_checkpoint_adapter,
+    load_tokenizers,
+)
 from lora_trainer.models.naming import (
     SD_LAYOUT,
     SDXL_LAYOUT,
@@ -31,14 +43,14 @@ from lora_trainer.models.text_encoding import (
 __all__ = [
     "ARCHITECTURES",
     "COMPONENTS",
-    "DiffusersAdapter",
-    "LdmAdapter",
-    "ModelAdapter",
     "SDXL_LAYOUT",
     "SD_LAYOUT",
     "TE_PREFIXES",
-    "TextConditioning",
     "UNET_PREFIX",
+    "DiffusersAdapter",
+    "LdmAdapter",
+    "ModelAdapter",
+    "TextConditioning",
     "UnetLayout",
     "alphas_cumprod_from_config",
     "compvis_to_diffusers_unet",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint
@@ -16,7 +16,11 @@ from torch import nn
 from lora_trainer.models.adapter import TextConditioning
 from lora_trainer.models.diffusers_adapter import set_text_checkpointing
 from lora_trainer.models.naming import TE_PREFIXES, te_targets, unet_targets
-from lora_trainer.models.text_encoding import encode_clip, encode_open_clip, tokenize_chunks
+from lora_trainer.models.text_encoding import (
+    encode_clip,
+    encode_open_clip,
+    tokenize_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ _LDM_CHECKPOINT_FLAGS = {"ResBlock": "use_checkpoint", "BasicTransformerBlock": 
 
 
 def _is_open_clip(cond_stage_model: nn.Module) -> bool:
-    return hasattr(cond_stage_model, "model") and hasattr(getattr(cond_stage_model, "model"), "transformer")
+    return hasattr(cond_stage_model, "model") and hasattr(cond_stage_model.model, "transformer")
 
 
 def _weights_id(model: nn.Module) -> str:

@@ -49,12 +49,12 @@ def _tokenizer_subfolders(architecture: str) -> tuple[str, ...]:
 
 
 def _find_tokenizer_folder(sub: str, tokenizer_dir: Path | None, config_dir: Path) -> Path | None:
-    candidates = []
-    if tokenizer_dir is not None:
-        candidates += [tokenizer_dir / sub, tokenizer_dir.parent / sub]
-        if sub == "tokenizer":
-            candidates.insert(0, tokenizer_dir)
-    candidates.append(config_dir / sub)
+    if tokenizer_dir is None:
+        candidates = [config_dir / sub]
+    elif sub == "tokenizer":
+        candidates = [tokenizer_dir / sub, tokenizer_dir]
+    else:  # SDXL's second tokenizer: inside tokenizer_dir, or beside it when tokenizer_dir is the first one
+        candidates = [tokenizer_dir / sub, tokenizer_dir.parent / sub]
     return next((c for c in candidates if (c / "vocab.json").is_file()), None)
 
 
@@ -64,8 +64,9 @@ def load_tokenizers(architecture: str, config_dir: Path, tokenizer_dir: Path | N
     Args:
         architecture (str): "sd1", "sd2", "sd2-v" or "sdxl".
         config_dir (Path): the diffusers config folder (its `tokenizer/`, `tokenizer_2/` are used when present).
-        tokenizer_dir (Path, optional): a tokenizer folder, or a folder holding `tokenizer/` (and `tokenizer_2/`),
-            defaults to None (config_dir's, else built from OpenCLIP's BPE file with the right pad token).
+        tokenizer_dir (Path, optional): a tokenizer folder (for SDXL with `tokenizer_2/` beside it), or a folder
+            holding `tokenizer/` (and `tokenizer_2/`), defaults to None: config_dir's, else built offline from
+            OpenCLIP's BPE file with the architecture's pad token.
 
     Returns:
         list: one `CLIPTokenizer` per text encoder.

@@ -248,7 +248,7 @@ def unet_targets(unet: nn.Module, architecture: str, tree: str, include_conv: bo
 
 def _text_model_path(path: str) -> str:
     # transformers >= 5.6 flattens CLIPTextModel (no `.text_model`); kohya names always carry `text_model_`.
-    rest = path[len("text_model."):] if path.startswith("text_model.") else path
+    rest = path.removeprefix("text_model.")
     return "text_model." + rest
 
 
