@@ -10,11 +10,18 @@ import torch
 from safetensors.torch import save_file
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.models.checkpoint import checkpoint_hash, detect_architecture, read_state_dict
-from lora_trainer.models.configs import config_dir, write_config_dir
-from lora_trainer.models.tokenizer import BPE_FILE_NAME, find_bpe_file, write_clip_tokenizer
+from lora_trainer.models.checkpoint import (
+    checkpoint_hash,
+    detect_architecture,
+    read_state_dict,
+)
+from lora_trainer.models.configs import TOKENIZERS, config_dir, write_config_dir
+from lora_trainer.models.tokenizer import (
+    BPE_FILE_NAME,
+    find_bpe_file,
+    write_clip_tokenizer,
+)
 from lora_trainer.testing import full_size_original_state_dict
-
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------
 
@@ -235,7 +242,7 @@ def test_full_size_conversion_gives_the_released_layout(full_size, arch):
 def test_write_config_dir_adds_tokenizers(tmp_path):
     out = write_config_dir("sdxl", tmp_path / "cfg")
     assert (out / "unet" / "config.json").is_file() and (out / "text_encoder_2" / "config.json").is_file()
-    pads = [json.loads((out / sub / "special_tokens_map.json").read_text())["pad_token"] for sub in ("tokenizer", "tokenizer_2")]
+    pads = [json.loads((out / sub / "special_tokens_map.json").read_text())["pad_token"] for sub in TOKENIZERS["sdxl"]]
     assert pads == ["<|endoftext|>", "!"]
     assert not list(config_dir("sdxl").rglob("vocab.json")), "tokenizer files must not be shipped"
     with pytest.raises(ValueError, match="sd3"):
@@ -243,7 +250,10 @@ def test_write_config_dir_adds_tokenizers(tmp_path):
 
 
 def test_converters_refuse_foreign_keys_and_short_encoders():
-    from lora_trainer.models.convert import open_clip_diffusers_to_original, unet_diffusers_to_original
+    from lora_trainer.models.convert import (
+        open_clip_diffusers_to_original,
+        unet_diffusers_to_original,
+    )
 
     unet = {
         "down_blocks.0.resnets.0.conv1.weight": torch.zeros(1),

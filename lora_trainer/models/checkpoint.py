@@ -1,4 +1,5 @@
-"""Single-file checkpoints: read them safely, tell SD1 / SD2 / SDXL apart by signature keys, hash them as the WebUI does."""
+"""Single-file checkpoints: read them safely, tell SD1 / SD2 / SDXL apart by signature keys, hash them as the
+WebUI does."""
 from __future__ import annotations
 
 import hashlib
@@ -125,7 +126,9 @@ def detect_architecture(
         )
     arch = next((a for a, prefix in SIGNATURES if any(k.startswith(prefix) for k in state_dict)), None)
     if arch is None and any(k.startswith("conditioner.embedders.0.model.") for k in state_dict):
-        raise ModelLoadError(f"{name}: an SDXL refiner checkpoint; train on the SDXL base model. Supported: {SUPPORTED}.")
+        raise ModelLoadError(
+            f"{name}: an SDXL refiner checkpoint; train on the SDXL base model. Supported: {SUPPORTED}."
+        )
     arch = arch or _by_context_dim(state_dict)
     if arch is None:
         raise ModelLoadError(f"{name}: no known text-encoder keys and an unknown UNet layout. Supported: {SUPPORTED}.")

@@ -244,8 +244,8 @@ def open_clip_diffusers_to_original(
     """Convert a transformers `CLIPTextModel(WithProjection)` state dict to OpenCLIP's text-tower layout.
 
     Args:
-        sd (dict[str, torch.Tensor]): the text encoder state dict; `text_projection.weight` (CLIPTextModelWithProjection)
-            becomes the transposed `text_projection`.
+        sd (dict[str, torch.Tensor]): the text encoder state dict; `text_projection.weight`
+            (CLIPTextModelWithProjection) becomes the transposed `text_projection`.
         prefix (str): e.g. "cond_stage_model.model." (SD2) or "conditioner.embedders.1.model." (SDXL).
         n_layers (int, optional): resblocks to write; must not exceed the layers in `sd` (SD2: diffusers keeps 23 of
             the original 24, so write the original file from a 24-layer encoder); defaults to all layers of `sd`.

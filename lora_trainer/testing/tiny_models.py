@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.models.configs import TOKENIZERS, config_dir as full_config_dir
+from lora_trainer.models.configs import TOKENIZERS
+from lora_trainer.models.configs import config_dir as full_config_dir
 from lora_trainer.models.convert import OPEN_CLIP_LAYERS, pipeline_to_original
 from lora_trainer.models.tokenizer import write_clip_tokenizer
 from lora_trainer.testing.tiny_yaml import tiny_yaml
@@ -65,7 +66,8 @@ def _tiny_unet_config(arch: str) -> dict:
     if family == "sd1":
         cfg.update(cross_attention_dim=TE_HIDDEN["clip_l"])  # 8 heads, as the real model
     elif family == "sd2":
-        cfg.update(cross_attention_dim=TE_HIDDEN["open_clip_sd2"], attention_head_dim=[c // HEAD_CHANNELS for c in channels])
+        heads = [c // HEAD_CHANNELS for c in channels]
+        cfg.update(cross_attention_dim=TE_HIDDEN["open_clip_sd2"], attention_head_dim=heads)
     else:
         cfg.update(
             cross_attention_dim=TE_HIDDEN["clip_l"] + TE_HIDDEN["open_clip_sdxl"],
@@ -267,7 +269,10 @@ def full_size_original_state_dict(arch: str) -> dict[str, torch.Tensor]:
             full = {"num_hidden_layers": OPEN_CLIP_LAYERS["sd2"], "projection_dim": 1024}
             tes = [text_encoder("text_encoder", CLIPTextModelWithProjection, **full)]
         else:
-            tes = [text_encoder("text_encoder", CLIPTextModel), text_encoder("text_encoder_2", CLIPTextModelWithProjection)]
+            tes = [
+                text_encoder("text_encoder", CLIPTextModel),
+                text_encoder("text_encoder_2", CLIPTextModelWithProjection),
+            ]
         return pipeline_to_original(unet, vae, tes, arch)
 
 

@@ -84,7 +84,10 @@ def _ldm_config(arch: str, configs: dict, text_encoder_dir: Path) -> dict:
     }
     params["first_stage_config"] = _first_stage(configs["vae"], "ldm.models.autoencoder.AutoencoderKL")
     if arch == "sd1":
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"version": str(text_encoder_dir)}}
+        cond = {
+            "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"version": str(text_encoder_dir)},
+        }
     else:
         # OpenCLIP builds its text tower from the architecture name, so the WebUI cannot build a tiny one from this.
         cond = {
@@ -92,7 +95,8 @@ def _ldm_config(arch: str, configs: dict, text_encoder_dir: Path) -> dict:
             "params": {"freeze": True, "layer": "penultimate"},
         }
     params["cond_stage_config"] = cond
-    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+    target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    return {"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params}}
 
 
 def _size_embedder(key: str, outdim: int) -> dict:
