@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -186,10 +187,47 @@ def _grad_without_toggle(adapter, module_name):
     return scale.grad, len(calls)
 
 
-def test_sdxl_adapter(tiny_sdxl):
+@pytest.fixture(scope="module")
+def xl(tiny_sdxl):
     from lora_trainer.models.loading import load_checkpoint_adapter
 
-    xl = load_checkpoint_adapter(tiny_sdxl.checkpoint, config_dir=tiny_sdxl.config_dir)
+    return load_checkpoint_adapter(tiny_sdxl.checkpoint, config_dir=tiny_sdxl.config_dir)
+
+
+def webui_sdxl_module(name: str) -> list[str]:
+    """Where the WebUI's Lora extension looks for an SDXL kohya name (networks.py `load_network`): the te2 rule of
+    `convert_diffusers_name_to_compvis`, then its fallbacks (`re_x_proj`, `lora_unet` -> `diffusion_model`,
+    `lora_te1_text_model` -> `0_transformer_text_model`)."""
+    if m := re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", name):
+        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        key = f"1_model_transformer_resblocks_{m[1]}_{rest}"
+        x_proj = re.match(r"(.*)_([qkv]_proj)$", key)
+        return [key] + ([x_proj[1]] if x_proj else [])
+    return [name.replace("lora_unet", "diffusion_model").replace("lora_te1_text_model", "0_transformer_text_model")]
+
+
+def webui_sdxl_layer_names(checkpoint_keys) -> set[str]:
+    """The WebUI's `network_layer_mapping` names of an SDXL checkpoint's modules (sgm tree), from its keys."""
+    prefixes = {"model.": "", "conditioner.embedders.0.": "0_", "conditioner.embedders.1.": "1_"}
+    names = set()
+    for key in checkpoint_keys:
+        for prefix, short in prefixes.items():
+            if key.startswith(prefix):
+                names.add(short + key[len(prefix):].rsplit(".", 1)[0].replace(".", "_"))
+    return names
+
+
+def test_sdxl_names_resolve_with_the_webui_rules(xl, tiny_sdxl):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_sdxl.checkpoint), "pt") as handle:
+        layers = webui_sdxl_layer_names(handle.keys())
+    for component in ("unet", "te1", "te2"):
+        for name in xl.lora_targets(include_conv=True).get(component, {}):
+            assert any(c in layers for c in webui_sdxl_module(name)), f"{name}: {webui_sdxl_module(name)}"
+
+
+def test_sdxl_adapter(xl):
     assert xl.architecture == "sdxl"
     targets = xl.lora_targets()
     assert {k: len(v) for k, v in targets.items()} == {"unet": 722, "te1": 72, "te2": 192}
