@@ -82,17 +82,18 @@ def plain_loop(paths: list[Path], model_file: Path, names: list[str], general: n
 
 
 def _ms_per(items, fn) -> tuple[list, float]:
-    start = time.perf_counter()
+    """Results and CPU milliseconds per item (process CPU time: all threads, unaffected by other processes)."""
+    start = time.process_time()
     out = [fn(x) for x in items]
-    return out, (time.perf_counter() - start) / len(items) * 1e3
+    return out, (time.process_time() - start) / len(items) * 1e3
 
 
 def breakdown(paths: list[Path], model: TaggerModel, batch: int) -> dict[str, float]:
-    """Milliseconds per image of each stage, measured alone (one thread for decoding and preprocessing)."""
+    """CPU milliseconds per image of each stage, measured alone (one thread for decoding and preprocessing)."""
     size, sample = model.input_size, paths[: min(len(paths), 16)]
     images, decode = _ms_per(sample, load_image)
     arrays, preprocess = _ms_per(images, lambda im: prepare_image(im, size))
-    _, drafted = _ms_per(sample, lambda p: prepare_image(load_for_tagging(p, size), size))
+    _, drafted = _ms_per(sample, lambda p: prepare_image(load_for_tagging(p, size, draft=True), size))
     arrays = np.stack(arrays)
     _, b1 = _ms_per(range(len(arrays)), lambda i: model.predict(arrays[i:i + 1]))
     _, bn = _ms_per(range(max(1, len(arrays) // batch)), lambda _: model.predict(arrays[:batch]))
@@ -118,16 +119,21 @@ def main() -> int:
         model.predict(np.zeros((args.batch_size, model.input_size, model.input_size, 3), np.float32))  # warm-up
         shapes = sorted({f"{w}x{h} {f}" for w, h, f, _ in MIXES[args.mix]})
         print(f"{len(paths)} images {shapes}, model input {model.input_size}px, {len(model.labels.names)} tags, "
-              f"{os.cpu_count()} CPUs, {model.provider}")
+              f"{os.cpu_count()} CPUs, {model.provider}, load average {os.getloadavg()[0]:.1f}")
         options = TagOptions(existing="overwrite", general_threshold=0.35, include_characters=False)
         rates: dict[str, list[float]] = {"plain": [], "ours": [], "ours_fast_jpeg": []}
+        cpu: dict[str, list[float]] = {key: [] for key in rates}  # process CPU ms per image, all threads
         same = {}
         for _ in range(args.repeats):
+            cpu_start = time.process_time()
             rates["plain"].append(len(paths) / plain_loop(paths, folder / "model.onnx", list(model.labels.names),
                                                           model.labels.general))
+            cpu["plain"].append((time.process_time() - cpu_start) / len(paths) * 1e3)
             for key, draft in (("ours", False), ("ours_fast_jpeg", True)):
+                cpu_start = time.process_time()
                 summary = tag_folder(paths, model, options, batch_size=args.batch_size, workers=args.workers,
                                      jpeg_draft=draft)
+                cpu[key].append((time.process_time() - cpu_start) / len(paths) * 1e3)
                 assert summary.tagged == len(paths), summary.failed
                 rates[key].append(len(paths) / summary.seconds)
                 same[key] = sum(set(p.with_suffix(".txt").read_text().split(", "))
@@ -138,11 +144,13 @@ def main() -> int:
                        ("ours_fast_jpeg", "our tagger, --fast-jpeg")):
         rate = float(np.median(rates[key]))
         extra = "" if key == "plain" else f", {rate / plain:.2f}x, same tags on {same[key]}/{len(paths)} images"
-        print(f"{label:32s} {rate:6.2f} images/s (runs: {', '.join(f'{r:.2f}' for r in rates[key])}){extra}")
-    print("per image, each stage alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
-    model_ms = parts[f"model batch {args.batch_size}"]
-    print(f"the model alone at batch {args.batch_size} allows at most {1e3 / model_ms:.2f} images/s here, i.e. "
-          f"{1e3 / model_ms / plain:.2f}x the plain loop, if decoding took no CPU at all")
+        print(f"{label:32s} {rate:6.2f} images/s (runs: {', '.join(f'{r:.2f}' for r in rates[key])}), "
+              f"CPU {np.median(cpu[key]):.0f} ms/image{extra}")
+    print("CPU per image, each stage alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in parts.items()))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    work = parts["decode"] + parts["preprocess"] + parts[f"model batch {args.batch_size}"]
+    print(f"CPU work per image {work:.0f} ms on {cores} cores: at best {1e3 * cores / work:.1f} images/s for any "
+          f"pipeline here; the model is {parts[f'model batch {args.batch_size}'] / work:.0%} of it")
     return 0
 
 
