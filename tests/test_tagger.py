@@ -321,7 +321,8 @@ def test_cli_flags_map_to_options_and_model_choice(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     tag_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["tag", "d", "--mcut", "--trigger", "a,b", "c", "--append", "--existing", "prepend",
+    args = parser.parse_args(["tag", "--mcut", "--trigger", "a,b", "--trigger", "c", "d", "--append", "--existing",
+                              "prepend",
                               "--exclude", "x_y", "--no-underscore-replace", "--escape", "--sort", "alpha",
                               "--ext", "caption", "--no-characters", "--keep-duplicates"])
     opts = tag_cli._options(args)
@@ -330,7 +331,9 @@ def test_cli_flags_map_to_options_and_model_choice(tmp_path, capsys):
     assert (opts.existing, opts.exclude_tags, opts.replace_underscores, opts.escape_parentheses, opts.sort) == \
         ("prepend", ("x_y",), False, True, "alpha")
     assert (opts.caption_extension, opts.include_characters, opts.remove_duplicates) == (".caption", False, False)
-    assert tag_cli._options(parser.parse_args(["tag", "d", "--mcut", "character"])).general_mcut is False
+    assert args.dir == Path("d")
+    opts = tag_cli._options(parser.parse_args(["tag", "d", "--character-mcut"]))
+    assert (opts.general_mcut, opts.character_mcut) == (False, True)
     # --download of a model that is already there uses it without going online; a lone model is picked by itself.
     build_tiny_tagger(tmp_path / "models" / "wd-vit-tagger-v3")
     image = _save(tmp_path / "data", "a.png", GREEN)

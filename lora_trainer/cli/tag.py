@@ -1,5 +1,8 @@
 """`python -m lora_trainer tag DIR --model-dir PATH`: tag images with a WD14 / WD-v3 tagger, write caption files.
 
+    python -m lora_trainer tag train/10_mychar --tagger-dir models/tagger --download wd-vit-tagger-v3 \
+        --trigger "mychar" --exclude "long hair, blue eyes" --existing overwrite
+
 Exit status: 0 when every image was tagged or skipped, 1 when some images failed (listed), 2 on a usage or model
 error.
 """
@@ -29,13 +32,15 @@ def add_parser(sub) -> None:
     tags.add_argument("--threshold", type=float, help="general tag threshold (default: the model's P=R value, "
                       "0.35 for unknown models)")
     tags.add_argument("--character-threshold", type=float, default=0.85, help="default: 0.85")
-    tags.add_argument("--mcut", nargs="?", const="both", choices=("general", "character", "both"),
-                      help="MCut thresholds instead (default when given: both)")
+    tags.add_argument("--mcut", action="store_true", help="MCut thresholds for general and character tags")
+    tags.add_argument("--general-mcut", action="store_true", help="MCut threshold for general tags only")
+    tags.add_argument("--character-mcut", action="store_true", help="MCut threshold (floor 0.15) for characters")
     tags.add_argument("--no-characters", action="store_true", help="leave character tags out")
     tags.add_argument("--rating", action="store_true", help="write the most likely rating tag")
-    tags.add_argument("--exclude", nargs="+", default=[], metavar="TAG", help="tags never written (commas ok)")
-    tags.add_argument("--trigger", nargs="+", default=[], metavar="TAG",
-                      help="tags put first, in this order (commas ok)")
+    tags.add_argument("--exclude", action="append", default=[], metavar="TAGS",
+                      help='tags never written: "a, b" or repeat the option')
+    tags.add_argument("--trigger", action="append", default=[], metavar="TAGS",
+                      help='tags put first, in this order: "mychar, style" or repeat the option')
     tags.add_argument("--append", action="store_true", help="put the --trigger tags last instead")
     out = p.add_argument_group("captions")
     out.add_argument("--existing", choices=("skip", "overwrite", "append", "prepend"), default="skip",
@@ -63,7 +68,7 @@ def _options(args):
 
     return TagOptions(
         general_threshold=args.threshold, character_threshold=args.character_threshold,
-        general_mcut=args.mcut in ("general", "both"), character_mcut=args.mcut in ("character", "both"),
+        general_mcut=args.mcut or args.general_mcut, character_mcut=args.mcut or args.character_mcut,
         include_characters=not args.no_characters, include_rating=args.rating,
         replace_underscores=not args.no_underscore_replace, escape_parentheses=args.escape,
         exclude_tags=_split(args.exclude), trigger_tags=_split(args.trigger),
