@@ -119,6 +119,24 @@ def _grad(adapter, module_name, checkpointing):
 NAME = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
+def test_ldm_adapter_sees_through_the_webui_embedder_wrapper(ldm_sd1):
+    from lora_trainer.models.ldm_adapter import LdmAdapter
+
+    model = ldm_sd1.model
+    embedder = model.cond_stage_model
+    wrapper = torch.nn.Module()  # the WebUI's FrozenCLIPEmbedderWithCustomWords keeps the embedder as `.wrapped`
+    wrapper.wrapped = embedder
+    model.cond_stage_model = wrapper
+    try:
+        wrapped = LdmAdapter(model, model_id="x")
+        assert wrapped.text_encoders()[0] is embedder.transformer
+        assert wrapped.lora_targets()["te"] == ldm_sd1.lora_targets()["te"]
+        with torch.no_grad():
+            assert torch.equal(wrapped.encode_captions(CAPTIONS).crossattn, ldm_sd1.encode_captions(CAPTIONS).crossattn)
+    finally:
+        model.cond_stage_model = embedder
+
+
 def test_checkpointing_keeps_gradients_of_injected_modules(sd1, ldm_sd1):
     plain, plain_calls = _grad(sd1, NAME, False)
     assert plain is not None and plain.abs() > 0 and plain_calls == 1

@@ -29,6 +29,12 @@ TextEncodeFn = Callable[[list[str], int, int], TextConditioning]
 _LDM_CHECKPOINT_FLAGS = {"ResBlock": "use_checkpoint", "BasicTransformerBlock": "checkpoint"}
 
 
+def _embedder(latent_diffusion: nn.Module) -> nn.Module:
+    """The ldm text embedder; the WebUI wraps it (`FrozenCLIPEmbedderWithCustomWords.wrapped`)."""
+    cond = latent_diffusion.cond_stage_model
+    return getattr(cond, "wrapped", cond)
+
+
 def _is_open_clip(cond_stage_model: nn.Module) -> bool:
     return hasattr(cond_stage_model, "model") and hasattr(cond_stage_model.model, "transformer")
 
@@ -62,7 +68,7 @@ class LdmAdapter:
         self.model = latent_diffusion
         self._text_encode = text_encode
         self._tokenizer = tokenizer
-        cond = latent_diffusion.cond_stage_model
+        cond = _embedder(latent_diffusion)
         self._open_clip = _is_open_clip(cond)
         v = getattr(latent_diffusion, "parameterization", "eps") == "v"
         self.architecture = ("sd2-v" if v else "sd2") if self._open_clip else "sd1"
@@ -86,7 +92,7 @@ class LdmAdapter:
         return self.model.first_stage_model
 
     def _text_module(self) -> nn.Module:
-        cond = self.model.cond_stage_model
+        cond = _embedder(self.model)
         return cond.model if self._open_clip else cond.transformer
 
     def text_encoders(self) -> list[nn.Module]:
@@ -108,7 +114,7 @@ class LdmAdapter:
         """See `ModelAdapter.encode_captions`; uses `text_encode` when one was given."""
         if self._text_encode is not None:
             return self._text_encode(list(captions), clip_skip, max_token_length)
-        cond = self.model.cond_stage_model
+        cond = _embedder(self.model)
         if not self._open_clip:
             ids = tokenize_chunks(cond.tokenizer, captions, max_token_length)
             return TextConditioning(encode_clip(cond.transformer, ids, clip_skip))
@@ -132,7 +138,7 @@ class LdmAdapter:
         targets = {"unet": unet_targets(self.unet(), self.architecture, "compvis", include_conv)}
         if self._open_clip:
             blocks = self._text_module().transformer.resblocks
-            used = len(blocks) - getattr(self.model.cond_stage_model, "layer_idx", 0)
+            used = len(blocks) - getattr(_embedder(self.model), "layer_idx", 0)
             targets["te"] = te_targets(self._text_module(), TE_PREFIXES["te"], max_layers=used)
         else:
             targets["te"] = te_targets(self._text_module(), TE_PREFIXES["te"])
