@@ -321,10 +321,9 @@ def test_cli_flags_map_to_options_and_model_choice(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     tag_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["tag", "--mcut", "--trigger", "a,b", "--trigger", "c", "d", "--append", "--existing",
-                              "prepend",
-                              "--exclude", "x_y", "--no-underscore-replace", "--escape", "--sort", "alpha",
-                              "--ext", "caption", "--no-characters", "--keep-duplicates"])
+    args = parser.parse_args(["tag", "--mcut", "--trigger", "a,b", "--trigger", "c", "d", "--append",
+                              "--existing", "prepend", "--exclude", "x_y", "--no-underscore-replace", "--escape",
+                              "--sort", "alpha", "--ext", "caption", "--no-characters", "--keep-duplicates"])
     opts = tag_cli._options(args)
     assert (opts.general_mcut, opts.character_mcut, opts.trigger_tags, opts.trigger_position) == \
         (True, True, ("a", "b", "c"), "append")
