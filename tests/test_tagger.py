@@ -207,6 +207,8 @@ def test_batching_gives_the_same_captions_as_one_by_one(models, tmp_path):
         summary = tag_folder(paths, model, TagOptions(existing="overwrite", general_threshold=0.5), batch_size=batch)
         assert summary.tagged == 7 and not summary.failed
         captions[name] = [_caption(p) for p in paths]
+    np.testing.assert_allclose(TaggerModel(build_tiny_tagger(tmp_path / "fixed2", batch=2)).predict(arrays),
+                               one.predict(arrays), atol=1e-5)  # 7 = 2 + 2 + 2 + a padded last call
     assert captions["fixed"] == captions["b1"] == captions["b3"]
     assert len(set(captions["b3"])) > 1  # images differ, so a shuffled batch would show
 

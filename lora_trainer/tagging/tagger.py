@@ -131,8 +131,7 @@ class TaggerModel:
         """
         step = self.fixed_batch or len(batch)
         try:
-            outs = [self.session.run(None, {self.input_name: batch[i:i + step]})[0]
-                    for i in range(0, len(batch), step)]
+            outs = [self._run_padded(batch[i:i + step], step) for i in range(0, len(batch), step)]
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise TaggerError(f"{self.folder / MODEL_FILE}: running the model on {len(batch)} image(s) at once "
                               f"failed on {self.provider} ({exc}). Lower the batch size (out of memory?) or run "
@@ -140,6 +139,13 @@ class TaggerModel:
         probs = np.concatenate(outs).astype(np.float32, copy=False)
         self._check_count(probs.shape[-1])
         return probs
+
+    def _run_padded(self, part: np.ndarray, step: int) -> np.ndarray:
+        """One session call; a short last slice for a fixed batch size is padded with zeros, then trimmed."""
+        n = len(part)
+        if n < step:
+            part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
+        return self.session.run(None, {self.input_name: part})[0][:n]
 
     def scores(self, probs: np.ndarray, options: TagOptions) -> TagScores:
         """Select one image's tags from its probabilities ([T], a row of `predict`)."""
