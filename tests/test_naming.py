@@ -25,7 +25,7 @@ from lora_trainer.models.naming import (
 def tiny_sd1_unet(cross_dim: int = 16) -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64, 64, 128), norm_num_groups=32, layers_per_block=2,
+        sample_size=8, block_out_channels=(32, 64, 96, 96), norm_num_groups=32, layers_per_block=2,
         cross_attention_dim=cross_dim, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -35,7 +35,7 @@ def tiny_sd1_unet(cross_dim: int = 16) -> UNet2DConditionModel:
 def tiny_sdxl_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 16, 16), norm_num_groups=4, layers_per_block=2,
+        sample_size=8, block_out_channels=(8, 16, 24), norm_num_groups=4, layers_per_block=2,
         cross_attention_dim=24, attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 10),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -59,7 +59,7 @@ def tiny_ldm_unet(cross_dim: int = 16):
 
     torch.manual_seed(0)
     return UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
-                     num_res_blocks=2, channel_mult=[1, 2, 2, 4], num_head_channels=16, use_spatial_transformer=True,
+                     num_res_blocks=2, channel_mult=[1, 2, 3, 3], num_head_channels=16, use_spatial_transformer=True,
                      transformer_depth=1, context_dim=cross_dim, legacy=False)
 
 
@@ -112,6 +112,7 @@ def test_sd1_counts_and_names():
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_names
     assert "lora_te_text_model_encoder_layers_11_mlp_fc2" in te_names
     conv_names = unet_targets(tiny_sd1_unet(), "sd1", "diffusers", include_conv=True)
+    assert len(conv_names) == 278  # kohya LoCon on SD1: + 22 resnets x 3, 14 shortcuts, 3 down + 3 upsamplers
     extra = set(conv_names) - set(unet_names)
     assert "lora_unet_down_blocks_0_resnets_0_conv1" in extra
     assert "lora_unet_down_blocks_0_downsamplers_0_conv" in extra
@@ -124,6 +125,7 @@ def test_sdxl_counts_and_compvis_names():
     te1 = te_targets(tiny_clip(12), "lora_te1_")
     te2 = te_targets(tiny_clip(32, with_projection=True), "lora_te2_")
     assert (len(unet_names), len(te1), len(te2)) == (722, 72, 192)
+    assert len(unet_targets(tiny_sdxl_unet(), "sdxl", "diffusers", include_conv=True)) == 788
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in unet_names
     assert "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2" in unet_names
     assert "lora_unet_output_blocks_5_1_proj_out" in unet_names

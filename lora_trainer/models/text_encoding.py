@@ -41,7 +41,7 @@ def tokenize_chunks(tokenizer, captions: list[str], max_token_length: int = 75) 
     chunks = _check_token_length(max_token_length)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = tokenizer(list(captions), add_special_tokens=False, truncation=False)["input_ids"]
+    encoded = tokenizer(list(captions), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     rows = []
     for ids in encoded:
         ids = list(ids)[:max_token_length]
