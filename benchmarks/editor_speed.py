@@ -33,9 +33,9 @@ def make_dataset(root: Path, images: int, tags: int, folders: int, seed: int = 0
 
 
 def timed(label: str, fn, figures: dict):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = fn()
-    figures[label] = time.perf_counter() - start
+    figures[label] = (time.perf_counter() - start, time.process_time() - start_cpu)
     return out
 
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("tag_frequency", lambda: editor.tag_frequency(), figures)
         timed("filter (2 tags, any)", lambda: editor.filter(["tag 1", "tag 2"], mode="any"), figures)
         result = timed("add_tags (all)", lambda: editor.add_tags(["trigger"], scope="all", front=True), figures)
+        timed("tag_frequency after it", lambda: editor.tag_frequency(), figures)
         timed("undo", editor.undo, figures)
         timed("redo", editor.redo, figures)
         timed("replace regex (all)", lambda: editor.replace(r"^tag (\d)$", r"small \1", scope="all", regex=True), figures)
@@ -64,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
           f"save wrote {len(saved.written)}")
     width = max(len(k) for k in figures)
     failed = False
-    for label, seconds in figures.items():
+    print(f"{'':<{width}}  {'wall':>9}     {'cpu':>9}   (cpu time is less disturbed by other load on the machine)")
+    for label, (seconds, cpu) in figures.items():
         target = TARGETS.get(label)
         note = ""
         if target is not None:
             ok = seconds < target
             failed |= not ok
-            note = f"  (target < {target:.1f} s: {'ok' if ok else 'MISSED'})"
-        print(f"{label:<{width}}  {seconds * 1000:9.1f} ms{note}")
+            note = f"  (target < {target:.1f} s wall: {'ok' if ok else 'MISSED'})"
+        print(f"{label:<{width}}  {seconds * 1000:9.1f} ms  {cpu * 1000:9.1f} ms{note}")
     return 1 if failed else 0
 
 

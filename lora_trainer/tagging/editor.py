@@ -18,6 +18,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from lora_trainer.data.caption_files import join_lines
@@ -63,9 +64,7 @@ class TagEditor:
         self._orig_text = tuple(self._text)
         self._orig_tags = tuple(self._tags)
         self._locked = {e.index for e in entries if e.problem is not None}
-        self._freq: Counter = Counter()
-        for tags in self._tags:
-            self._freq.update(set(tags))
+        self._freq: Counter | None = None  # images per tag; None: recount on demand (see _write)
         self._selection: set[int] = set()
         self._history = History()
         self._by_path = {str(e.image_path): e.index for e in entries}
@@ -147,7 +146,7 @@ class TagEditor:
         """
         indices = self._scope(scope)
         if scope == "all":
-            return sorted_counts(self._freq, len(self.images), sort)
+            return sorted_counts(self._counts(), len(self.images), sort)
         counts: Counter = Counter()
         for i in indices:
             counts.update(set(self._tags[i]))
@@ -308,10 +307,13 @@ class TagEditor:
         self._history.push(edit)
 
     def _write(self, indices, texts, tags) -> None:
-        freq, cur_tags, cur_text = self._freq, self._tags, self._text
+        cur_tags, cur_text = self._tags, self._text
+        if self._freq is not None and len(indices) * 4 > len(cur_tags):
+            self._freq = None  # a large change: recounting on demand is cheaper than per-image updates
+        freq = self._freq
         for i, text, new in zip(indices, texts, tags):
             old = cur_tags[i]
-            if old != new:
+            if freq is not None and old != new:
                 old_set, new_set = set(old), set(new)
                 for t in old_set - new_set:
                     freq[t] -= 1
@@ -321,6 +323,11 @@ class TagEditor:
                     freq[t] += 1
             cur_tags[i] = new
             cur_text[i] = text
+
+    def _counts(self) -> Counter:
+        if self._freq is None:
+            self._freq = Counter(chain.from_iterable(map(set, self._tags)))
+        return self._freq
 
     @property
     def can_undo(self) -> bool:

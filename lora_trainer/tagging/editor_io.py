@@ -81,7 +81,7 @@ class LoadedCaption:
 class ScanResult:
     """Images found under a dataset root, with folders and problems (duplicate captions, unreadable folders)."""
 
-    images: list[tuple[Path, str, str]]  # (image path, rel path, folder rel path)
+    images: list[tuple[str, str, str]]  # (image path, rel path, folder rel path)
     folders: dict[str, FolderInfo]
     problems: list[str]
 
@@ -123,7 +123,7 @@ def _walk(folder: Path, rel: str, owner: tuple[str, str, int, bool], out: ScanRe
             subdirs.append(entry)
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
             child_rel = entry.name if rel == "." else f"{rel}/{entry.name}"
-            out.images.append((Path(entry.path), child_rel, owner[0]))
+            out.images.append((entry.path, child_rel, owner[0]))
             counts[owner] = counts.get(owner, 0) + 1
     for entry in subdirs:
         child_rel = entry.name if rel == "." else f"{rel}/{entry.name}"
@@ -165,11 +165,11 @@ def scan_folder(root: str | os.PathLike) -> ScanResult:
     return out
 
 
-def read_caption_exact(path: Path) -> LoadedCaption:
+def read_caption_exact(path: str | os.PathLike) -> LoadedCaption:
     """Read a caption file keeping its exact bytes; text as `data.caption_files.read_caption` gives it.
 
     Args:
-        path (Path): the caption file.
+        path (str | PathLike): the caption file.
 
     Returns:
         LoadedCaption: text "" and data None when there is no file; a problem for non-UTF-8 or unreadable files.
@@ -195,12 +195,6 @@ def read_caption_exact(path: Path) -> LoadedCaption:
     else:
         text = text.strip()
     return LoadedCaption(text, data, bom, None)
-
-
-def caption_path_for(image: Path, caption_extension: str) -> Path:
-    """``a/b.png`` -> ``a/b.txt`` for extension ``.txt`` (with or without the dot)."""
-    ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    return image.with_suffix(ext) if image.suffix else Path(str(image) + ext)
 
 
 def check_extension(caption_extension: str) -> str:
@@ -230,14 +224,15 @@ def load_dataset(root: Path, caption_extension: str) -> LoadedDataset:
     problems = list(scan.problems)
     entries, captions, seen = [], [], {}
     for image, rel, folder in scan.images:
-        cap = caption_path_for(image, caption_extension)
+        cap = os.path.splitext(image)[0] + caption_extension
         if cap in seen:
-            problems.append(f"{image}: shares its caption {cap.name} with {seen[cap]}; skipped. Rename one of them.")
+            problems.append(f"{image}: shares its caption {os.path.basename(cap)} with {seen[cap]}; skipped. "
+                            f"Rename one of them.")
             continue
-        seen[cap] = image.name
+        seen[cap] = os.path.basename(image)
         got = read_caption_exact(cap)
         info = scan.folders[folder]
-        entries.append(ImageEntry(len(entries), image, cap, rel, folder, info.concept, info.repeats,
+        entries.append(ImageEntry(len(entries), Path(image), Path(cap), rel, folder, info.concept, info.repeats,
                                   got.data is None and got.problem is None, got.problem))
         captions.append(got)
         if got.problem:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 _SEPARATOR = re.compile(r"(?<!\\)[,\n\r]")
+_ODD_SPACE = re.compile(r"[^\S \n\r]| {2,}")  # whitespace other than a single space (line breaks split tags)
 
 
 def normalize_tag(tag: str) -> str:
@@ -35,11 +36,14 @@ def parse_tags(text: str) -> list[str]:
         list[str]: ``["1girl", "solo", "long hair"]``; blank tags are dropped.
     """
     if "\\" in text:
-        parts = _SEPARATOR.split(text)
-    elif "\n" in text or "\r" in text:
+        parts = [normalize_tag(p) for p in _SEPARATOR.split(text)]
+        return [tag for tag in parts if tag]
+    if "\n" in text or "\r" in text:
         parts = text.replace("\r", "\n").replace("\n", ",").split(",")
     else:
         parts = text.split(",")
+    if _ODD_SPACE.search(text) is None:  # only single plain spaces inside: trimming is all there is to do
+        return [tag for tag in map(str.strip, parts) if tag]
     out = []
     for part in parts:
         tag = " ".join(part.split())
