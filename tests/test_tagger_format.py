@@ -108,6 +108,8 @@ def test_options_validation_names_the_key():
     with pytest.raises(ValueError, match="sort"):
         TagOptions(sort="random")
     assert TagOptions(caption_extension="caption").caption_extension == ".caption"
+    opts = TagOptions(trigger_tags="mychar,  my style", exclude_tags=["solo", " "])  # text box input
+    assert (opts.trigger_tags, opts.exclude_tags) == (("mychar", "my style"), ("solo",))
 
 
 def test_default_thresholds_of_known_models():

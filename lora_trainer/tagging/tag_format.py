@@ -39,8 +39,10 @@ class TagOptions:
         include_rating (bool): write the most likely rating tag (general/sensitive/...), defaults to False.
         replace_underscores (bool): `long_hair` -> `long hair` (kaomoji like `^_^` are kept), defaults to True.
         escape_parentheses (bool): `(` -> `\\(` and `)` -> `\\)` for WebUI prompts, defaults to False.
-        exclude_tags (tuple[str, ...]): model tags never written (compared ignoring `_`/space, case, escapes).
-        trigger_tags (tuple[str, ...]): tags put first (or last), in the given order: first = highest weight.
+        exclude_tags (tuple[str, ...]): model tags never written (compared ignoring `_`/space, case, escapes);
+            a string is split at commas.
+        trigger_tags (tuple[str, ...]): tags put first (or last), in the given order: first = highest weight;
+            a string is split at commas.
         trigger_position (str): "prepend" (default) or "append".
         sort (str): model tags by "confidence" (default, highest first) or "alpha"; characters come first.
         existing (str): an existing caption is kept ("skip", default), replaced ("overwrite"), or merged with the
@@ -77,8 +79,15 @@ class TagOptions:
         if not ext or ext == ".":
             raise ValueError("caption_extension: empty. Use e.g. '.txt'.")
         object.__setattr__(self, "caption_extension", ext if ext.startswith(".") else "." + ext)
-        object.__setattr__(self, "exclude_tags", tuple(self.exclude_tags))
-        object.__setattr__(self, "trigger_tags", tuple(t for t in map(normalize_tag, self.trigger_tags) if t))
+        object.__setattr__(self, "exclude_tags", _tag_tuple(self.exclude_tags))
+        object.__setattr__(self, "trigger_tags", _tag_tuple(self.trigger_tags))
+
+
+def _tag_tuple(tags: str | Iterable[str]) -> tuple[str, ...]:
+    """Tags as a tuple; a string is a comma-separated caption (`"mychar, style"`), as typed in a text box."""
+    if isinstance(tags, str):
+        return tuple(parse_tags(tags))
+    return tuple(t for t in map(normalize_tag, tags) if t)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
