@@ -380,3 +380,29 @@ def test_ldm_sd2_v_agrees_with_diffusers(sd2, tiny_sd2):
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         t = torch.tensor([50, 950])
         assert torch.allclose(ldm.predict(x, t, cond), sd2.predict(x, t, cond), atol=1e-4, rtol=1e-4)
+
+
+def test_file_id_is_stable_and_sees_changes_anywhere(tmp_path):
+    import hashlib
+
+    from lora_trainer.models.loading import file_id
+
+    data = bytearray(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(data))
+    first = file_id(path)
+    assert first == hashlib.sha256(data).hexdigest()[:12]
+    for offset in (0, len(data) // 2 + 12345, len(data) - 1):
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        assert file_id(path) != first, offset
+
+
+def test_noise_schedule_from_config():
+    from lora_trainer.models.diffusers_adapter import alphas_cumprod_from_config
+
+    linear = alphas_cumprod_from_config({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02})
+    assert torch.allclose(linear, DDPMScheduler(beta_schedule="linear").alphas_cumprod, atol=1e-6)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        alphas_cumprod_from_config({"beta_schedule": "squaredcos_cap_v2"})
