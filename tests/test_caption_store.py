@@ -122,3 +122,13 @@ def test_restore_backup_puts_original_back(tmp_path):
     assert restore_backup(path) is True
     assert path.read_bytes() == b"\xff\xfeodd bytes"
     assert backup_path(path).is_file()
+
+
+def test_failed_backup_leaves_caption_unchanged(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"original")
+    (tmp_path / caption_store.BACKUP_DIR).write_bytes(b"a file where the backup folder should be")
+    with pytest.raises(DatasetError, match=r"a\.txt.*backup"):
+        write_caption(path, "changed")
+    assert path.read_bytes() == b"original"
+    assert _leftovers(tmp_path) == []

@@ -368,3 +368,25 @@ def test_images_sharing_a_caption_and_root_concept_folder(tmp_path):
     assert [e.rel_path for e in editor.images] == ["a.jpg", "b.png"]
     assert any("a.png" in p and "shares its caption a.txt" in p for p in editor.problems)
     assert {k: (f.concept, f.repeats) for k, f in editor.folders.items()} == {".": ("solo", 4)}
+
+
+def test_crash_while_saving_one_file_keeps_it_intact(editor, root, monkeypatch):
+    from lora_trainer.tagging import caption_store
+
+    real_replace = caption_store.os.replace
+
+    def flaky_replace(src, dst):
+        if str(dst).endswith("06.txt"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(caption_store.os, "replace", flaky_replace)
+    editor.add_tags(["z"], scope="all")
+    result = editor.save()
+    monkeypatch.undo()
+    assert [f.path.name for f in result.failed] == ["06.txt"] and "06.txt" in result.failed[0].message
+    assert (root / "3_dog/06.txt").read_bytes() == b"dog, grass, sun"
+    assert not [p for p in root.rglob("*.tmp")]
+    assert (root / "misc/08.txt").read_bytes() == b"tree, z"
+    assert editor.dirty() == [idx(editor, "3_dog/06.jpeg")]
+    assert editor.save().written == [root / "3_dog/06.txt"]

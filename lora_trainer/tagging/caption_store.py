@@ -176,7 +176,13 @@ def write_caption_bytes(path: str | os.PathLike, data: bytes, backup: bool = Tru
     """
     path = Path(path)
     st = _check_writable(path)
-    made = _make_backup(path, dirs_to_sync) if backup and st is not None else None
+    try:
+        made = _make_backup(path, dirs_to_sync) if backup and st is not None else None
+    except OSError as err:
+        raise DatasetError(
+            f"{path}: backing up the original to {backup_path(path)} failed ({err}); the caption was not changed. "
+            f"Fix the cause (disk space, permissions) or save without backup."
+        ) from err
     try:
         atomic_write_bytes(path, data, mode=stat.S_IMODE(st.st_mode) if st is not None else None, dirs_to_sync=dirs_to_sync)
     except DatasetError:
