@@ -1,1 +1,27 @@
-"""ui package."""
+"""Gradio panels (gradio 3.41 as in AUTOMATIC1111 1.10, and 4.x as in Forge). Layout and wiring only: the work is
+done by `lora_trainer.tagging` and the other packages.
+
+`build_dataset_panel` places the Dataset panel inside a host's `gr.Blocks`; `create_app` is the standalone app.
+gradio is imported on first use of one of these names, so the actions (`dataset_actions`) import without it.
+"""
+
+_LAZY = {
+    "DatasetPanel": "lora_trainer.ui.dataset_panel",
+    "build_dataset_panel": "lora_trainer.ui.dataset_panel",
+    "create_app": "lora_trainer.ui.dataset_panel",
+    "DatasetSession": "lora_trainer.ui.dataset_actions",
+}
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["DatasetPanel", "DatasetSession", "build_dataset_panel", "create_app"]

@@ -1,0 +1,63 @@
+"""The few places where gradio 3.41 (AUTOMATIC1111 1.10) and gradio 4.x (Forge) differ, in one module."""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+logger = logging.getLogger(__name__)
+
+GRADIO_MAJOR = int(gr.__version__.split(".", 1)[0])
+
+
+def enable_queue(blocks: gr.Blocks, concurrency: int = 4) -> gr.Blocks:
+    """Turn on the queue (needed for generators such as the tagger's progress) with some concurrency.
+
+    Args:
+        blocks (gr.Blocks): the app.
+        concurrency (int, optional): events that may run at once. Defaults to 4.
+
+    Returns:
+        gr.Blocks: the same app.
+    """
+    if GRADIO_MAJOR >= 4:
+        return blocks.queue(default_concurrency_limit=concurrency)
+    return blocks.queue(concurrency_count=concurrency)
+
+
+def notify_info(message: str) -> None:
+    """A toast in the browser (gradio >= 3.39); logged as well."""
+    logger.info("%s", message)
+    if hasattr(gr, "Info"):
+        gr.Info(message)
+
+
+def notify_warning(message: str) -> None:
+    """A warning toast in the browser (gradio >= 3.39); logged as well."""
+    logger.warning("%s", message)
+    if hasattr(gr, "Warning"):
+        gr.Warning(message)
+
+
+def local_theme() -> gr.themes.Base:
+    """The default theme with system fonts: the standalone app then loads nothing from the internet."""
+    fonts = ["ui-sans-serif", "system-ui", "sans-serif"]
+    return gr.themes.Default(font=fonts, font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def launch_kwargs(dataset_dirs: list[str]) -> dict:
+    """`Blocks.launch` arguments that let the app serve images from the dataset folders.
+
+    Args:
+        dataset_dirs (list[str]): folders whose images the gallery shows.
+
+    Returns:
+        dict: keyword arguments for `launch`.
+    """
+    kwargs: dict = {"allowed_paths": list(dataset_dirs), "show_error": True}
+    if GRADIO_MAJOR < 4:
+        kwargs["show_api"] = False
+    return kwargs
+
+
+__all__ = ["GRADIO_MAJOR", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning"]
