@@ -419,7 +419,10 @@ class TagEditor:
             self._push(Edit("reload", "all", len(self.images), idx, tuple(self._text[i] for i in idx),
                              tuple(self._tags[i] for i in idx), texts, tags, ()))
             for i in idx:
-                (self._locked.add if self._disk.problem[i] else self._locked.discard)(i)
+                if self._disk.problem[i]:
+                    self._locked.add(i)
+                else:
+                    self._locked.discard(i)
         return result
 
 
