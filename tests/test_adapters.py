@@ -137,6 +137,19 @@ def test_ldm_adapter_sees_through_the_webui_embedder_wrapper(ldm_sd1):
         model.cond_stage_model = embedder
 
 
+def test_ldm_model_id_follows_the_weights(ldm_sd1):
+    from lora_trainer.models.ldm_adapter import LdmAdapter
+
+    assert len(ldm_sd1.model_id) == 12 and LdmAdapter(ldm_sd1.model).model_id == ldm_sd1.model_id
+    weight = ldm_sd1.unet().middle_block[1].proj_in.weight  # one tensor deep inside, as a partial merge would
+    with torch.no_grad():
+        weight.view(-1)[0] += 1.0
+        try:
+            assert LdmAdapter(ldm_sd1.model).model_id != ldm_sd1.model_id
+        finally:
+            weight.view(-1)[0] -= 1.0
+
+
 def test_checkpointing_keeps_gradients_of_injected_modules(sd1, ldm_sd1):
     plain, plain_calls = _grad(sd1, NAME, False)
     assert plain is not None and plain.abs() > 0 and plain_calls == 1

@@ -39,14 +39,16 @@ def _is_open_clip(cond_stage_model: nn.Module) -> bool:
     return hasattr(cond_stage_model, "model") and hasattr(cond_stage_model.model, "transformer")
 
 
-def _weights_id(model: nn.Module) -> str:
-    """A short stable hash of the UNet's first and last weights plus the parameter names."""
-    params = list(model.named_parameters())
+def _weights_id(model: nn.Module, samples: int = 4096) -> str:
+    """A short stable hash of every weight tensor (name, shape, ~4096 evenly spaced values each): any merge or
+    fine-tune changes it, and a multi-GB model is hashed in moments."""
     digest = hashlib.sha256()
-    for name, param in params[:4] + params[-4:]:
-        digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    digest.update(str(len(params)).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // samples)
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
@@ -60,7 +62,8 @@ class LdmAdapter:
             the built-in encoding (the WebUI host passes its own), defaults to None.
         tokenizer (optional): a transformers CLIP tokenizer for OpenCLIP (SD2) models, whose ldm embedder has no
             tokenizer object of its own, defaults to None.
-        model_id (str, optional): identity of the weights, defaults to a hash of some UNet weights.
+        model_id (str, optional): identity of the weights (the host passes its checkpoint hash), defaults to a
+            sampled hash of all weights.
     """
 
     def __init__(self, latent_diffusion: nn.Module, text_encode: TextEncodeFn | None = None, tokenizer=None,
@@ -74,7 +77,7 @@ class LdmAdapter:
         self.architecture = ("sd2-v" if v else "sd2") if self._open_clip else "sd1"
         self.prediction_type = "v_prediction" if v else "epsilon"
         self.alphas_cumprod = latent_diffusion.alphas_cumprod.detach().float().cpu()
-        self.model_id = model_id or _weights_id(self.unet())
+        self.model_id = model_id or _weights_id(latent_diffusion)
         self._checkpointed: dict[nn.Module, bool] = {}
 
     @property
