@@ -5,7 +5,6 @@ import dataclasses
 import difflib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -14,6 +13,7 @@ from lora_trainer.config.schema import FIELDS, SECTIONS, LoadedConfig, TrainConf
 from lora_trainer.config.validate import normalize, validate
 from lora_trainer.config.values import coerce, parse_literal, tomllib
 from lora_trainer.errors import ConfigError
+from lora_trainer.atomic_io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -265,12 +265,5 @@ def save_toml(config: TrainConfig, path: str | os.PathLike) -> Path:
         section = kk.SECTION_NAMES[FIELDS[key].section]
         document.setdefault(section, {})[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            tomli_w.dump(document, handle)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, tomli_w.dumps(document).encode("utf-8"))
     return path

@@ -8,16 +8,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from lora_trainer.data.buckets import Placement, fit_to_bucket
 from lora_trainer.data.images import image_to_tensor, load_image
 from lora_trainer.progress import ProgressTracker
+from lora_trainer.atomic_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -168,14 +168,7 @@ class LatentCache:
         path = self._disk_path(key)
         if path:
             os.makedirs(self.cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.cache_dir)
-            os.close(fd)
-            try:
-                save_file({"latents": latents}, tmp, metadata={"model_id": self.model_id})
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            atomic_write_bytes(path, save({"latents": latents}, metadata={"model_id": self.model_id}))
 
     def __len__(self) -> int:
         return len(self._memory)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -13,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import NetworkError
+from ..atomic_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +100,7 @@ def save_lora(path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_hashes(tensors, metadata)
     data = safetensors.torch.save(tensors, metadata or None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     logger.info("saved %s (%d tensors, %.1f MiB)", path, len(tensors), len(data) / 2**20)
     return path
 

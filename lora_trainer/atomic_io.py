@@ -1,0 +1,90 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one, and never a lost file.
+
+Data goes to a temporary file in the target's own folder (so the rename never crosses a file system), is
+flushed and fsynced, then moved over the target with `os.replace`; the folder is fsynced after the rename.
+A new file gets the umask's default permissions and a replaced file keeps its own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from lora_trainer.errors import LoraTrainerError
+
+logger = logging.getLogger(__name__)
+
+
+class FileWriteError(LoraTrainerError, OSError):
+    """A file could not be written; the message names it and the fix."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None,
+                       dirs_to_sync: set | None = None) -> Path:
+    """Write bytes to `path` atomically.
+
+    Args:
+        path (str | PathLike): the target file; its folder must exist.
+        data (bytes): the full new content.
+        mode (int, optional): permission bits; defaults to the existing file's, or the umask default.
+        dirs_to_sync (set, optional): when given, the folder is added to it instead of being fsynced now, so a
+            caller writing many files calls `fsync_dirs` once per folder at the end. Defaults to None.
+
+    Returns:
+        Path: the written file. On any error the target is unchanged and no temporary file is left behind.
+    """
+    path = Path(path)
+    if mode is None and path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as err:
+        raise FileWriteError(
+            f"{path}: cannot create a file in {path.parent} ({err.strerror}). "
+            f"Check that the folder exists and is writable."
+        ) from err
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if dirs_to_sync is None:
+        _fsync_dir(path.parent)
+    else:
+        dirs_to_sync.add(path.parent)
+    return path
+
+
+def fsync_dirs(folders) -> None:
+    """Flush folder entries (after renames) to disk; a no-op where folders cannot be fsynced (Windows).
+
+    Args:
+        folders (Iterable[Path]): folders whose renames to make durable.
+    """
+    for folder in folders:
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as err:
+        logger.debug("cannot open %s to fsync it: %s", folder, err)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        logger.debug("cannot fsync folder %s: %s", folder, err)
+    finally:
+        os.close(fd)
