@@ -1,0 +1,192 @@
+"""End to end on the tiny SD1 model: learning, resume, determinism, events, stop commands, NaN and OOM."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lora_trainer.config import TrainConfig, load_toml, update_config
+from lora_trainer.errors import TrainingError
+from lora_trainer.models.loading import load_checkpoint_adapter
+from lora_trainer.networks import LoRANetwork, load_lora
+from lora_trainer.train import EventBus, Failed, Finished, Progress, Saved, Started, Step, TrainCommands, Trainer
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Bit-exact comparisons need one CPU thread: oneDNN's 3x3 conv backward on the tiny UNet's 1x1 mid-block maps
+    sums in a thread-dependent order (deterministic at real sizes and with one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd1):
+    return load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=tiny_sd1.config_dir,
+                                   tokenizer_dir=tiny_sd1.tokenizer_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    folder = root / "1_square"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(4):
+        image = Image.new("RGB", (64, 64), (30, 60, 200))
+        x, y = rng.randint(0, 30), rng.randint(0, 30)
+        ImageDraw.Draw(image).rectangle([x, y, x + 30, y + 30], fill=(220, 30, 30))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"square, red, item{i}", encoding="utf-8")
+    return root
+
+
+def _config(tiny, data, out, **values) -> TrainConfig:
+    base = dict(
+        pretrained_model_name_or_path=str(tiny.checkpoint), train_data_dir=str(data), resolution=(64, 64),
+        output_dir=str(out), output_name="t", max_train_steps=4, learning_rate=1e-3, seed=7, cache_latents=True,
+        train_batch_size=1, network_dim=4, network_alpha=4, network_train_unet_only=True, save_precision="float",
+    )
+    base.update(values)
+    return update_config(TrainConfig(), base)
+
+
+def _run(config, adapter, subscriber=None, commands=None):
+    bus, events = EventBus(), []
+    bus.subscribe(events.append)
+    if subscriber is not None:
+        bus.subscribe(subscriber)
+    trainer = Trainer(config, adapter, bus, commands)
+    return trainer, trainer.run(), events
+
+
+def _fixed_eval(adapter, latents, network=None, multiplier=1.0) -> float:
+    """Denoising loss on the training latents at fixed noise and timesteps (independent of the train RNG)."""
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([100, 300, 500, 700])[: len(latents)]
+    ac = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
+    cond = adapter.encode_captions([f"square, red, item{i}" for i in range(len(latents))])
+    if network is not None:
+        network.multiplier = multiplier
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(adapter.predict(noisy, t, cond), noise).item()
+
+
+def _unet_probe(adapter) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return adapter.predict(x, torch.tensor([400]), adapter.encode_captions(["square"]))
+
+
+def test_overfit_learns_and_leaves_the_model_as_it_was(tiny_sd1, dataset, adapter, tmp_path):
+    probe = _unet_probe(adapter)
+    flags = [p.requires_grad for p in adapter.unet().parameters()]
+    cfg = _config(tiny_sd1, dataset, tmp_path, max_train_steps=30, train_batch_size=4, learning_rate=3e-3)
+    _, result, _ = _run(cfg, adapter)
+    assert result.steps == 30 and not result.stopped and len(result.losses) == 30
+
+    assert torch.equal(_unet_probe(adapter), probe), "training must leave the base model untouched"
+    assert [p.requires_grad for p in adapter.unet().parameters()] == flags
+    from lora_trainer.data.images import image_to_tensor, load_image
+
+    pixels = torch.stack([image_to_tensor(load_image(str(p))) for p in sorted((dataset / "1_square").glob("*.png"))])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        latents = adapter.encode_images(pixels)
+    state_dict, meta = load_lora(result.lora_path)
+    network = LoRANetwork.from_kohya(adapter.lora_targets(), state_dict)
+    network.apply()
+    try:
+        before = _fixed_eval(adapter, latents, network, 0.0)
+        after = _fixed_eval(adapter, latents, network, 1.0)
+        changed = _unet_probe(adapter)
+    finally:
+        network.remove()
+    assert after < before * 0.9, f"LoRA did not fit the training images: {before:.4f} -> {after:.4f}"
+    assert not torch.allclose(changed, probe, atol=1e-4)
+    assert meta["ss_network_dim"] == "4" and meta["ss_max_train_steps"] == "30"
+    assert load_toml(tmp_path / "t.toml").config == cfg
+
+
+def test_resume_equals_uninterrupted_and_events_in_order(tiny_sd1, dataset, adapter, tmp_path):
+    cfg = _config(tiny_sd1, dataset, tmp_path / "a", max_train_steps=6, save_every_n_steps=3, save_state=True,
+                  noise_offset=0.05, multires_noise_iterations=2, min_snr_gamma=5.0)
+    _, full, events = _run(cfg, adapter)
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Progress and kinds[-1] is Finished
+    start = kinds.index(Started)
+    assert events[start].total_steps == 6 and events[start].total_epochs == 2  # 4 batches per epoch
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5, 6] and [s.epoch for s in steps] == [1, 1, 1, 1, 2, 2]
+    assert [s.loss for s in steps] == full.losses
+    saved = [e for e in events if isinstance(e, Saved)]
+    assert [(s.step, s.path.split("/")[-1]) for s in saved] == [(3, "t-step00000003.safetensors"),
+                                                                 (6, "t.safetensors")]
+    assert kinds.index(Saved) == kinds.index(Step) + 3  # right after step 3
+    assert events[-1] == Finished(full.lora_path, False, 6)
+
+    resumed_cfg = update_config(cfg, {"resume": str(tmp_path / "a" / "t-step00000003-state"),
+                                      "output_dir": str(tmp_path / "b"), "save_every_n_steps": None})
+    _, resumed, _ = _run(resumed_cfg, adapter)
+    assert resumed.losses == full.losses
+    a, b = load_lora(full.lora_path)[0], load_lora(resumed.lora_path)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    _, again, _ = _run(update_config(cfg, {"output_dir": str(tmp_path / "c"), "max_train_steps": 2,
+                                           "save_every_n_steps": None, "save_state": False}), adapter)
+    assert again.losses == full.losses[:2], "same seed and config must give the same losses"
+
+
+def test_stop_and_stop_and_save(tiny_sd1, dataset, adapter, tmp_path):
+    for save in (False, True):
+        commands = TrainCommands()
+
+        def at_step_two(event, commands=commands, save=save):
+            if isinstance(event, Step) and event.step == 2:
+                commands.request_stop(save=save)
+
+        out = tmp_path / str(save)
+        _, result, events = _run(_config(tiny_sd1, dataset, out), adapter, at_step_two, commands)
+        assert result.stopped and result.steps == 2
+        assert events[-1] == Finished(result.lora_path, True, 2)
+        assert (out / "t.safetensors").exists() is save and (result.lora_path is not None) is save
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_sd1, dataset, adapter, tmp_path):
+    probe = _unet_probe(adapter)
+    holder = {}
+
+    def poison_after_step_three(event):
+        if isinstance(event, Step) and event.step == 3:
+            with torch.no_grad():
+                next(holder["trainer"].network.parameters()).fill_(float("nan"))
+
+    cfg = _config(tiny_sd1, dataset, tmp_path, max_train_steps=8, save_every_n_steps=2)
+    bus, events = EventBus(), []
+    bus.subscribe(events.append)
+    bus.subscribe(poison_after_step_three)
+    holder["trainer"] = Trainer(cfg, adapter, bus)
+    with pytest.raises(TrainingError, match="step 4: the loss is nan") as info:
+        holder["trainer"].run()
+    assert "t-step00000002.safetensors is kept" in str(info.value) and "learning_rate" in str(info.value)
+    assert isinstance(events[-1], Failed) and events[-1].message == str(info.value)
+    assert (tmp_path / "t-step00000002.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
+    good = load_lora(tmp_path / "t-step00000002.safetensors")[0]
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert torch.equal(_unet_probe(adapter), probe)
+
+
+def test_out_of_memory_is_explained(tiny_sd1, dataset, adapter, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(adapter, "predict", no_memory)  # the real error cannot be provoked on a CPU
+    with pytest.raises(TrainingError, match="ran out of memory.*train_batch_size.*gradient_checkpointing"):
+        _run(_config(tiny_sd1, dataset, tmp_path), adapter)
