@@ -142,12 +142,13 @@ def test_ldm_model_id_follows_the_weights(ldm_sd1):
 
     assert len(ldm_sd1.model_id) == 12 and LdmAdapter(ldm_sd1.model).model_id == ldm_sd1.model_id
     weight = ldm_sd1.unet().middle_block[1].proj_in.weight  # one tensor deep inside, as a partial merge would
+    original = weight.detach().clone()
     with torch.no_grad():
         weight.view(-1)[0] += 1.0
         try:
             assert LdmAdapter(ldm_sd1.model).model_id != ldm_sd1.model_id
         finally:
-            weight.view(-1)[0] -= 1.0
+            weight.copy_(original)
 
 
 def test_checkpointing_keeps_gradients_of_injected_modules(sd1, ldm_sd1):
