@@ -190,3 +190,36 @@ def test_out_of_memory_is_explained(tiny_sd1, dataset, adapter, tmp_path, monkey
     monkeypatch.setattr(adapter, "predict", no_memory)  # the real error cannot be provoked on a CPU
     with pytest.raises(TrainingError, match="ran out of memory.*train_batch_size.*gradient_checkpointing"):
         _run(_config(tiny_sd1, dataset, tmp_path), adapter)
+
+
+def test_features_together(tiny_sd1, dataset, adapter, tmp_path):
+    """Text-encoder LoRA, bf16 autocast, gradient checkpointing, accumulation, epochs, pruning, samples, logs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# previews\nsquare, red --n blurry --w 64 --h 64 --s 2 --d 3\n", encoding="utf-8")
+    cfg = _config(
+        tiny_sd1, dataset, tmp_path / "out", network_train_unet_only=False, text_encoder_lr=5e-4,
+        mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=2, max_train_epochs=3,
+        save_every_n_epochs=1, save_last_n_epochs=1, sample_every_n_epochs=1, sample_prompts=str(prompts),
+        optimizer_type="AdamW8bit", lr_scheduler="cosine", lr_warmup_steps=0.5, min_snr_gamma=5.0,
+        debiased_estimation_loss=True, log_with="tensorboard", logging_dir=str(tmp_path / "logs"),
+    )
+    te_modes = [m.training for m in adapter.text_encoders()[0].modules()]
+    _, result, events = _run(cfg, adapter)
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [s.epoch for s in steps] == [1, 1, 2, 2, 3, 3] and all(torch.isfinite(torch.tensor(result.losses)))
+    lrs = [s.lr for s in steps]
+    assert lrs[0] < lrs[2] and lrs[-1] < lrs[2], f"warm-up then cosine decay expected, got {lrs}"
+    saved = [e.path.rsplit("/", 1)[-1] for e in events if isinstance(e, Saved)]
+    assert saved == ["t-000001.safetensors", "t-000002.safetensors", "t.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["t-000002.safetensors", "t-000002.toml", "t.safetensors", "t.toml"]  # epoch 1 pruned
+    samples = [e for e in events if type(e).__name__ == "Sample"]
+    assert len(samples) == 3 and samples[0].images[0].size == (64, 64)
+    state_dict, meta = load_lora(result.lora_path)
+    assert any(k.startswith("lora_te_") for k in state_dict) and any(k.startswith("lora_unet_") for k in state_dict)
+    assert meta["ss_epoch"] == "3" and meta["ss_gradient_accumulation_steps"] == "2"
+    run_dirs = list((tmp_path / "logs").iterdir())
+    assert len(run_dirs) == 1 and len((run_dirs[0] / "steps.csv").read_text().splitlines()) == 7
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dirs[0].iterdir())
+    assert not adapter.unet().is_gradient_checkpointing
+    assert [m.training for m in adapter.text_encoders()[0].modules()] == te_modes

@@ -17,6 +17,7 @@ from lora_trainer.errors import LoraTrainerError, TrainingError
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
 from lora_trainer.train.events import EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands
+from lora_trainer.train.logs import build_log_subscribers
 from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
 from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
@@ -82,10 +83,14 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train. Errors are emitted as `Failed` and raised (`TrainingError` for NaN loss and out of memory).
+        Log writers asked for by `config.logging` subscribe for the run.
 
         Returns:
             TrainResult: files, steps and losses.
         """
+        log_writers = build_log_subscribers(self.config.logging, self.config.save.output_name)
+        for writer in log_writers:
+            self.events.subscribe(writer)
         try:
             return self._run()
         except LoraTrainerError as error:
@@ -95,6 +100,9 @@ class Trainer:
             error = TrainingError(OOM_MESSAGE)
             self.events.emit(Failed(str(error)))
             raise error from exc
+        finally:
+            for writer in log_writers:
+                self.events.unsubscribe(writer)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _run(self) -> TrainResult:
