@@ -1,74 +1,58 @@
-"""Dataset folders, captions, aspect-ratio buckets, latent cache and safe image loading."""
-from lora_trainer.data.buckets import (
-    Bucketer,
-    BucketSettings,
-    Placement,
-    bucket_info,
-    fit_to_bucket,
-    make_bucket_resolutions,
-    parse_resolution,
-)
-from lora_trainer.data.cache import (
-    CacheReport,
-    LatentCache,
-    LatentRequest,
-    TextEncoderCache,
-    file_sha256,
-    latent_key,
-    request_pixels,
-)
-from lora_trainer.data.caption_files import CaptionText, caption_path, join_lines, read_caption
-from lora_trainer.data.captions import CaptionOptions, has_wildcards, is_fixed, process_caption
-from lora_trainer.data.folders import DatasetIndex, ImageItem, count_tags, scan_dataset
-from lora_trainer.data.images import (
-    IMAGE_EXTENSIONS,
-    ImageSize,
-    image_size,
-    image_to_tensor,
-    is_image_file,
-    load_image,
-    to_rgb,
-    verify_image,
-)
-from lora_trainer.data.loader import CACHE_FOLDER, Batch, BatchPlan, TrainDataset
+"""Dataset folders, captions, aspect-ratio buckets, latent cache and safe image loading.
 
-__all__ = [
-    "Batch",
-    "BatchPlan",
-    "Bucketer",
-    "BucketSettings",
-    "CACHE_FOLDER",
-    "CacheReport",
-    "CaptionOptions",
-    "CaptionText",
-    "DatasetIndex",
-    "IMAGE_EXTENSIONS",
-    "ImageItem",
-    "ImageSize",
-    "LatentCache",
-    "LatentRequest",
-    "Placement",
-    "TextEncoderCache",
-    "TrainDataset",
-    "bucket_info",
-    "caption_path",
-    "count_tags",
-    "file_sha256",
-    "fit_to_bucket",
-    "has_wildcards",
-    "image_size",
-    "image_to_tensor",
-    "is_fixed",
-    "is_image_file",
-    "join_lines",
-    "latent_key",
-    "load_image",
-    "make_bucket_resolutions",
-    "parse_resolution",
-    "process_caption",
-    "read_caption",
-    "request_pixels",
-    "scan_dataset",
-    "to_rgb",
-    "verify_image",
-]
+Names are imported on first use: the tagger and the tag editor read images and captions through this
+package and must not pay for importing torch.
+"""
+import importlib
+
+_LAZY = {
+    "Batch": "lora_trainer.data.loader",
+    "BatchPlan": "lora_trainer.data.loader",
+    "BucketSettings": "lora_trainer.data.buckets",
+    "Bucketer": "lora_trainer.data.buckets",
+    "CACHE_FOLDER": "lora_trainer.data.loader",
+    "CacheReport": "lora_trainer.data.cache",
+    "CaptionOptions": "lora_trainer.data.captions",
+    "CaptionText": "lora_trainer.data.caption_files",
+    "DatasetIndex": "lora_trainer.data.folders",
+    "IMAGE_EXTENSIONS": "lora_trainer.data.images",
+    "ImageItem": "lora_trainer.data.folders",
+    "ImageSize": "lora_trainer.data.images",
+    "LatentCache": "lora_trainer.data.cache",
+    "LatentRequest": "lora_trainer.data.cache",
+    "Placement": "lora_trainer.data.buckets",
+    "TextEncoderCache": "lora_trainer.data.cache",
+    "TrainDataset": "lora_trainer.data.loader",
+    "bucket_info": "lora_trainer.data.buckets",
+    "caption_path": "lora_trainer.data.caption_files",
+    "count_tags": "lora_trainer.data.folders",
+    "file_sha256": "lora_trainer.data.cache",
+    "fit_to_bucket": "lora_trainer.data.buckets",
+    "has_wildcards": "lora_trainer.data.captions",
+    "image_size": "lora_trainer.data.images",
+    "image_to_tensor": "lora_trainer.data.images",
+    "is_fixed": "lora_trainer.data.captions",
+    "is_image_file": "lora_trainer.data.images",
+    "join_lines": "lora_trainer.data.caption_files",
+    "latent_key": "lora_trainer.data.cache",
+    "load_image": "lora_trainer.data.images",
+    "make_bucket_resolutions": "lora_trainer.data.buckets",
+    "parse_resolution": "lora_trainer.data.buckets",
+    "process_caption": "lora_trainer.data.captions",
+    "read_caption": "lora_trainer.data.caption_files",
+    "request_pixels": "lora_trainer.data.cache",
+    "scan_dataset": "lora_trainer.data.folders",
+    "to_rgb": "lora_trainer.data.images",
+    "verify_image": "lora_trainer.data.images",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value

@@ -5,12 +5,15 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_trainer.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +179,7 @@ def verify_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return size
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
+def image_to_tensor(image: Image.Image) -> "torch.Tensor":
     """RGB image -> float32 tensor `[3, H, W]` in [-1, 1] (what the VAE encoder expects).
 
     Args:
@@ -186,6 +189,8 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
         torch.Tensor: the pixels scaled to [-1, 1].
     """
     arr = np.asarray(image, dtype=np.uint8)
+    import torch  # here, so that reading images (tagger, tag editor) does not import torch
+
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
