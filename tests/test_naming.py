@@ -210,3 +210,26 @@ def test_unknown_paths_raise_with_a_hint():
         compvis_to_diffusers_unet("cond_stage_model.transformer")
     with pytest.raises(ValueError, match="UNet2DConditionModel"):
         diffusers_to_compvis_unet("text_model.encoder")
+
+
+@pytest.mark.parametrize("arch,unet,unet_conv,te", [
+    ("sd1", 192, 278, [72]), ("sd2", 192, 278, [138]), ("sdxl", 722, 788, [72, 192]),
+])
+def test_full_size_shipped_configs_give_kohyas_module_counts(arch, unet, unet_conv, te):
+    import json
+
+    from lora_trainer.models.configs import config_dir
+
+    folder = config_dir(arch)
+
+    def config(sub):
+        return json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
+
+    with torch.device("meta"):  # real sizes, no memory
+        model = UNet2DConditionModel.from_config(config("unet"))
+        encoders = [CLIPTextModel(CLIPTextConfig(**config("text_encoder")))]
+        if arch == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2"))))
+    assert len(unet_targets(model, arch, "diffusers")) == unet
+    assert len(unet_targets(model, arch, "diffusers", include_conv=True)) == unet_conv
+    assert [len(te_targets(e, "lora_te_")) for e in encoders] == te
