@@ -1,6 +1,7 @@
 """Pure tag operations (tagging/tag_ops.py)."""
 from __future__ import annotations
 
+import random
 import re
 
 from lora_trainer.tagging import tag_ops as ops
@@ -66,3 +67,14 @@ def test_dedupe_keeps_first():
 def test_sort_keeps_leading_tags():
     assert ops.sort_tags(["trigger", "b", "A", "c"], keep=1) == ["trigger", "A", "b", "c"]
     assert ops.sort_tags(["b", "a"]) == ["a", "b"]
+
+
+def test_fast_parse_path_agrees_with_full_normalisation():
+    odd = {chr(c) for c in range(0x3001) if chr(c).isspace()} - {" ", "\n", "\r"}
+    assert {c for c in odd if ops._ODD_SPACE.search(c)} == odd, "every other whitespace char takes the slow path"
+    rng = random.Random(0)
+    alphabet = list("ab, \n\r\\()") + sorted(odd) + ["  "]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        expected = [t for t in (" ".join(p.split()) for p in re.split(r"(?<!\\)[,\n\r]", text)) if t]
+        assert ops.parse_tags(text) == expected, repr(text)

@@ -11,7 +11,11 @@ import re
 from collections.abc import Iterable, Sequence
 
 _SEPARATOR = re.compile(r"(?<!\\)[,\n\r]")
-_ODD_SPACE = re.compile(r"[^\S \n\r]| {2,}")  # whitespace other than a single space (line breaks split tags)
+# Every char for which str.isspace() is true, except " ", "\n" and "\r" (line breaks separate tags); an explicit
+# class is several times faster to search than a negated \S.
+_ODD_SPACE = re.compile(
+    "[\t\x0b\x0c\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+)
 
 
 def normalize_tag(tag: str) -> str:
@@ -42,7 +46,7 @@ def parse_tags(text: str) -> list[str]:
         parts = text.replace("\r", "\n").replace("\n", ",").split(",")
     else:
         parts = text.split(",")
-    if _ODD_SPACE.search(text) is None:  # only single plain spaces inside: trimming is all there is to do
+    if "  " not in text and _ODD_SPACE.search(text) is None:  # single plain spaces only: trimming is enough
         return [tag for tag in map(str.strip, parts) if tag]
     out = []
     for part in parts:
