@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -122,7 +121,3 @@ def prune_old_epochs(folder: Path, output_name: str, epoch: int, every: int, kee
             victim.unlink()
             logger.info("removed %s (save_last_n_epochs=%d)", victim, keep)
 
-
-def steps_per_epoch(num_batches: int, accumulation: int) -> int:
-    """Optimizer steps in an epoch: every `accumulation` batches, and once more for a partial group at the end."""
-    return max(1, math.ceil(num_batches / max(1, accumulation)))

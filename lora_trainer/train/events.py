@@ -174,7 +174,8 @@ class TrainCommands:
         self._stop.set()
 
     def stop_and_save(self) -> None:
-        """Ask the loop to end after the current step and save the LoRA (and state when enabled)."""
+        """Ask the loop to end after the current step and save the LoRA as `<output_name>.safetensors` (and the
+        resume state when save_state is on)."""
         self._save.set()
         self._stop.set()
 
@@ -196,6 +197,11 @@ class TrainCommands:
     @property
     def save_requested(self) -> bool:
         return self._save.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """A stop was requested (the `CancelToken` interface, so caching stops early too)."""
+        return self._stop.is_set()
 
     def clear(self) -> None:
         """Forget pending requests (before a new run)."""

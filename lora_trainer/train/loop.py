@@ -114,7 +114,7 @@ class Trainer:
         self.started_at = time.time()
         self.network = build_network(cfg, self.adapter)
         train_te = bool(self.network.te_names())
-        self.data = prepare_data(cfg, self.adapter, self.events, train_te)
+        self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands)
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            offload_vae=self.data.dataset.cache is not None):
@@ -135,6 +135,9 @@ class Trainer:
         self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.plan.total_steps, opt.lr_warmup_steps,
                                          opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
         self.precision = Precision(cfg.model.mixed_precision, self.adapter.device)
+        if cfg.model.full_fp16 or cfg.model.full_bf16:
+            logger.info("full_fp16/full_bf16: LoRA weights stay float32; autocast runs the model in %s",
+                        cfg.model.mixed_precision)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.loss_options = LossOptions(self.adapter.prediction_type, t.min_snr_gamma, t.debiased_estimation_loss)
         self.sampler = Sampler(cfg, self.adapter, self.seed)
@@ -277,7 +280,8 @@ class Trainer:
         return TrainResult(path, pos.global_step, pos.epoch, False, list(pos.losses))
 
     def _stop(self, pos: _Position) -> TrainResult:
-        path = self._save(pos, self.config.save.output_name, final=True) if self.commands.save_requested else None
+        wanted = self.commands.save_requested and pos.global_step > 0
+        path = self._save(pos, self.config.save.output_name, final=True) if wanted else None
         logger.info("stopped at step %d%s", pos.global_step, f"; saved {path}" if path else " without saving")
         self.events.emit(Finished(path, True, pos.global_step))
         return TrainResult(path, pos.global_step, pos.epoch, True, list(pos.losses))
