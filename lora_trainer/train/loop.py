@@ -174,7 +174,8 @@ class Trainer:
                 pos.global_step += 1
                 pos.step_in_epoch += 1
                 self._after_step(pos)
-            if pos.step_in_epoch >= plan.steps_per_epoch:
+            # every group ran (a break happens only at total_steps), or the run ended on the epoch's last step
+            if pos.global_step < plan.total_steps or pos.step_in_epoch >= plan.steps_per_epoch:
                 pos.epoch += 1
                 pos.step_in_epoch = 0
                 self._after_epoch(pos)
