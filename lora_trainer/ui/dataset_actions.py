@@ -15,6 +15,7 @@ from lora_trainer.errors import DatasetError
 from lora_trainer.progress import CancelToken
 from lora_trainer.tagging import TagEditor, analyze
 from lora_trainer.ui import dataset_views as views
+from lora_trainer.ui.thumbnails import VIEW_SIDE, thumbnail
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def image_view(session: DatasetSession) -> dict:
     shown = editor.preview_caption(i, session.caption_options, session.seed)
     session.seed = shown.seed
     name = f"`{entry.rel_path}`" + ("" if entry.problem is None else f" ({entry.problem})")
-    return {"image": str(entry.image_path), "caption": editor.caption(i), "image_name": name,
+    return {"image": thumbnail(entry.image_path, VIEW_SIDE), "caption": editor.caption(i), "image_name": name,
             "preview": f"{shown.caption}\n\n(seed {shown.seed})"}
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from lora_trainer.progress import ProgressInfo, format_seconds
 from lora_trainer.tagging import DatasetReport, EditResult, ReloadResult, SaveResult, TagEditor
+from lora_trainer.ui.thumbnails import thumbnails
 
 MAX_GALLERY = 400
 FREQ_HEADERS = ["tag", "images", "share"]
@@ -33,8 +34,9 @@ def frequency_rows(editor: TagEditor, sort: str = "count", scope: str = "all") -
 
 
 def gallery_items(editor: TagEditor, indices: list[int]) -> list[tuple[str, str]]:
-    """(image path, label) pairs for the gallery, at most MAX_GALLERY."""
-    return [(str(editor.images[i].image_path), editor.images[i].rel_path) for i in indices[:MAX_GALLERY]]
+    """(thumbnail path, label) pairs for the gallery, at most MAX_GALLERY."""
+    shown = [editor.images[i] for i in indices[:MAX_GALLERY]]
+    return list(zip(thumbnails([e.image_path for e in shown]), [e.rel_path for e in shown]))
 
 
 def selection_label(editor: TagEditor, shown: int) -> str:
