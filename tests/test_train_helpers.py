@@ -16,7 +16,8 @@ def test_kohya_names():
     assert checkpoint_stem("x", epoch=2) == "x-000002"
     assert checkpoint_stem("x", step=100) == "x-step00000100"
     assert checkpoint_stem("x") == "x"
-    assert save_dtype("bf16") is torch.bfloat16 and save_dtype("float") is torch.float32 and save_dtype(None) is torch.float16
+    assert save_dtype("bf16") is torch.bfloat16 and save_dtype("float") is torch.float32
+    assert save_dtype(None) is torch.float16
     with pytest.raises(ConfigError, match="save_precision"):
         save_dtype("fp8")
 

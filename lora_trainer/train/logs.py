@@ -7,7 +7,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from lora_trainer.train.events import Failed, Finished, Sample, Step
 
@@ -144,8 +145,10 @@ def build_log_subscribers(logging_config: Any, run_name: str) -> list[Callable[[
         if log_with:
             logger.warning("log_with = %r needs logging_dir; nothing is logged. Set logging_dir.", log_with)
         return []
-    folder = Path(root) / f"{getattr(logging_config, 'log_prefix', None) or ''}{run_name}_{time.strftime('%Y%m%d%H%M%S')}"
-    subscribers: list[Callable[[Any], None]] = [CsvLogger(folder / "steps.csv"), JsonLinesLogger(folder / "events.jsonl")]
+    prefix = getattr(logging_config, "log_prefix", None) or ""
+    folder = Path(root) / f"{prefix}{run_name}_{time.strftime('%Y%m%d%H%M%S')}"
+    subscribers: list[Callable[[Any], None]] = [CsvLogger(folder / "steps.csv"),
+                                                JsonLinesLogger(folder / "events.jsonl")]
     if log_with in ("tensorboard", "all"):
         subscribers.append(TensorBoardLogger(folder))
     if log_with in ("wandb", "all"):

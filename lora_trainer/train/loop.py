@@ -237,10 +237,10 @@ class Trainer:
             self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
 
     def _after_epoch(self, pos: _Position) -> None:
-        save, name = self.config.save, self.config.save.output_name
-        if save.save_every_n_epochs and pos.epoch % save.save_every_n_epochs == 0 and pos.epoch < self.plan.total_epochs:
+        save, name, every = self.config.save, self.config.save.output_name, self.config.save.save_every_n_epochs
+        if every and pos.epoch % every == 0 and pos.epoch < self.plan.total_epochs:
             self._save(pos, checkpoints.checkpoint_stem(name, epoch=pos.epoch))
-            checkpoints.prune_old_epochs(self.folder, name, pos.epoch, save.save_every_n_epochs, save.save_last_n_epochs)
+            checkpoints.prune_old_epochs(self.folder, name, pos.epoch, every, save.save_last_n_epochs)
         if self.sampler.due(epoch=pos.epoch):
             self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
 

@@ -3,13 +3,14 @@
 A state folder (`<output_name>-state/`, `<output_name>-000002-state/`, `<output_name>-step00000100-state/`) holds:
 `network.safetensors` (trainable weights), `optimizer.pt`, `scheduler.pt` and `scaler.pt` (loaded with
 `weights_only=True`), `rng.pt` (torch, CUDA, python and numpy RNG states and the loop's own generators) and
-`train_state.json` (step, epoch, position in the epoch, config hash). It is written into a temporary folder
-that is renamed into place, so a crash never leaves a half-written state behind.
+`train_state.json` (step, epoch, position in the epoch, config hash). Its files are written and fsynced in a
+temporary folder that is then renamed into place, so a crash never leaves a half-written state behind.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import random
@@ -21,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
+from lora_trainer.atomic_io import atomic_write_bytes, fsync_dirs
 from lora_trainer.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -153,26 +156,38 @@ def save_state(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in network.items()}, str(tmp / "network.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        files = {
+            "network.safetensors": save_bytes({k: v.detach().contiguous().cpu() for k, v in network.items()}),
+            "optimizer.pt": _torch_bytes(optimizer.state_dict()),
+            "scheduler.pt": _torch_bytes(scheduler.state_dict()),
+            "rng.pt": _torch_bytes(rng),
+            "train_state.json": json.dumps({**dataclasses.asdict(train_state), "format": STATE_FORMAT}).encode(),
+        }
         if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng, tmp / "rng.pt")
-        payload = dict(dataclasses.asdict(train_state), format=STATE_FORMAT)
-        (tmp / "train_state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+            files["scaler.pt"] = _torch_bytes(scaler.state_dict())
+        synced: set = set()
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data, dirs_to_sync=synced)
+        fsync_dirs(synced)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
         tmp.rename(path)
+        fsync_dirs([path.parent])
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved resume state %s (step %d)", path, train_state.global_step)
     return path
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _load_pt(path: Path) -> Any:
