@@ -390,3 +390,11 @@ def test_crash_while_saving_one_file_keeps_it_intact(editor, root, monkeypatch):
     assert (root / "misc/08.txt").read_bytes() == b"tree, z"
     assert editor.dirty() == [idx(editor, "3_dog/06.jpeg")]
     assert editor.save().written == [root / "3_dog/06.txt"]
+
+
+def test_bad_regex_or_replacement_changes_nothing(editor):
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        editor.replace("(", "x", scope="all", regex=True)
+    with pytest.raises(ValueError, match="not a valid replacement"):
+        editor.replace("(cat)", r"\2", scope="all", regex=True)
+    assert not editor.can_undo and editor.dirty() == []

@@ -78,3 +78,12 @@ def test_fast_parse_path_agrees_with_full_normalisation():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
         expected = [t for t in (" ".join(p.split()) for p in re.split(r"(?<!\\)[,\n\r]", text)) if t]
         assert ops.parse_tags(text) == expected, repr(text)
+
+
+def test_replace_memo_is_shared_and_exact():
+    memo: dict = {}
+    first = ops.replace_text(["long hair", "smile"], "hair", "fur, soft", memo=memo)
+    second = ops.replace_text(["smile", "long hair", "long hair"], "hair", "fur, soft", memo=memo)
+    assert first == ["long fur", "soft", "smile"]
+    assert second == ["smile", "long fur", "soft", "long fur", "soft"]
+    assert memo["long hair"] == ("long fur", "soft")

@@ -229,13 +229,19 @@ class TagEditor:
 
     def replace(self, old: str, new: str, *, scope: str, regex: bool = False) -> EditResult:
         """Replace text inside tags, plain or regular expression (``re`` syntax). `scope`: "selection" or "all"."""
+        target: str | re.Pattern = old
         if regex:
             try:
-                pattern = re.compile(old)
+                target = re.compile(old)
             except re.error as err:
                 raise ValueError(f"replace: {old!r} is not a valid regular expression ({err}). Fix it or drop regex.") from err
-            return self._batch("replace", scope, lambda t: tag_ops.replace_text(t, pattern, new))
-        return self._batch("replace", scope, lambda t: tag_ops.replace_text(t, old, new))
+            try:
+                target.sub(new, "")  # checks the replacement's group references once, before any caption changes
+            except re.error as err:
+                raise ValueError(f"replace: {new!r} is not a valid replacement for {old!r} ({err}). "
+                                 f"Use \\1, \\2... only for groups the pattern has.") from err
+        memo: dict = {}  # distinct tags are far fewer than tag occurrences
+        return self._batch("replace", scope, lambda t: tag_ops.replace_text(t, target, new, memo=memo))
 
     def rename_tag(self, old: str, new: str, *, scope: str) -> EditResult:
         """Rename a whole tag (merging with `new` if present). `scope`: "selection" or "all"."""

@@ -128,7 +128,8 @@ def remove_tags(tags: Sequence[str], remove: Iterable[str]) -> list[str]:
     return [t for t in tags if t not in gone]
 
 
-def replace_text(tags: Sequence[str], old: str | re.Pattern, new: str, regex: bool = False) -> list[str]:
+def replace_text(tags: Sequence[str], old: str | re.Pattern, new: str, regex: bool = False,
+                 memo: dict | None = None) -> list[str]:
     """Replace text inside each tag (substring or regular expression), then re-parse.
 
     The replacement may hold commas (one tag becomes several) or be empty (the tag disappears).
@@ -138,23 +139,31 @@ def replace_text(tags: Sequence[str], old: str | re.Pattern, new: str, regex: bo
         old (str | re.Pattern): the text or pattern to find; a compiled pattern implies ``regex=True``.
         new (str): the replacement (``\\1`` group references work with a regex).
         regex (bool, optional): treat `old` as a regular expression. Defaults to False.
+        memo (dict, optional): tag -> result cache to share across captions for the same `old`/`new` (a
+            dataset has far fewer distinct tags than tag occurrences). Defaults to None (no sharing).
 
     Returns:
         list[str]: the new tag list.
     """
     if isinstance(old, re.Pattern) or regex:
         pattern = old if isinstance(old, re.Pattern) else re.compile(old)
-        replaced = [pattern.sub(new, t) for t in tags]
+
+        def sub(tag: str) -> str:
+            return pattern.sub(new, tag)
+    elif not old:
+        return list(tags)
     else:
-        if not old:
-            return list(tags)
-        replaced = [t.replace(old, new) if old in t else t for t in tags]
+        def sub(tag: str) -> str:
+            return tag.replace(old, new) if old in tag else tag
+    memo = {} if memo is None else memo
     out: list[str] = []
-    for before, after in zip(tags, replaced):
-        if before is after or before == after:
-            out.append(before)
-        else:
-            out.extend(parse_tags(after))
+    for tag in tags:
+        got = memo.get(tag)
+        if got is None:
+            after = sub(tag)
+            got = (tag,) if after == tag else tuple(parse_tags(after))
+            memo[tag] = got
+        out.extend(got)
     return out
 
 
