@@ -127,3 +127,14 @@ def test_module_entry_point(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (root / "1_dog/06.txt").read_bytes() == b"dog, grass, z"
+
+
+def test_undo_dry_run_lists_files_and_restores_nothing(tmp_path, capsys):
+    root = make(tmp_path / "ds")
+    assert main(["tags", str(root), "--add", "x", "--filter", "dog"]) == 0
+    edited = captions(root)
+    capsys.readouterr()
+    assert main(["tags", str(root), "--undo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 captions would be restored" in out and "1_dog/06.txt" in out
+    assert captions(root) == edited

@@ -24,7 +24,10 @@ HISTORY_RUNS = 20
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tags", help="batch-edit caption tags (add, remove, replace, ...), undo, report")
+    p = sub.add_parser("tags", help="batch-edit caption tags (add, remove, replace, ...), undo, report",
+                       epilog="examples: tags train --add mychar --front | tags train --filter rain --remove umbrella "
+                              "| tags train --undo | tags train --report (give DIR first: tag lists take every "
+                              "following word)")
     p.add_argument("dir", type=Path, help="dataset folder (holding N_concept folders)")
     p.add_argument("--ext", default=".txt", help="caption extension (default .txt)")
     p.add_argument("--add", nargs="+", metavar="TAG", help="add tags (at the end, or first with --front)")
@@ -54,7 +57,7 @@ def run(args) -> int:
             if _edits_requested(args):
                 print("error: --undo cannot be combined with edits. Run --undo alone, then edit again.")
                 return 2
-            return undo_last_run(args.dir, force=args.force)
+            return undo_last_run(args.dir, force=args.force, dry_run=args.dry_run)
         return _edit_and_report(args)
     except (LoraTrainerError, ValueError, OSError) as error:
         print(f"error: {error}")
@@ -183,7 +186,7 @@ def save_with_history(editor, root: Path, force: bool = False) -> int:
     return 0 if result.ok else 1
 
 
-def undo_last_run(root: Path, force: bool = False) -> int:
+def undo_last_run(root: Path, force: bool = False, dry_run: bool = False) -> int:
     """Restore the captions changed by the last `tags` run from the history file.
 
     Files already holding their previous bytes are left alone, so an interrupted undo can be run again.
@@ -191,6 +194,7 @@ def undo_last_run(root: Path, force: bool = False) -> int:
     Args:
         root (Path): the dataset folder.
         force (bool, optional): restore also files changed again since that run. Defaults to False.
+        dry_run (bool, optional): only list the files that would be restored. Defaults to False.
 
     Returns:
         int: 0 when restored, 1 when some files were changed since (nothing restored then) or failed.
@@ -214,6 +218,11 @@ def undo_last_run(root: Path, force: bool = False) -> int:
         for f in changed:
             print(f"conflict: {root / f['path']} changed since the last tags run; nothing restored (use --force)")
         return 1
+    if dry_run:
+        print(f"dry run: {len(pending)} captions would be restored from the run of {run_['time']}")
+        for f in pending:
+            print(f"  {f['path']}")
+        return 0
     failed = 0
     for f in pending:
         path = root / f["path"]
