@@ -85,3 +85,9 @@ def test_commands_are_a_cancel_token():
     assert not commands.cancelled
     commands.request_stop()
     assert commands.cancelled and not commands.save_requested
+
+
+def test_half_model_weights_get_autocast_even_without_mixed_precision():
+    assert Precision("no", torch.device("cpu"), torch.float32).dtype is None
+    assert Precision("no", torch.device("cpu"), torch.bfloat16).dtype is torch.bfloat16
+    assert Precision("fp16", torch.device("cpu"), torch.bfloat16).dtype is torch.float16

@@ -118,7 +118,11 @@ def test_overfit_learns_and_leaves_the_model_as_it_was(tiny_sd1, dataset, adapte
 def test_resume_equals_uninterrupted_and_events_in_order(tiny_sd1, dataset, adapter, tmp_path):
     cfg = _config(tiny_sd1, dataset, tmp_path / "a", max_train_steps=6, save_every_n_steps=3, save_state=True,
                   noise_offset=0.05, multires_noise_iterations=2, min_snr_gamma=5.0)
-    _, full, events = _run(cfg, adapter)
+
+    def broken_subscriber(event):
+        raise RuntimeError("a broken UI must not stop training")
+
+    _, full, events = _run(cfg, adapter, broken_subscriber)
     kinds = [type(e) for e in events]
     assert kinds[0] is Progress and kinds[-1] is Finished
     start = kinds.index(Started)

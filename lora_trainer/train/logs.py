@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from lora_trainer.errors import ConfigError
 from lora_trainer.train.events import Failed, Finished, Sample, Step
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,13 @@ class TensorBoardLogger:
     """
 
     def __init__(self, log_dir: str | Path):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ConfigError(
+                f"log_with: TensorBoard logging needs the tensorboard package ({exc}). Install it "
+                "(pip install tensorboard) or remove log_with."
+            ) from exc
 
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))

@@ -88,10 +88,11 @@ class Trainer:
         Returns:
             TrainResult: files, steps and losses.
         """
-        log_writers = build_log_subscribers(self.config.logging, self.config.save.output_name)
-        for writer in log_writers:
-            self.events.subscribe(writer)
+        log_writers: list = []
         try:
+            log_writers = build_log_subscribers(self.config.logging, self.config.save.output_name)
+            for writer in log_writers:
+                self.events.subscribe(writer)
             return self._run()
         except LoraTrainerError as error:
             self.events.emit(Failed(str(error)))
@@ -134,7 +135,7 @@ class Trainer:
                                t.max_train_steps, t.max_train_epochs)
         self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.plan.total_steps, opt.lr_warmup_steps,
                                          opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
-        self.precision = Precision(cfg.model.mixed_precision, self.adapter.device)
+        self.precision = Precision(cfg.model.mixed_precision, self.adapter.device, self.adapter.dtype)
         if cfg.model.full_fp16 or cfg.model.full_bf16:
             logger.info("full_fp16/full_bf16: LoRA weights stay float32; autocast runs the model in %s",
                         cfg.model.mixed_precision)

@@ -90,14 +90,19 @@ class Precision:
     Args:
         mixed_precision (str): "no", "fp16" or "bf16".
         device (torch.device): where the model runs.
+        model_dtype (torch.dtype, optional): the frozen weights' dtype; half weights (a WebUI model) get autocast
+            in their dtype even with "no", since float32 LoRA modules cannot take half inputs otherwise.
     """
 
-    def __init__(self, mixed_precision: str | None, device: torch.device):
+    def __init__(self, mixed_precision: str | None, device: torch.device, model_dtype: torch.dtype | None = None):
         mode = mixed_precision or "no"
         if mode not in ("no", *AUTOCAST_DTYPES):
             raise ConfigError(f"mixed_precision: {mode!r} is not one of no, fp16, bf16. Pick one of those.")
         self.device_type = torch.device(device).type
         self.dtype = AUTOCAST_DTYPES.get(mode)
+        if self.dtype is None and model_dtype in (torch.float16, torch.bfloat16):
+            logger.info("mixed_precision \"no\" with %s model weights: autocast to %s", model_dtype, model_dtype)
+            self.dtype = model_dtype
         if self.dtype == torch.bfloat16 and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("mixed_precision: this GPU has no bf16 support. Use mixed_precision = \"fp16\".")
         enabled = self.dtype == torch.float16 and self.device_type == "cuda"
