@@ -227,3 +227,18 @@ def test_features_together(tiny_sd1, dataset, adapter, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in run_dirs[0].iterdir())
     assert not adapter.unet().is_gradient_checkpointing
     assert [m.training for m in adapter.text_encoders()[0].modules()] == te_modes
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_other_architectures_train(arch, request, dataset, tmp_path):
+    """SD2 as a v-prediction model (v target) and SDXL (pooled text, size conditioning, two text encoders)."""
+    tiny = request.getfixturevalue(f"tiny_{arch}")
+    model = load_checkpoint_adapter(tiny.checkpoint, v_parameterization=arch == "sd2", config_dir=tiny.config_dir,
+                                    tokenizer_dir=tiny.tokenizer_dir, device="cpu", dtype=torch.float32)
+    assert model.prediction_type == ("v_prediction" if arch == "sd2" else "epsilon")
+    cfg = _config(tiny, dataset, tmp_path, max_train_steps=2, train_batch_size=2, network_train_unet_only=False,
+                  min_snr_gamma=5.0)
+    _, result, _ = _run(cfg, model)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    prefixes = {key.split(".")[0].split("_")[1] for key in load_lora(result.lora_path)[0]}
+    assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
