@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_trainer.atomic_io import FileWriteError
+from lora_trainer.atomic_io import atomic_write_bytes as _atomic_write_bytes
 from lora_trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -72,72 +73,13 @@ def _check_writable(path: Path) -> os.stat_result | None:
     return st
 
 
-def fsync_dirs(folders) -> None:
-    """Flush folder entries (after renames) to disk; a no-op where folders cannot be fsynced (Windows).
-
-    Args:
-        folders (Iterable[Path]): folders whose renames to make durable.
-    """
-    for folder in folders:
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None,
+                       dirs_to_sync: set | None = None) -> None:
+    """`lora_trainer.atomic_io.atomic_write_bytes`, with its error reported as a dataset error naming the file."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as err:
-        logger.debug("cannot open %s to fsync it: %s", folder, err)
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        logger.debug("cannot fsync folder %s: %s", folder, err)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None, dirs_to_sync: set | None = None) -> None:
-    """Write bytes to `path` atomically: temp file in the same folder, fsync, `os.replace`, fsync the folder.
-
-    Args:
-        path (str | PathLike): the target file.
-        data (bytes): the full new content.
-        mode (int, optional): permission bits for the file; default: the umask default for a new file.
-        dirs_to_sync (set, optional): when given, the folder is added to it instead of being fsynced now, so a
-            caller writing many files calls `fsync_dirs` once per folder at the end. Defaults to None.
-
-    Returns:
-        None. On any error the target is unchanged and no temporary file is left behind.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as err:
-        raise DatasetError(
-            f"{path}: cannot create a file in {path.parent} ({err.strerror}). "
-            f"Check that the folder exists and is writable."
-        ) from err
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if dirs_to_sync is None:
-        _fsync_dir(path.parent)
-    else:
-        dirs_to_sync.add(path.parent)
+        _atomic_write_bytes(path, data, mode=mode, dirs_to_sync=dirs_to_sync)
+    except FileWriteError as err:
+        raise DatasetError(str(err)) from err
 
 
 def _make_backup(path: Path, dirs_to_sync: set | None) -> Path | None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.errors import DatasetError
-from lora_trainer.tagging.caption_store import encode_caption, fsync_dirs, write_caption_bytes
+from lora_trainer.atomic_io import fsync_dirs
+from lora_trainer.tagging.caption_store import encode_caption, write_caption_bytes
 from lora_trainer.tagging.editor_io import ImageEntry, LoadedCaption, read_caption_exact
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,55 @@
+"""What a training job needs from the program it runs in: the WebUI (`a1111.py`) or nothing (`standalone.py`).
+
+The job never asks where it runs; it asks its host for the model, a place for LoRAs, and the host's job system.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from lora_trainer.models.adapter import ModelAdapter
+
+
+@runtime_checkable
+class Host(Protocol):
+    """A program that holds (or loads) the model and runs training jobs.
+
+    Attributes:
+        name (str): "a1111" or "standalone" (shown in logs and the UI).
+    """
+
+    name: str
+
+    def prepare_model(self, config) -> AbstractContextManager[ModelAdapter]:
+        """Hand out the model for one run and take it back afterwards.
+
+        Entering: the model ready for training (the WebUI: merged LoRAs restored, weights frozen, flags and devices
+        remembered); leaving, on success, stop or error: the host's model exactly as it was before.
+
+        Args:
+            config (TrainConfig): the run's config (model path standalone, precision, checkpointing, ...).
+
+        Returns:
+            A context manager yielding the ModelAdapter.
+        """
+
+    def job(self, title: str, total_steps: int) -> AbstractContextManager["JobHandle"]:
+        """Run inside the host's job system (the WebUI: `shared.state`, progress bar, Interrupt, generation lock)."""
+
+    def lora_dir(self) -> Path:
+        """Where finished LoRAs go by default (the WebUI: its Lora folder)."""
+
+    def refresh_loras(self) -> None:
+        """Make a newly written LoRA visible to the host (the WebUI: reload its Lora list)."""
+
+
+class JobHandle(Protocol):
+    """The host's side of one running job."""
+
+    def progress(self, step: int, total_steps: int) -> None:
+        """Report progress to the host's own progress display."""
+
+    @property
+    def interrupted(self) -> bool:
+        """True once the host's Interrupt was pressed; the job then stops after the current step."""
