@@ -6,6 +6,7 @@ Preparation lives in `preparation.py`, model modes in `model_state.py`, saving i
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -195,10 +196,11 @@ class Trainer:
             batch = self.data.dataset.load_batch(plan, self.seed, pos.epoch + 1, index)
             with self.precision.autocast():
                 loss = self._batch_loss(batch)
-            if not torch.isfinite(loss):
-                raise self._nan_error(pos.global_step + 1, loss.item())
+            value = loss.item()  # the one host sync of a micro-batch
+            if not math.isfinite(value):
+                raise self._nan_error(pos.global_step + 1, value)
             self.precision.backward(loss / len(group))
-            losses.append(loss.item())
+            losses.append(value)
         self.precision.step(self.optimizer, self.params, self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
