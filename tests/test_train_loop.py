@@ -242,3 +242,12 @@ def test_other_architectures_train(arch, request, dataset, tmp_path):
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     prefixes = {key.split(".")[0].split("_")[1] for key in load_lora(result.lora_path)[0]}
     assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
+
+
+def test_resume_from_another_network_is_refused(tiny_sd1, dataset, adapter, tmp_path):
+    first = _config(tiny_sd1, dataset, tmp_path / "a", max_train_steps=1, save_state=True)
+    _run(first, adapter)
+    other = update_config(first, {"network_dim": 8, "output_dir": str(tmp_path / "b"),
+                                  "resume": str(tmp_path / "a" / "t-state")})
+    with pytest.raises(TrainingError, match="resume: .*t-state does not fit this run"):
+        _run(other, adapter)

@@ -102,6 +102,9 @@ class Trainer:
             error = TrainingError(OOM_MESSAGE)
             self.events.emit(Failed(str(error)))
             raise error from exc
+        except Exception as exc:  # reported to subscribers (a UI waits for an ending), then raised unchanged
+            self.events.emit(Failed(f"training failed: {type(exc).__name__}: {exc}"))
+            raise
         finally:
             for writer in log_writers:
                 self.events.unsubscribe(writer)
@@ -151,9 +154,15 @@ class Trainer:
         if state.config_hash and state.config_hash != config_hash(self.config):
             logger.warning("resume: the config differs from the run that saved %s; continuing with the new one",
                            self.config.save.resume)
-        self.network.load_state_dict(resumed.network)
-        self.optimizer.load_state_dict(resumed.optimizer)
-        self.scheduler.load_state_dict(resumed.scheduler)
+        try:
+            self.network.load_state_dict(resumed.network)
+            self.optimizer.load_state_dict(resumed.optimizer)
+            self.scheduler.load_state_dict(resumed.scheduler)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrainingError(
+                f"resume: {self.config.save.resume} does not fit this run ({str(exc)[:300]}). Resume with the "
+                "network and optimizer settings of the run that saved it, or start without resume."
+            ) from exc
         if self.precision.scaler is not None and resumed.scaler:
             self.precision.scaler.load_state_dict(resumed.scaler)
         restore_rng(resumed.rng, {"noise": self.generator})
