@@ -157,7 +157,8 @@ def test_stop_and_stop_and_save(tiny_sd1, dataset, adapter, tmp_path):
                 commands.request_stop(save=save)
 
         out = tmp_path / str(save)
-        _, result, events = _run(_config(tiny_sd1, dataset, out), adapter, at_step_two, commands)
+        cfg = _config(tiny_sd1, dataset, out, cache_latents=False, flip_aug=True)  # VAE encodes every batch
+        _, result, events = _run(cfg, adapter, at_step_two, commands)
         assert result.stopped and result.steps == 2
         assert events[-1] == Finished(result.lora_path, True, 2)
         assert (out / "t.safetensors").exists() is save and (result.lora_path is not None) is save
