@@ -56,7 +56,9 @@ def test_pyramid_noise_formula_and_unit_std():
     assert torch.allclose(got, expected, atol=1e-5)
     assert got.std() == pytest.approx(1.0, abs=1e-4)
     # low frequencies gain energy: neighbouring pixels correlate more than in white noise
-    corr = lambda x: torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+    def corr(x):
+        return torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+
     assert corr(got) > corr(base) + 0.05
 
 

@@ -46,7 +46,7 @@ def test_each_optimizer_steps_and_changes_parameters(name, lr, args):
         opt.step()
         sched.step()
         opt.zero_grad()
-    for p, b in zip(params, before):
+    for p, b in zip(params, before, strict=True):
         assert not torch.equal(p.detach(), b), f"{name} did not change a parameter"
         assert torch.isfinite(p).all()
     assert current_lr(opt, sched) > 0
