@@ -1,0 +1,150 @@
+"""The host without a WebUI: loads the checkpoint named by the config itself (cached between runs), has no job
+system of its own and nothing to refresh."""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StandaloneJobHandle:
+    """A job handle with no host display: progress is only remembered, Interrupt never happens.
+
+    Attributes:
+        title (str): the job's title.
+        total_steps (int): steps announced at start.
+        step (int): the last step reported.
+    """
+
+    title: str
+    total_steps: int
+    step: int = 0
+
+    def progress(self, step: int, total_steps: int) -> None:
+        """Remember the progress (the standalone UI polls the job's own status)."""
+        self.step, self.total_steps = step, total_steps
+
+    @property
+    def interrupted(self) -> bool:
+        """Always False: the standalone UI stops jobs through the job itself."""
+        return False
+
+
+class StandaloneHost:
+    """Runs training outside the WebUI.
+
+    Args:
+        lora_dir (str | Path): where LoRAs go when the config sets no `output_dir`.
+        device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available, else CPU.
+    """
+
+    name = "standalone"
+
+    def __init__(self, lora_dir: str | Path, device: str | None = None):
+        self._lora_dir = Path(lora_dir)
+        self._device = device
+        self._lock = threading.Lock()
+        self._cached_key: tuple | None = None
+        self._cached = None
+
+    @property
+    def device(self) -> str:
+        """The device models are loaded on."""
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def _dtype(self, config):
+        import torch
+
+        if self.device == "cpu":
+            return torch.float32
+        if config.model.full_bf16 or (config.model.mixed_precision == "bf16" and not config.model.sdxl):
+            return torch.bfloat16
+        if config.model.full_fp16:
+            return torch.float16
+        return torch.float32
+
+    def _key(self, config) -> tuple:
+        m = config.model
+        path = m.pretrained_model_name_or_path
+        if not path:
+            raise ConfigError("pretrained_model_name_or_path: not set. Set it to a checkpoint file "
+                              "(.safetensors or .ckpt) to train on.")
+        path = Path(path).expanduser().resolve()
+        stat = path.stat() if path.is_file() else None
+        stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
+        return (str(path), stamp, bool(m.v_parameterization), m.diffusers_config_dir, m.tokenizer_dir,
+                str(self._dtype(config)))
+
+    def load(self, config):
+        """The adapter for `config`'s checkpoint, loaded once and reused while the file and options are the same.
+
+        Args:
+            config (TrainConfig): the run's config.
+
+        Returns:
+            DiffusersAdapter: the model.
+
+        Raises:
+            ConfigError: no checkpoint set. ModelLoadError: the file is missing or cannot be read.
+        """
+        from lora_trainer.models.loading import load_checkpoint_adapter
+
+        key = self._key(config)
+        if self._cached is not None and self._cached_key == key:
+            return self._cached
+        self._cached, self._cached_key = None, None  # free the old model before loading the new one
+        m = config.model
+        logger.info("loading %s on %s", key[0], self.device)
+        adapter = load_checkpoint_adapter(key[0], v_parameterization=bool(m.v_parameterization),
+                                          config_dir=m.diffusers_config_dir, tokenizer_dir=m.tokenizer_dir,
+                                          device=self.device, dtype=self._dtype(config))
+        self._cached, self._cached_key = adapter, key
+        return adapter
+
+    @contextmanager
+    def prepare_model(self, config):
+        """Hand out the (cached) model for one run; one run at a time.
+
+        Args:
+            config (TrainConfig): the run's config (checkpoint, v_parameterization, config and tokenizer folders).
+
+        Returns:
+            A context manager yielding the DiffusersAdapter.
+        """
+        with self._lock:
+            yield self.load(config)
+
+    @contextmanager
+    def job(self, title: str, total_steps: int):
+        """A no-op job context.
+
+        Args:
+            title (str): shown in logs.
+            total_steps (int): steps announced.
+
+        Returns:
+            A context manager yielding a `StandaloneJobHandle`.
+        """
+        logger.info("%s: %d steps", title, total_steps)
+        yield StandaloneJobHandle(title, total_steps)
+
+    def lora_dir(self) -> Path:
+        """Where LoRAs go by default."""
+        return self._lora_dir
+
+    def refresh_loras(self) -> None:
+        """Nothing to refresh outside the WebUI."""
+
+
+__all__ = ["StandaloneHost", "StandaloneJobHandle"]

@@ -1,0 +1,400 @@
+"""A training run as a service for a UI: start it in a thread, poll a cheap status snapshot, stop it, keep the
+trained LoRA in memory afterwards.
+
+`TrainingJob(config, host)` enters `host.prepare_model(config)` and `host.job(title, total)`, runs the `Trainer`,
+forwards its events into a `JobStatus`, and turns the host's Interrupt into a stop-and-save. Every error ends in
+state `failed` with its message in `status.message`. `JobManager(host)` allows one job at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_trainer.errors import LoraTrainerError, TrainingError
+from lora_trainer.train.events import EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands
+
+logger = logging.getLogger(__name__)
+
+# Errors whose message is written for the user (names the file or key and the fix): shown as they are.
+_USER_ERRORS = (LoraTrainerError, ValueError, FileNotFoundError, OSError)
+_STAGES = {"cache_latents": "caching latents", "cache_text": "caching text-encoder outputs"}
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands; the value is the word the UI shows."""
+
+    IDLE = "idle"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        """True while the job holds the model (preparing, running, stopping)."""
+        return self in (JobState.PREPARING, JobState.RUNNING, JobState.STOPPING)
+
+
+@dataclass
+class JobStatus:
+    """A snapshot of one job, safe to read from any thread.
+
+    Attributes:
+        state (JobState): where the job stands.
+        step (int): optimizer steps done.
+        total_steps (int): steps of the run (0 until known).
+        epoch (int): current epoch, 1-based (0 before the first step).
+        total_epochs (int): epochs of the run (0 until known).
+        loss (float, optional): loss of the last step.
+        avg_loss (float, optional): moving average of recent losses.
+        lr (float, optional): learning rate after the last step.
+        it_per_s (float, optional): steps per second.
+        eta_s (float, optional): seconds left.
+        message (str): what is happening, or the error (state failed).
+        lora_path (str, optional): the final LoRA file (None while running or when stopped without saving).
+        saved (list[str]): every LoRA file written, in order.
+        losses (list[tuple[int, float]]): (step, loss) of every step.
+        samples (list[str]): sample image files, in order.
+        started_at (float, optional): `time.time()` at start.
+        finished_at (float, optional): `time.time()` at the end.
+    """
+
+    state: JobState = JobState.IDLE
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    avg_loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    lora_path: str | None = None
+    saved: list[str] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def copy(self) -> "JobStatus":
+        """A copy whose lists are not shared with the job."""
+        return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
+
+
+def error_message(exc: BaseException) -> str:
+    """The text a user sees for an error: our errors' own message, else the type and message.
+
+    Args:
+        exc (BaseException): the error.
+
+    Returns:
+        str: the message.
+    """
+    text = str(exc).strip().strip("'\"")
+    if isinstance(exc, _USER_ERRORS) and text:
+        return text
+    return f"training failed: {type(exc).__name__}: {text}" if text else f"training failed: {type(exc).__name__}"
+
+
+class TrainingJob:
+    """One training run on a host.
+
+    Args:
+        config (TrainConfig): the run's config; an unset `output_dir` becomes `host.lora_dir()`.
+        host (Host): where the model comes from (the WebUI, or `StandaloneHost`).
+    """
+
+    def __init__(self, config, host):
+        self.config = config
+        self.host = host
+        self.commands = TrainCommands()
+        self._status = JobStatus()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._handle = None
+        self._live = None
+
+    # -- control ---------------------------------------------------------------------------------------------------
+    def start(self) -> "TrainingJob":
+        """Run the job in a background thread.
+
+        Returns:
+            TrainingJob: self.
+
+        Raises:
+            TrainingError: the job was already started.
+        """
+        self._claim()
+        self._thread = threading.Thread(target=self._run, name="lora-trainer-job", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> JobStatus:
+        """Run the job in the calling thread (errors end in state failed, never raise).
+
+        Returns:
+            JobStatus: the final status.
+        """
+        self._claim()
+        self._run()
+        return self.status()
+
+    def stop(self, save: bool = True) -> None:
+        """Ask the job to end after the current step.
+
+        Args:
+            save (bool, optional): save the LoRA (and resume state when `save_state` is on) first, defaults to True.
+        """
+        self.commands.request_stop(save)
+        with self._lock:
+            if self._status.state.active:
+                self._status.state = JobState.STOPPING
+                self._status.message = "stopping after this step" + (" and saving" if save else " without saving")
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Wait for the job to end.
+
+        Args:
+            timeout (float, optional): seconds to wait at most, defaults to no limit.
+
+        Returns:
+            JobStatus: the status then (still active when the timeout passed).
+        """
+        self._done.wait(timeout)
+        return self.status()
+
+    def status(self) -> JobStatus:
+        """A snapshot of the job (cheap: poll it every second).
+
+        Returns:
+            JobStatus: a copy, not shared with the job.
+        """
+        with self._lock:
+            return self._status.copy()
+
+    @property
+    def live_lora(self):
+        """The trained network in memory (`LiveLoRA`) once the run finished or stopped; None before or on error."""
+        return self._live
+
+    @property
+    def done(self) -> bool:
+        """True once the job ended (finished, stopped or failed)."""
+        return self._done.is_set()
+
+    def _claim(self) -> None:
+        with self._lock:
+            if self._status.state is not JobState.IDLE:
+                raise TrainingError("training job: already started. Start a new job for another run.")
+            self._status.state = JobState.PREPARING
+            self._status.started_at = time.time()
+            self._status.message = "loading the model"
+
+    def _set(self, **values) -> None:
+        with self._lock:
+            for key, value in values.items():
+                setattr(self._status, key, value)
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            config = self._resolved_config()
+            title = f"Train LoRA {config.save.output_name}"
+            with self.host.prepare_model(config) as adapter:
+                with self.host.job(title, int(config.training.max_train_steps or 0)) as handle:
+                    self._handle = handle
+                    self._train(config, adapter)
+        except BaseException as exc:  # every error becomes a failed status the UI shows; logged with traceback
+            logger.exception("training job failed")
+            self._set(state=JobState.FAILED, message=error_message(exc), finished_at=time.time())
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._handle = None
+            self._done.set()
+
+    def _resolved_config(self):
+        from lora_trainer.config import update_config
+
+        config = self.config
+        if not config.save.output_dir:
+            config = update_config(config, {"output_dir": str(self.host.lora_dir())})
+            self.config = config
+        return config
+
+    def _train(self, config, adapter) -> None:
+        from lora_trainer.train.loop import Trainer
+
+        bus = EventBus()
+        bus.subscribe(self._on_event)
+        trainer = Trainer(config, adapter, bus, self.commands)
+        result = trainer.run()
+        self._keep_network(trainer, config)
+        if result.lora_path or self._status.saved:
+            self._refresh()
+        state = JobState.STOPPED if result.stopped else JobState.FINISHED
+        if result.stopped:
+            message = f"stopped at step {result.steps}" + (f"; saved {result.lora_path}" if result.lora_path
+                                                         else " without saving")
+        else:
+            message = f"finished: {result.steps} steps, saved {result.lora_path}"
+        self._set(state=state, message=message, lora_path=result.lora_path, step=result.steps,
+                  finished_at=time.time())
+
+    def _keep_network(self, trainer, config) -> None:
+        from lora_trainer.networks import NetworkSettings
+        from lora_trainer.train.live_lora import LiveLoRA
+
+        network = getattr(trainer, "network", None)
+        if network is None:
+            return
+        include_conv = NetworkSettings.from_config(config.network).wants_conv
+        self._live = LiveLoRA(network, lambda adapter: adapter.lora_targets(include_conv))
+
+    def _refresh(self) -> None:
+        try:
+            self.host.refresh_loras()
+        except Exception:  # the file is written; a host that cannot list it must not fail the run
+            logger.exception("refreshing the host's LoRA list failed")
+
+    # -- events ----------------------------------------------------------------------------------------------------
+    def _on_event(self, event) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+        handle = self._handle
+        if handle is not None and handle.interrupted and not self.commands.stop_requested:
+            logger.info("the host's Interrupt was pressed: stopping and saving")
+            self.stop(save=True)
+
+    def _on_started(self, event: Started) -> None:
+        self._set(state=JobState.RUNNING if not self.commands.stop_requested else JobState.STOPPING,
+                  total_steps=event.total_steps, total_epochs=event.total_epochs, step=event.start_step,
+                  message=f"training from step {event.start_step}" if event.start_step else "training")
+
+    def _on_progress(self, event: Progress) -> None:
+        self._set(message=f"{_STAGES.get(event.stage, event.stage)} {event.done}/{event.total}")
+
+    def _on_step(self, event: Step) -> None:
+        with self._lock:
+            s = self._status
+            s.step, s.total_steps, s.epoch = event.step, event.total_steps, event.epoch
+            s.loss, s.avg_loss, s.lr = event.loss, event.avg_loss, event.lr
+            s.it_per_s, s.eta_s = event.it_per_s, event.eta_s
+            s.losses.append((event.step, event.loss))
+            if s.state is JobState.RUNNING:
+                s.message = "training"
+        handle = self._handle
+        if handle is not None:
+            handle.progress(event.step, event.total_steps)
+
+    def _on_sample(self, event: Sample) -> None:
+        folder = Path(self.config.save.output_dir) / "sample"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(event.images):
+            path = folder / f"{self.config.save.output_name}_{event.step:06d}_{i:02d}.png"
+            if hasattr(image, "save"):
+                image.save(path)
+                paths.append(str(path))
+        with self._lock:
+            self._status.samples.extend(paths)
+
+    def _on_saved(self, event: Saved) -> None:
+        with self._lock:
+            self._status.saved.append(event.path)
+        self._refresh()
+
+    def _on_failed(self, event: Failed) -> None:
+        self._set(message=event.message)
+
+    def _on_finished(self, event: Finished) -> None:
+        self._set(lora_path=event.path)
+
+
+_HANDLERS = {
+    Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
+    Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
+    Finished: TrainingJob._on_finished,
+}
+
+
+class JobManager:
+    """One training job at a time on a host; keeps the last job (and its LoRA) after it ends.
+
+    Args:
+        host (Host): the host jobs run on.
+    """
+
+    def __init__(self, host):
+        self.host = host
+        self._lock = threading.Lock()
+        self._last: TrainingJob | None = None
+
+    def start(self, config) -> TrainingJob:
+        """Start a job in the background.
+
+        Args:
+            config (TrainConfig): the run's config.
+
+        Returns:
+            TrainingJob: the started job.
+
+        Raises:
+            TrainingError: a job is still running.
+        """
+        with self._lock:
+            running = self.current
+            if running is not None:
+                status = running.status()
+                raise TrainingError(
+                    f"training: a job is already {status.state.value} (step {status.step}/{status.total_steps}). "
+                    "Stop it or wait until it ends, then start again."
+                )
+            job = TrainingJob(config, self.host)
+            self._last = job
+            job.start()
+            return job
+
+    @property
+    def current(self) -> TrainingJob | None:
+        """The job that is running (preparing, running or stopping), else None."""
+        job = self._last
+        return job if job is not None and not job.done else None
+
+    @property
+    def last(self) -> TrainingJob | None:
+        """The most recently started job (running or ended), None before the first."""
+        return self._last
+
+    def status(self) -> JobStatus:
+        """The last job's status, or an idle status before the first job."""
+        job = self._last
+        return job.status() if job is not None else JobStatus()
+
+    def stop(self, save: bool = True) -> bool:
+        """Ask the running job to stop.
+
+        Args:
+            save (bool, optional): save the LoRA first, defaults to True.
+
+        Returns:
+            bool: True when a job was running.
+        """
+        job = self.current
+        if job is None:
+            return False
+        job.stop(save)
+        return True
+
+
+__all__ = ["JobManager", "JobState", "JobStatus", "TrainingJob", "error_message"]
