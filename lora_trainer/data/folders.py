@@ -56,6 +56,7 @@ class DatasetIndex:
             (kohya's `ss_tag_frequency`).
         dirs (dict[str, dict[str, int]]): train folder name -> {"n_repeats", "img_count"} (`ss_dataset_dirs`).
         reg_dirs (dict[str, dict[str, int]]): the same for reg_data_dir (`ss_reg_dataset_dirs`).
+        unreadable_captions (list[str]): caption problems (e.g. not UTF-8) that training must not guess around.
     """
 
     items: list[ImageItem] = field(default_factory=list)
@@ -63,6 +64,7 @@ class DatasetIndex:
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     reg_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreadable_captions: list[str] = field(default_factory=list)
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -102,7 +104,9 @@ def count_tags(captions, separator: str = ",") -> dict[str, int]:
     return dict(counts)
 
 
-def _scan_folder(folder: str, repeats: int, concept: str, caption_extension: str, is_reg: bool, problems):
+def _scan_folder(folder: str, repeats: int, concept: str, caption_extension: str, is_reg: bool,
+                 index: DatasetIndex):
+    problems = index.problems
     name = os.path.basename(folder)
     items = []
     uncaptioned = 0
@@ -122,6 +126,7 @@ def _scan_folder(folder: str, repeats: int, concept: str, caption_extension: str
             text = concept
         elif cap.problem:
             problems.append(cap.problem)
+            index.unreadable_captions.append(cap.problem)
             text = text.replace("\ufffd", "")
         items.append(ImageItem(path, text, concept, repeats, width, height, is_reg, name))
     if uncaptioned:
@@ -147,7 +152,7 @@ def _scan_root(root: str, key: str, caption_extension: str, is_reg: bool, index:
             index.problems.append(f"{path}: folder name is not '<repeats>_<concept>' (skipped). {_LAYOUT_FIX}")
             continue
         repeats, concept = int(match.group(1)), match.group(2)
-        items = _scan_folder(path, repeats, concept, caption_extension, is_reg, index.problems)
+        items = _scan_folder(path, repeats, concept, caption_extension, is_reg, index)
         if not items:
             index.problems.append(f"{path}: no usable images (png, jpg, jpeg, webp, bmp) in this folder.")
             continue

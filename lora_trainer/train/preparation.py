@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lora_trainer.errors import ConfigError, TrainingError
+from lora_trainer.errors import ConfigError, DatasetError, TrainingError
 from lora_trainer.train.events import EventBus, Progress
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,10 @@ def prepare_data(config, adapter, events: EventBus, train_te: bool, cancel=None)
     index = scan_dataset(config.dataset)
     for problem in index.problems:
         logger.warning("dataset: %s", problem)
+    if index.unreadable_captions:
+        # A guessed caption trains the wrong words silently; kohya stops here too.
+        raise DatasetError("; ".join(index.unreadable_captions[:5]) + (
+            f" (and {len(index.unreadable_captions) - 5} more)" if len(index.unreadable_captions) > 5 else ""))
     dataset = TrainDataset(index, config.dataset, adapter.model_id, adapter.encode_images)
     if dataset.cache is not None:
         dataset.cache_latents(batch_size=config.dataset.train_batch_size, progress=_progress(events, "cache_latents"),

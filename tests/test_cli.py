@@ -1,0 +1,99 @@
+"""The command line as a user runs it: train from a kohya TOML, the demo, and errors that name the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.__main__ import main
+from lora_trainer.config import load_toml
+from lora_trainer.networks import load_lora
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads on a shared 2-core machine make tiny convolutions slower, not faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_dataset(root, caption="mychar, red square", count=4):
+    folder = root / "5_mychar"
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (64, 64), (40 * index, 90, 200)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def write_config(path, tiny, dataset, output, extra=""):
+    path.write_text(
+        f'pretrained_model_name_or_path = "{tiny.checkpoint}"\n'
+        f'diffusers_config_dir = "{tiny.config_dir}"\n'
+        f'tokenizer_dir = "{tiny.tokenizer_dir}"\n'
+        f'train_data_dir = "{dataset}"\n'
+        f'output_dir = "{output}"\n'
+        'output_name = "cli_lora"\nresolution = "64,64"\nnetwork_dim = 4\nnetwork_alpha = 2\n'
+        'learning_rate = 1e-3\nmax_train_steps = 3\ntrain_batch_size = 2\ncache_latents = true\nseed = 7\n'
+        'xformers = true\nmy_typo_key = 1\n' + extra,
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_train_writes_a_kohya_lora_with_its_config(tiny_sd1, tmp_path, capsys):
+    dataset = write_dataset(tmp_path / "data").parent
+    config = write_config(tmp_path / "run.toml", tiny_sd1, dataset, tmp_path / "out")
+
+    assert main(["train", "--config", str(config), "--set", "network_dim=8", "--device", "cpu"]) == 0
+
+    out = capsys.readouterr().out
+    assert "unknown key 'my_typo_key'" in out
+    assert "'xformers' is accepted but not used" in out
+    lora = tmp_path / "out" / "cli_lora.safetensors"
+    state_dict, metadata = load_lora(lora)
+    downs = [k for k in state_dict if k.endswith(".lora_down.weight")]
+    assert len(downs) == 192 + 72 and all(state_dict[k].shape[0] == 8 for k in downs)
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_network_dim"] == "8"
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"5_mychar": {"n_repeats": 5, "img_count": 4}}
+    saved = load_toml(tmp_path / "out" / "cli_lora.toml").config
+    assert saved.network.network_dim == 8 and saved.training.max_train_steps == 3
+
+
+def test_train_refuses_a_caption_that_is_not_utf8(tiny_sd1, tmp_path, capsys):
+    folder = write_dataset(tmp_path / "data")
+    (folder / "1.txt").write_bytes("mychar, caf\xe9".encode("latin-1"))
+    config = write_config(tmp_path / "run.toml", tiny_sd1, folder.parent, tmp_path / "out")
+
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 1
+
+    out = capsys.readouterr().out
+    assert "1.txt" in out and "re-save it as UTF-8" in out
+    assert not (tmp_path / "out" / "cli_lora.safetensors").exists()
+
+
+def test_train_names_a_bad_key_and_value(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('optimizer_type = "AdamQ"\n', encoding="utf-8")
+
+    assert main(["train", "--config", str(config)]) == 2
+
+    out = capsys.readouterr().out
+    assert "optimizer_type" in out and "AdamQ" in out and "AdamW" in out
+
+
+def test_demo_writes_lora_loss_plot_and_grid(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
+
+    assert (tmp_path / "lora" / "demo_lora.safetensors").is_file()
+    assert len(json.loads((tmp_path / "losses.json").read_text())) == 4
+    plot, grid = Image.open(tmp_path / "loss.png"), Image.open(tmp_path / "samples.png")
+    assert plot.width > 100
+    # two prompts x (three strengths + the reference image), 64 px scaled x4
+    assert grid.size == (4 * 64 * 4, 2 * 64 * 4)
+    cells = [grid.crop((x * 256, 0, x * 256 + 256, 256)).tobytes() for x in range(3)]
+    assert cells[0] != cells[2], "the LoRA at strength 1 must change the image"
