@@ -1,0 +1,322 @@
+"""The WebUI host: train on AUTOMATIC1111's loaded model in its own process. The only module that imports `modules`.
+
+`prepare_model` runs the handshake: (1) LoRAs the built-in Lora extension merged into the weights are taken out
+with the extension's own path (`loaded_networks` emptied, `network_apply_weights` on every merged layer, which
+restores from `network_weights_backup`), then the UNet is compared with the checkpoint file; (2) refusals
+(--medvram/--lowvram hooks, fp8 storage), then every weight frozen with devices, dtypes, `requires_grad`,
+train/eval and checkpoint flags remembered (`handshake.borrowed_model`); the compatibility self-test checks that
+every LoRA module name lands where the WebUI's Lora extension will put it. On leaving, everything is put back.
+`job` runs the work as a WebUI job (`shared.state`, progress bar, Interrupt) holding the generation queue lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from lora_trainer.errors import ModelLoadError, NetworkError
+from lora_trainer.host.a1111_keys import check_names, describe, file_module_names
+from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
+from lora_trainer.host.handshake import borrowed_model, compare_with_file
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+CHECK_EXTRA_TENSORS = 16
+
+
+def _webui():
+    from modules import call_queue, shared
+
+    return shared, call_queue
+
+
+def lora_extension():
+    """The built-in Lora extension's `networks` module, or None when the extension is not loaded."""
+    module = sys.modules.get("networks")
+    return module if module is not None and hasattr(module, "network_apply_weights") else None
+
+
+class _QueueLock:
+    """The WebUI's generation queue lock, re-entrant per thread (job and prepare_model may nest)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def held(self):
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            _, call_queue = _webui()
+            call_queue.queue_lock.acquire()
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            if self._local.depth == 0:
+                call_queue = _webui()[1]
+                call_queue.queue_lock.release()
+
+
+class WebUIJob:
+    """The JobHandle of a training run inside `shared.state`."""
+
+    def __init__(self, state, total_steps: int):
+        self._state = state
+        self._state.job_count = 1
+        self._state.sampling_steps = max(1, int(total_steps))
+        self._state.sampling_step = 0
+
+    def progress(self, step: int, total_steps: int) -> None:
+        self._state.sampling_steps = max(1, int(total_steps))
+        self._state.sampling_step = int(step)
+        self._state.textinfo = f"LoRA training: step {step}/{total_steps}"
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self._state.interrupted)
+
+
+def restore_merged_loras(sd_model) -> list[str]:
+    """Take LoRAs the built-in extension merged into weights out again, with the extension's own restore path.
+
+    Args:
+        sd_model: `shared.sd_model`.
+
+    Returns:
+        list[str]: layer names that were restored from `network_weights_backup`.
+    """
+    networks = lora_extension()
+    mapping = getattr(sd_model, "network_layer_mapping", None)
+    if networks is None or mapping is None:
+        logger.info("handshake 1: the Lora extension is not active; no merged weights to restore")
+        return []
+    networks.loaded_networks.clear()
+    restored = []
+    with torch.no_grad():
+        for name, module in mapping.items():
+            if getattr(module, "network_current_names", ()) != ():
+                networks.network_apply_weights(module)  # wanted == () -> restore from backup
+                restored.append(name)
+    logger.info("handshake 1: restored %d layers merged by the Lora extension", len(restored))
+    return restored
+
+
+def _unet_params_of(sd_model, layer_names: list[str]) -> list[str]:
+    """Parameter names (relative to diffusion_model) of restored UNet layers (`diffusion_model_...` mapping keys)."""
+    unet = sd_model.model.diffusion_model
+    by_id = {id(m): path for path, m in unet.named_modules()}
+    names = []
+    for layer in layer_names:
+        module = sd_model.network_layer_mapping.get(layer)
+        path = by_id.get(id(module))
+        if path is None:
+            continue
+        names += [f"{path}.{p}" if path else p for p, _ in module.named_parameters(recurse=False)]
+    return names
+
+
+class A1111Host:
+    """The Host (see `host/base.py`) for AUTOMATIC1111's WebUI.
+
+    Args:
+        lora_dir (str | Path, optional): where LoRAs go, defaults to the WebUI's Lora folder (`--lora-dir`).
+        verify_weights (bool, optional): compare the UNet with the checkpoint file before training, defaults to
+            True.
+    """
+
+    name = "a1111"
+
+    def __init__(self, lora_dir: str | Path | None = None, verify_weights: bool = True):
+        self._lora_dir = Path(lora_dir) if lora_dir else None
+        self.verify_weights = verify_weights
+        self._lock = _QueueLock()
+        self.last_check = None
+
+    # -- Host contract -----------------------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        shared, _ = _webui()
+        return self._lora_dir or Path(shared.cmd_opts.lora_dir)
+
+    def refresh_loras(self) -> None:
+        networks = lora_extension()
+        if networks is None:
+            logger.warning("the Lora extension is not loaded; the new file shows after enabling it")
+            return
+        networks.list_available_networks()
+        logger.info("Lora list reloaded: %d networks", len(networks.available_networks))
+
+    @contextlib.contextmanager
+    def job(self, title: str, total_steps: int):
+        """Run as a WebUI job: job name, progress bar, Interrupt; generation waits for the queue lock meanwhile."""
+        shared, _ = _webui()
+        with self._lock.held():
+            shared.state.begin(job=title)
+            try:
+                yield WebUIJob(shared.state, total_steps)
+            finally:
+                shared.state.end()
+
+    @contextlib.contextmanager
+    def prepare_model(self, config):
+        """Hand out `shared.sd_model` as a ModelAdapter and take it back exactly as it was (see module doc)."""
+        shared, _ = _webui()
+        with self._lock.held():
+            sd_model = shared.sd_model
+            if sd_model is None:
+                raise ModelLoadError("WebUI: no model is loaded. Pick a checkpoint at the top of the page first.")
+            self._refuse_low_vram(shared, sd_model)
+            restored = restore_merged_loras(sd_model)
+            if self.verify_weights:
+                self._verify_unet(sd_model, restored)
+            adapter = self.adapter(sd_model)
+            self.check_compat(adapter, include_conv=bool(config.network.conv_dim))
+            with borrowed_model(sd_model, adapter, "the WebUI's loaded model"), torch.inference_mode(False), \
+                    torch.enable_grad():
+                yield adapter
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def adapter(self, sd_model):
+        """The ModelAdapter over `sd_model` (ldm SD1/SD2, sgm SDXL) with the WebUI's own caption encoding.
+
+        Args:
+            sd_model: `shared.sd_model`.
+
+        Returns:
+            ModelAdapter: LdmAdapter or SgmAdapter.
+        """
+        shared, _ = _webui()
+        model_id = self.model_hash(sd_model)
+        if getattr(sd_model, "is_sdxl", False):
+            from lora_trainer.models.sgm_adapter import SgmAdapter
+
+            encode = sdxl_text_encoder(list(sd_model.conditioner.embedders)[:2], shared.opts)
+            return SgmAdapter(sd_model, text_encode=encode, model_id=model_id)
+        from lora_trainer.models.ldm_adapter import LdmAdapter
+
+        encode = sd_text_encoder(sd_model.cond_stage_model, shared.opts)
+        return LdmAdapter(sd_model, text_encode=encode, model_id=model_id)
+
+    @staticmethod
+    def checkpoint_info(sd_model=None):
+        """`sd_model.sd_checkpoint_info` of the loaded model (filename, name, hashes)."""
+        if sd_model is None:
+            sd_model = _webui()[0].sd_model
+        return getattr(sd_model, "sd_checkpoint_info", None)
+
+    def model_hash(self, sd_model) -> str:
+        info = self.checkpoint_info(sd_model)
+        if info is None:
+            return "webui-unknown"
+        return getattr(info, "sha256", None) or info.calculate_shorthash() or Path(info.filename).name
+
+    def fill_config(self, config):
+        """The run's config with what the WebUI knows: checkpoint path (-> `ss_sd_model_name`), architecture flags
+        (-> `ss_v2`, `ss_base_model_version`), and the Lora folder as `output_dir` when none is set.
+
+        Args:
+            config (TrainConfig): the config from the UI or API.
+
+        Returns:
+            TrainConfig: a new config.
+        """
+        shared, _ = _webui()
+        sd_model, info = shared.sd_model, self.checkpoint_info()
+        model = config.model
+        changes = {}
+        if info is not None:
+            changes["pretrained_model_name_or_path"] = str(info.filename)
+        if sd_model is not None:
+            sdxl = bool(getattr(sd_model, "is_sdxl", False))
+            v2 = bool(getattr(sd_model, "is_sd2", False))
+            v_pred = getattr(sd_model, "parameterization", "eps") == "v"
+            changes.update(sdxl=sdxl, v2=v2, v_parameterization=v_pred)
+        config = dataclasses.replace(config, model=dataclasses.replace(model, **changes))
+        if not config.save.output_dir:
+            config = dataclasses.replace(config, save=dataclasses.replace(config.save, output_dir=str(self.lora_dir())))
+        return config
+
+    def _refuse_low_vram(self, shared, sd_model) -> None:
+        opts = shared.cmd_opts
+        if getattr(opts, "medvram", False) or getattr(opts, "lowvram", False) or getattr(sd_model, "lowvram", False):
+            raise ModelLoadError(
+                "WebUI: started with --medvram/--lowvram, whose hooks move UNet parts between CPU and GPU during a "
+                "forward pass; training cannot run through them. Restart the WebUI without --medvram/--lowvram "
+                "(--medvram-sdxl only applies to SDXL), or train with `python -m lora_trainer train`."
+            )
+
+    def _verify_unet(self, sd_model, restored: list[str]) -> None:
+        info = self.checkpoint_info(sd_model)
+        if info is None or not str(info.filename).endswith(".safetensors"):
+            logger.info("handshake 1: weight check skipped (checkpoint is not a .safetensors file)")
+            return
+        names = _unet_params_of(sd_model, restored)
+        differ = compare_with_file(sd_model.model.diffusion_model, info.filename, UNET_PREFIX, names,
+                                   limit=CHECK_EXTRA_TENSORS)
+        if differ:
+            raise ModelLoadError(
+                f"{info.filename}: the loaded UNet differs from the file in {len(differ)} tensors (e.g. {differ[0]}) "
+                "even after restoring merged LoRAs. Reload the checkpoint (Settings > Actions > Reload checkpoint) "
+                "and start again."
+            )
+        logger.info("handshake 1: UNet equals %s (%d restored + %d sampled tensors checked)", info.filename,
+                    len(names), CHECK_EXTRA_TENSORS)
+
+    def check_compat(self, adapter, include_conv: bool = False, names=None):
+        """The compatibility self-test on the loaded model (module names of all targets, or of `names`).
+
+        Args:
+            adapter: the model adapter.
+            include_conv (bool, optional): include LoCon targets, defaults to False.
+            names (iterable[str], optional): only these kohya module names (e.g. a saved file's), defaults to all.
+
+        Returns:
+            CompatReport | None: None when the Lora extension is not loaded.
+
+        Raises:
+            NetworkError: a name would be dropped or misplaced.
+        """
+        networks = lora_extension()
+        sd_model = adapter.model
+        if networks is None:
+            logger.warning("compatibility self-test skipped: the built-in Lora extension is not loaded")
+            return None
+        if not hasattr(sd_model, "network_layer_mapping"):
+            networks.assign_network_names_to_compvis_modules(sd_model)
+        targets = {}
+        for component in adapter.lora_targets(include_conv).values():
+            targets.update(component)
+        if names is not None:
+            missing = [n for n in names if n not in targets]
+            if missing:
+                raise NetworkError(f"LoRA: {len(missing)} module names are not targets of the loaded model, e.g. "
+                                   f"{missing[:3]}. Train it on this model, or load the model it was trained on.")
+            targets = {n: targets[n] for n in names}
+        report = check_names(targets, networks, sd_model.network_layer_mapping)
+        self.last_check = report
+        if not report.ok:
+            raise NetworkError(describe(report, "compatibility self-test"))
+        logger.info("compatibility self-test: all %d module names map onto the loaded model", report.checked)
+        return report
+
+    def check_file(self, path: str | Path):
+        """Run the self-test on a saved LoRA file against the loaded model.
+
+        Args:
+            path (str | Path): the `.safetensors` file.
+
+        Returns:
+            CompatReport | None: the report (None without the Lora extension).
+        """
+        from safetensors import safe_open
+
+        shared, _ = _webui()
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(file_module_names(handle.keys()))
+        return self.check_compat(self.adapter(shared.sd_model), include_conv=True, names=names)
