@@ -2,9 +2,16 @@
 `v1-inference.yaml`, `v2-inference(-v).yaml` and `sd_xl_base.yaml`, with the tiny sizes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
+
+# The tiny SDXL TE2's OpenCLIP architecture name: sgm's FrozenOpenCLIPEmbedder2 builds its text tower with
+# `open_clip.create_model_and_transforms(arch)`, which knows only registered names. `tiny_yaml` writes
+# `<TE2_ARCH>.json` beside the yaml; register its folder with `open_clip.add_model_config(folder)` before loading
+# (in the WebUI: a preload script, see tests/webui).
+TE2_ARCH = "tiny-sdxl-te2"
 
 _SCHEDULE = {
     "linear_start": 0.00085,
@@ -111,6 +118,7 @@ def _size_embedder(key: str, outdim: int) -> dict:
 def _sgm_config(configs: dict, text_encoder_dir: Path) -> dict:
     unet = configs["unet"]
     network = _unet_params(unet, "sdxl")
+    network.pop("image_size")  # sgm's UNetModel has no image_size parameter (ldm's has)
     network.update(
         adm_in_channels=unet["projection_class_embeddings_input_dim"],
         num_classes="sequential",
@@ -129,7 +137,7 @@ def _sgm_config(configs: dict, text_encoder_dir: Path) -> dict:
             "is_trainable": False,
             "input_key": "txt",
             "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-            "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
+            "params": {"arch": TE2_ARCH, "version": "laion2b_s39b_b160k", "freeze": True,
                        "layer": "penultimate", "always_return_pooled": True, "legacy": False},
         },
         _size_embedder("original_size_as_tuple", outdim),
@@ -158,8 +166,27 @@ def _sgm_config(configs: dict, text_encoder_dir: Path) -> dict:
     return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}}
 
 
+def open_clip_config(te2: dict) -> dict:
+    """The OpenCLIP model config of the tiny SDXL TE2 (text tower as the transformers config; tiny vision tower).
+
+    Args:
+        te2 (dict): the transformers `CLIPTextModelWithProjection` config of text_encoder_2.
+
+    Returns:
+        dict: the open_clip model-config json content.
+    """
+    return {
+        "embed_dim": te2["projection_dim"],
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": te2.get("max_position_embeddings", 77), "vocab_size": te2["vocab_size"],
+                     "width": te2["hidden_size"], "heads": te2["num_attention_heads"],
+                     "layers": te2["num_hidden_layers"]},
+    }
+
+
 def tiny_yaml(arch: str, configs: dict[str, dict], text_encoder_dir: Path) -> str:
-    """The YAML text for a tiny checkpoint.
+    """The YAML text for a tiny checkpoint; for SDXL also writes `<TE2_ARCH>.json` (the OpenCLIP config its yaml
+    names as TE2 `arch`) into the yaml's folder, `text_encoder_dir.parent`.
 
     Args:
         arch (str): "sd1", "sd2", "sd2-v" or "sdxl".
@@ -169,5 +196,10 @@ def tiny_yaml(arch: str, configs: dict[str, dict], text_encoder_dir: Path) -> st
     Returns:
         str: YAML text.
     """
+    if arch == "sdxl":
+        folder = Path(text_encoder_dir).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{TE2_ARCH}.json").write_text(json.dumps(open_clip_config(configs["text_encoder_2"]), indent=2)
+                                                 + "\n", encoding="utf-8")
     data = _sgm_config(configs, text_encoder_dir) if arch == "sdxl" else _ldm_config(arch, configs, text_encoder_dir)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
