@@ -23,6 +23,7 @@ from lora_trainer.errors import ModelLoadError, NetworkError
 from lora_trainer.host.a1111_keys import check_names, describe, file_module_names
 from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
 from lora_trainer.host.handshake import borrowed_model, compare_with_file
+from lora_trainer.train.job import JobManager
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def _webui():
     from modules import call_queue, shared
 
     return shared, call_queue
+
+
+def webui_shared():
+    """`modules.shared` (options, state, cmd_opts) for the extension's glue (`a1111_tab.py`)."""
+    return _webui()[0]
 
 
 def lora_extension():
@@ -237,9 +243,28 @@ class A1111Host:
             v2 = bool(getattr(sd_model, "is_sd2", False))
             v_pred = getattr(sd_model, "parameterization", "eps") == "v"
             changes.update(sdxl=sdxl, v2=v2, v_parameterization=v_pred)
-        config = dataclasses.replace(config, model=dataclasses.replace(model, **changes))
+        config = self.apply_settings(dataclasses.replace(config, model=dataclasses.replace(model, **changes)))
         if not config.save.output_dir:
             config = dataclasses.replace(config, save=dataclasses.replace(config.save, output_dir=str(self.lora_dir())))
+        return config
+
+    def apply_settings(self, config):
+        """Fill the run's config from the WebUI settings of this extension (sample every N steps).
+
+        Args:
+            config (TrainConfig): the config.
+
+        Returns:
+            TrainConfig: a new config.
+        """
+        shared, _ = _webui()
+        every = int(shared.opts.data.get("lora_trainer_sample_every_n_steps", 0) or 0)
+        if every > 0 and not config.sample.sample_every_n_steps and not config.sample.sample_every_n_epochs:
+            config = dataclasses.replace(config, sample=dataclasses.replace(config.sample,
+                                                                           sample_every_n_steps=every))
+        folder = shared.opts.data.get("lora_trainer_output_dir", "")
+        if folder and not config.save.output_dir:
+            config = dataclasses.replace(config, save=dataclasses.replace(config.save, output_dir=folder))
         return config
 
     def _refuse_low_vram(self, shared, sd_model) -> None:
@@ -320,3 +345,10 @@ class A1111Host:
         with safe_open(str(path), framework="pt") as handle:
             names = list(file_module_names(handle.keys()))
         return self.check_compat(self.adapter(shared.sd_model), include_conv=True, names=names)
+
+
+class WebUIJobManager(JobManager):
+    """A JobManager whose jobs get `A1111Host.fill_config` first (checkpoint name, architecture, settings)."""
+
+    def start(self, config):
+        return super().start(self.host.fill_config(config))
