@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import gradio as gr
 
@@ -60,4 +61,33 @@ def launch_kwargs(dataset_dirs: list[str]) -> dict:
     return kwargs
 
 
-__all__ = ["GRADIO_MAJOR", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning"]
+def serve_until_interrupted(blocks: gr.Blocks, **launch_args) -> None:
+    """Serve `blocks` until Ctrl-C, then stop at once.
+
+    A plain `launch()` stops uvicorn gracefully, which waits for every open connection; the queue's own keep-alive
+    connection to the server can keep that wait going forever. Here the server is told to skip the wait.
+
+    Args:
+        blocks (gr.Blocks): the app.
+        **launch_args: passed to `Blocks.launch`.
+    """
+    blocks.launch(prevent_thread_lock=True, **launch_args)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        logger.info("stopping the server")
+    finally:
+        close_now(blocks)
+
+
+def close_now(blocks: gr.Blocks) -> None:
+    """Stop a launched app without waiting for open connections (see `serve_until_interrupted`)."""
+    server = getattr(blocks, "server", None)
+    if server is not None:
+        server.force_exit = True  # uvicorn: skip the graceful wait for connections and tasks
+    blocks.close()
+
+
+__all__ = ["GRADIO_MAJOR", "close_now", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning",
+           "serve_until_interrupted"]

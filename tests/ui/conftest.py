@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -70,36 +65,21 @@ def tagger_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("taggers")
     build_tiny_tagger(root / "tiny-tagger", size=64)
+    build_tiny_tagger(root / "wide-tagger", size=448)
     return root
 
 
 @pytest.fixture(scope="session")
-def app_url(chromium_path, tagger_dir, tmp_path_factory):
-    """The panel served by `python -m lora_trainer ui` in a subprocess, stopped with Ctrl-C at the end."""
+def app_url(chromium_path, tagger_dir):
+    """The standalone Dataset panel (`create_app`) served on 127.0.0.1 from a thread of this process."""
+    from lora_trainer.ui import compat
+    from lora_trainer.ui.dataset_panel import create_app
+
+    app = create_app(None, str(tagger_dir))
     port = _free_port()
-    log = tmp_path_factory.mktemp("ui_server") / "server.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--tagger-dir",
-                                   str(tagger_dir)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-    yield url
-    server.send_signal(signal.SIGINT)
-    try:
-        assert server.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if server.poll() is None:
-            server.kill()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    yield f"http://127.0.0.1:{port}/"
+    compat.close_now(app)
 
 
 @pytest.fixture(scope="session")

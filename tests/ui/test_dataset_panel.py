@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -208,3 +209,21 @@ def test_analysis_warns_about_concept_imbalance_and_errors_are_messages(page, da
     expect(analysis).to_contain_text("outweighs 2_bob (4) by 10.0x")
     expect(analysis).to_contain_text("red hair")  # near-universal in 10_alice
     page.screenshot(path=str(tmp_path / "panel.png"), full_page=True)
+
+
+def test_tagger_shows_progress_and_cancel_stops_it(page, tmp_path):
+    folder = tmp_path / "many" / "1_x"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(160):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    _fill(page, "lt-ds-folder", str(folder.parent))
+    _choose(page, "lt-tg-model", "wide-tagger")  # 448 px input: slow enough to cancel mid-run
+    page.click("#lt-tg-run")
+    status = _md(page, "lt-tg-status")
+    expect(status).to_contain_text(re.compile(r"Tagging on CPUExecutionProvider: \d+/160 images, .* ETA "))
+    page.click("#lt-tg-cancel")
+    expect(status).to_contain_text("Cancelled on CPUExecutionProvider", timeout=30000)
+    written = len(list(folder.glob("*.txt")))
+    assert 0 < written < 160
+    expect(status).to_contain_text(f"{written} captions written")
