@@ -112,8 +112,10 @@ def refresh(session: DatasetSession, gallery: bool = False) -> dict:
 def history_label(editor: TagEditor) -> str:
     """'Undo: <last op>' line for the history box."""
     names = editor.history()
-    return f"{len(names)} edits to undo" + (f" (last: {names[-1]})" if names else "") + (
-        "; redo available" if editor.can_redo else "")
+    unsaved = len(editor.dirty())
+    return (f"{len(names)} edits to undo" + (f" (last: {names[-1]})" if names else "")
+            + ("; redo available" if editor.can_redo else "")
+            + (f"; **{unsaved} captions not saved**" if unsaved else "; all saved"))
 
 
 def image_view(session: DatasetSession) -> dict:

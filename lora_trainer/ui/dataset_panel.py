@@ -14,9 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui import compat
+from lora_trainer.ui import compat, tagger_actions
 from lora_trainer.ui import dataset_actions as actions
-from lora_trainer.ui import tagger_actions
 from lora_trainer.ui.dataset_views import FREQ_HEADERS
 from lora_trainer.ui.tagger_section import build_tagger_section, wire_tagger_section
 
@@ -24,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 # Errors a user can cause (bad folder, bad regex, nothing selected...): shown as a message, never a traceback.
 USER_ERRORS = (LoraTrainerError, ValueError, OSError, KeyError, IndexError)
-EDIT_OUT = ["state", "status", "freq", "count", "image", "image_name", "caption", "preview", "history"]
+EDIT_OUT = ["state", "status", "batch_status", "freq", "count", "image", "image_name", "caption", "preview",
+            "history"]
 SELECT_OUT = EDIT_OUT + ["gallery"]
 LOAD_OUT = SELECT_OUT + ["folder_filter"]
 STYLE_CSS = Path(__file__).resolve().parents[2] / "style.css"
@@ -47,12 +47,14 @@ class DatasetPanel:
             if name == "folder_filter":
                 value = gr.update(choices=value, value=value[0])
             out[self.c[name]] = value
+            if name == "status" and "batch_status" in self.c:
+                out[self.c["batch_status"]] = value  # also beside the edit buttons, far below the top status
         return out
 
     def error(self, exc: Exception) -> dict:
         message = str(exc).strip("'\"") or type(exc).__name__
         compat.notify_warning(message)
-        return {self.c["status"]: f"**Error:** {message}"}
+        return self.to_updates({"status": f"**Error:** {message}"})
 
     def wrap(self, fn: Callable) -> Callable:
         """An event handler that runs `fn` and shows a user error as a message in the status box."""
@@ -131,16 +133,15 @@ def _image_column(p: DatasetPanel) -> None:
 
 
 def _batch_box(p: DatasetPanel) -> None:
-    with gr.Group(elem_id="lt-ds-batch"):
-        with gr.Row(equal_height=True):
-            p.c["scope"] = gr.Radio(actions.SCOPE_CHOICES, value="selection", label="Apply to", scale=2,
-                                    elem_id="lt-ds-scope")
-            p.c["op"] = gr.Dropdown(actions.BATCH_OPS, value=actions.BATCH_OPS[0], label="Batch operation",
-                                    scale=2, elem_id="lt-ds-op")
-            p.c["op_tags"] = gr.Textbox(label="Tags / find", scale=3, elem_id="lt-ds-op-tags")
-            p.c["op_new"] = gr.Textbox(label="Replace with / new name", scale=2, elem_id="lt-ds-op-new")
-            p.c["op_keep"] = gr.Number(value=0, precision=0, label="Sort: keep first", scale=1, min_width=80)
-            p.c["apply"] = gr.Button("Apply", variant="primary", scale=1, min_width=80, elem_id="lt-ds-apply")
+    with gr.Group(elem_id="lt-ds-batch"), gr.Row(equal_height=True):
+        p.c["scope"] = gr.Radio(actions.SCOPE_CHOICES, value="selection", label="Apply to", scale=2,
+                                elem_id="lt-ds-scope")
+        p.c["op"] = gr.Dropdown(actions.BATCH_OPS, value=actions.BATCH_OPS[0], label="Batch operation",
+                                scale=2, elem_id="lt-ds-op")
+        p.c["op_tags"] = gr.Textbox(label="Tags / find", scale=3, elem_id="lt-ds-op-tags")
+        p.c["op_new"] = gr.Textbox(label="Replace with / new name", scale=2, elem_id="lt-ds-op-new")
+        p.c["op_keep"] = gr.Number(value=0, precision=0, label="Sort: keep first", scale=1, min_width=80)
+        p.c["apply"] = gr.Button("Apply", variant="primary", scale=1, min_width=80, elem_id="lt-ds-apply")
     with gr.Row(equal_height=True):
         p.c["undo"] = gr.Button("Undo", elem_id="lt-ds-undo", min_width=70)
         p.c["redo"] = gr.Button("Redo", elem_id="lt-ds-redo", min_width=70)
@@ -149,6 +150,7 @@ def _batch_box(p: DatasetPanel) -> None:
         p.c["reload"] = gr.Button("Reload from disk", elem_id="lt-ds-reload")
         p.c["force"] = gr.Button("Overwrite conflicts", elem_id="lt-ds-force", min_width=90)
         p.c["take_disk"] = gr.Button("Take disk versions", elem_id="lt-ds-take-disk", min_width=90)
+    p.c["batch_status"] = gr.Markdown("", elem_id="lt-ds-batch-status")
 
 
 def _tables_row(p: DatasetPanel) -> None:
@@ -197,9 +199,9 @@ def _wire_editor(p: DatasetPanel) -> None:
     p.on(c["take_disk"].click, lambda s: actions.reload(s, prefer_disk=True), ["state"], EDIT_OUT)
     p.on(c["prev"].click, lambda s: actions.step_image(s, -1), ["state"], EDIT_OUT)
     p.on(c["next"].click, lambda s: actions.step_image(s, 1), ["state"], EDIT_OUT)
-    p.on(c["analyze"].click, actions.analysis, ["state"], ["status", "analysis"])
+    p.on(c["analyze"].click, actions.analysis, ["state"], ["status", "batch_status", "analysis"])
     preview_in = ["state", "keep_tokens", "shuffle", "dropout"]
-    preview_out = ["state", "status", "preview"]
+    preview_out = ["state", "status", "batch_status", "preview"]
     p.on(c["reroll"].click, lambda s, k, sh, d: actions.preview(s, k, sh, d, True), preview_in, preview_out)
     for name in ("keep_tokens", "shuffle", "dropout"):
         p.on(c[name].change, lambda s, k, sh, d: actions.preview(s, k, sh, d, False), preview_in, preview_out)

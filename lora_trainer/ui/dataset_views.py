@@ -107,29 +107,40 @@ def load_message(editor: TagEditor) -> str:
     return text
 
 
-def analysis_markdown(report: DatasetReport) -> str:
-    """Concept balance (with its warnings), associations and near-universal tags as Markdown."""
+def _balance_lines(report: DatasetReport) -> list[str]:
     bal = report.balance
-    out = ["### Concept balance", "", "| folder | images | repeats | images x repeats | share |", "|---|---|---|---|---|"]
+    out = ["### Concept balance", "", "| folder | images | repeats | images x repeats | share |",
+           "|---|---|---|---|---|"]
     out += [f"| {_md(r.folder)} | {r.images} | {r.repeats} | {r.weight} | {100 * r.share:.0f}% |" for r in bal.rows]
     out.append("")
-    out += [f"**Warning:** {_md(w)}" + "\n" for w in bal.warnings] or ["Balanced: no concept outweighs another by more "
-                                                                     "than 2x.", ""]
-    out += ["### Associations (tags that come together)", ""]
-    if report.associations:
-        out += ["| when | also | together | P(also given when) | lift |", "|---|---|---|---|---|"]
-        out += [f"| {_md(a.tag_a)} | {_md(a.tag_b)} | {a.count_ab} | {100 * a.p_b_given_a:.0f}% | {a.lift:.1f} |"
-                for a in report.associations[:30]]
-    else:
-        out.append("No strong associations (at least 3 images together, lift >= 2).")
-    out += ["", "### Near-universal tags (in >= 90% of a concept's images)", ""]
-    if report.universal:
-        out += ["| folder | tag | images | note |", "|---|---|---|---|"]
-        out += [f"| {_md(u.folder)} | {_md(u.tag)} | {u.count}/{u.images} | "
-                f"{'trigger word' if u.is_trigger else 'prune so the trigger word absorbs it?'} |" for u in report.universal]
-    else:
-        out.append("None.")
-    return "\n".join(out)
+    if not bal.warnings:
+        return out + ["Balanced: no concept outweighs another by more than 2x.", ""]
+    return out + [f"**Warning:** {_md(w)}\n" for w in bal.warnings]
+
+
+def _association_lines(report: DatasetReport) -> list[str]:
+    out = ["### Associations (tags that come together)", ""]
+    if not report.associations:
+        return out + ["No strong associations (at least 3 images together, lift >= 2)."]
+    out += ["| when | also | together | P(also given when) | lift |", "|---|---|---|---|---|"]
+    return out + [f"| {_md(a.tag_a)} | {_md(a.tag_b)} | {a.count_ab} | {100 * a.p_b_given_a:.0f}% | {a.lift:.1f} |"
+                  for a in report.associations[:30]]
+
+
+def _universal_lines(report: DatasetReport) -> list[str]:
+    out = ["### Near-universal tags (in >= 90% of a concept's images)", ""]
+    if not report.universal:
+        return out + ["None."]
+    out += ["| folder | tag | images | note |", "|---|---|---|---|"]
+    for u in report.universal:
+        note = "trigger word" if u.is_trigger else "prune so the trigger word absorbs it?"
+        out.append(f"| {_md(u.folder)} | {_md(u.tag)} | {u.count}/{u.images} | {note} |")
+    return out
+
+
+def analysis_markdown(report: DatasetReport) -> str:
+    """Concept balance (with its warnings), associations and near-universal tags as Markdown."""
+    return "\n".join(_balance_lines(report) + _association_lines(report) + [""] + _universal_lines(report))
 
 
 def progress_text(info: ProgressInfo, provider: str) -> str:
@@ -142,8 +153,8 @@ def progress_text(info: ProgressInfo, provider: str) -> str:
 def tag_summary_markdown(summary, root: Path) -> str:
     """The tagger's summary (tag_folder's TagSummary): counts, provider, failures with reasons."""
     state = "Cancelled" if summary.cancelled else "Done"
-    lines = [f"{state} on **{summary.provider}** in {summary.seconds:.1f} s: {summary.tagged} captions written, "
-             f"{summary.skipped} kept, {len(summary.failed)} failed."]
+    lines = [(f"{state} on **{summary.provider}** in {summary.seconds:.1f} s: {summary.tagged} captions written, "
+              f"{summary.skipped} kept, {len(summary.failed)} failed.")]
     lines += [f"- {_rel(path, root)}: {reason}" for path, reason in summary.failed[:30]]
     if len(summary.failed) > 30:
         lines.append(f"- ... and {len(summary.failed) - 30} more (see the log).")

@@ -27,7 +27,8 @@ def build_tagger_section(p, tagger_dir: str | None) -> None:
                                        elem_id="lt-tg-character")
             c["character_mcut"] = gr.Checkbox(value=False, label="MCut (character)", elem_id="lt-tg-character-mcut")
         with gr.Row():
-            c["triggers"] = gr.Textbox(label="Trigger words (put first)", placeholder="mychar", elem_id="lt-tg-triggers")
+            c["triggers"] = gr.Textbox(label="Trigger words (put first)", placeholder="mychar",
+                                       elem_id="lt-tg-triggers")
             c["exclude_tags"] = gr.Textbox(label="Never write these tags", elem_id="lt-tg-exclude")
             c["existing"] = gr.Radio(tagger_actions.EXISTING, value="skip", label="Existing captions",
                                      elem_id="lt-tg-existing")

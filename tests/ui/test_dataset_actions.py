@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pytest
+
 from lora_trainer.errors import DatasetError, TaggerError
 from lora_trainer.ui import dataset_actions as actions
 from lora_trainer.ui import tagger_actions
@@ -103,3 +104,24 @@ def test_tagger_options_models_and_cancel(tmp_path, tagger_dir, make_dataset):
     assert last["tag_status"].startswith("Cancelled on **CPUExecutionProvider**")
     assert not list(folder.glob("1_x/*.txt"))
     assert tagger_actions.cancel(session) == "Nothing is running."
+
+
+def test_thumbnails_are_small_cached_and_fall_back_to_the_file(tmp_path):
+    from PIL import Image
+
+    from lora_trainer.ui.thumbnails import thumbnail, thumbnails
+
+    big = tmp_path / "big.png"
+    Image.new("RGBA", (300, 200), (255, 0, 0, 0)).save(big)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = thumbnail(big, 128, cache)
+    with Image.open(first) as im:
+        assert im.size == (128, 85) and im.getpixel((5, 5)) == (255, 255, 255)  # transparency on white
+    stamp = (cache / first).stat().st_mtime_ns
+    assert thumbnail(big, 128, cache) == first and (cache / first).stat().st_mtime_ns == stamp
+    assert thumbnail(big, 64, cache) != first
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert thumbnail(broken, 128, cache) == str(broken)
+    assert len(thumbnails([big, broken, big], 128)) == 3

@@ -119,6 +119,8 @@ def test_batch_edit_on_selection_undo_redo_and_save_with_backup(page, dataset):
 
     _batch(page, "add at front", "selection", "male focus")
     expect(_status(page)).to_contain_text("changed 2 of 2 images (selection)")
+    expect(_md(page, "lt-ds-batch-status")).to_contain_text("changed 2 of 2 images (selection)")
+    expect(_md(page, "lt-ds-history")).to_contain_text("1 edits to undo (last: add_tags); 2 captions not saved")
     expect(page.locator("#lt-ds-freq tbody")).to_contain_text("male focus")
     assert _frequency(page)["male focus"] == 2
     assert _disk(dataset) == before  # nothing written before Save
@@ -134,6 +136,7 @@ def test_batch_edit_on_selection_undo_redo_and_save_with_backup(page, dataset):
 
     page.click("#lt-ds-save")
     expect(_status(page)).to_contain_text("Saved 4 changed caption files")
+    expect(_md(page, "lt-ds-history")).to_contain_text("all saved")
     after = _disk(dataset)
     assert after["2_bob/b1"] == b"male focus, bob, 1boy"
     assert after["2_bob/b2"] == b"male focus, bob, 1boy, hat"
