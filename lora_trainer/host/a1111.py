@@ -23,6 +23,8 @@ from lora_trainer.errors import ModelLoadError, NetworkError
 from lora_trainer.host.a1111_keys import check_names, describe, file_module_names
 from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
 from lora_trainer.host.handshake import borrowed_model, compare_with_file
+from lora_trainer.models.ldm_adapter import LdmAdapter
+from lora_trainer.models.sgm_adapter import SgmAdapter, TextCheckpointingFallback
 from lora_trainer.train.job import JobManager
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class WebUIJob:
     @property
     def interrupted(self) -> bool:
         return bool(self._state.interrupted)
+
+
+class WebUILdmAdapter(TextCheckpointingFallback, LdmAdapter):
+    """LdmAdapter for the WebUI's SD1/SD2 (its transformers may be too old for non-reentrant TE checkpointing)."""
 
 
 def restore_merged_loras(sd_model) -> list[str]:
@@ -200,14 +206,10 @@ class A1111Host:
         shared, _ = _webui()
         model_id = self.model_hash(sd_model)
         if getattr(sd_model, "is_sdxl", False):
-            from lora_trainer.models.sgm_adapter import SgmAdapter
-
             encode = sdxl_text_encoder(list(sd_model.conditioner.embedders)[:2], shared.opts)
             return SgmAdapter(sd_model, text_encode=encode, model_id=model_id)
-        from lora_trainer.models.ldm_adapter import LdmAdapter
-
         encode = sd_text_encoder(sd_model.cond_stage_model, shared.opts)
-        return LdmAdapter(sd_model, text_encode=encode, model_id=model_id)
+        return WebUILdmAdapter(sd_model, text_encode=encode, model_id=model_id)
 
     @staticmethod
     def checkpoint_info(sd_model=None):

@@ -35,7 +35,21 @@ def sdxl_alphas_cumprod(steps: int = 1000, start: float = 0.00085, end: float = 
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-class SgmAdapter(LdmAdapter):
+class TextCheckpointingFallback:
+    """For transformers < 4.35 (the WebUI's 4.30): its text-encoder checkpointing is reentrant only, which gives
+    LoRA modules inside no gradients; the text encoder then runs without checkpointing (UNet blocks still are)."""
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        try:
+            super().enable_gradient_checkpointing(enabled)
+        except TypeError as exc:  # gradient_checkpointing_enable() without gradient_checkpointing_kwargs
+            if "gradient_checkpointing_kwargs" not in str(exc):
+                raise
+            logger.info("text encoder: not checkpointed (this transformers has only reentrant checkpointing, which "
+                        "would give its LoRA modules no gradients); UNet blocks are checkpointed")
+
+
+class SgmAdapter(TextCheckpointingFallback, LdmAdapter):
     """The training loop's view of an sgm `DiffusionEngine` (SDXL).
 
     Args:
