@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lora_trainer.errors import DatasetError, TaggerError
 from lora_trainer.progress import CancelToken
-from lora_trainer.tagging import TagOptions, TaggerModel, find_models, tag_folder
+from lora_trainer.tagging import TaggerModel, TagOptions, find_models, tag_folder
 from lora_trainer.tagging.tag_format import EXISTING_MODES
 from lora_trainer.ui import dataset_actions as actions
 from lora_trainer.ui import dataset_views as views
@@ -61,16 +61,19 @@ def model_choices(tagger_dir: str | None) -> tuple[list[str], str]:
     return ready, "\n".join(f"- {n}" for n in notes)
 
 
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
 def build_options(general: float, character: float, general_mcut: bool, character_mcut: bool, triggers: str,
                   existing: str, exclude: str, flags: list[str], caption_extension: str = ".txt") -> TagOptions:
     """TagOptions from the tagger widgets (thresholds, MCut, trigger words, existing-caption mode, exclude, flags)."""
     flags = set(flags or [])
-    split = lambda text: tuple(t.strip() for t in (text or "").split(",") if t.strip())  # noqa: E731
     return TagOptions(
         general_threshold=float(general), character_threshold=float(character), general_mcut=bool(general_mcut),
         character_mcut=bool(character_mcut), include_characters="include characters" in flags,
         include_rating="include rating" in flags, replace_underscores="replace underscores" in flags,
-        escape_parentheses="escape parentheses" in flags, exclude_tags=split(exclude), trigger_tags=split(triggers),
+        escape_parentheses="escape parentheses" in flags, exclude_tags=_split(exclude), trigger_tags=_split(triggers),
         sort="alpha" if "sort alphabetically" in flags else "confidence", existing=existing,
         caption_extension=(caption_extension or ".txt").strip() or ".txt")
 
