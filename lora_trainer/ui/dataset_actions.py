@@ -7,6 +7,7 @@ so the actions run in plain tests too.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class DatasetSession:
         caption_options (CaptionOptions): the preview's kohya caption settings.
         freq_sort (str): "count" or "name". freq_scope (str): "all" or "selection".
         cancel (CancelToken | None): the running tagger's token.
+        lock (threading.Lock): held by the panel while an action runs (events of one session may run at once).
     """
 
     editor: TagEditor | None = None
@@ -56,6 +58,7 @@ class DatasetSession:
     freq_sort: str = "count"
     freq_scope: str = "all"
     cancel: CancelToken | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 

@@ -59,8 +59,12 @@ class DatasetPanel:
     def wrap(self, fn: Callable) -> Callable:
         """An event handler that runs `fn` and shows a user error as a message in the status box."""
         def handler(*args):
+            session = next((a for a in args if isinstance(a, actions.DatasetSession)), None)
             try:
-                return self.to_updates(fn(*args))
+                if session is None:
+                    return self.to_updates(fn(*args))
+                with session.lock:  # two clicks of one session may run at once; the editor is not thread-safe
+                    return self.to_updates(fn(*args))
             except USER_ERRORS as exc:
                 return self.error(exc)
         return handler

@@ -125,7 +125,9 @@ def run(session: DatasetSession | None, folder: str, tagger_dir: str, model_name
                 yield {"tag_status": views.progress_text(item, provider)}
         summary = future.result()
     session.cancel = None
-    yield _after_run(session, folder, summary, options.caption_extension)
+    with session.lock:
+        result = _after_run(session, folder, summary, options.caption_extension)
+    yield result
 
 
 def _after_run(session: DatasetSession, folder: str, summary, caption_extension: str) -> dict:

@@ -125,3 +125,18 @@ def test_thumbnails_are_small_cached_and_fall_back_to_the_file(tmp_path):
     broken.write_bytes(b"not an image")
     assert thumbnail(broken, 128, cache) == str(broken)
     assert len(thumbnails([big, broken, big], 128)) == 3
+
+
+def test_reload_takes_disk_changes_and_reports_conflicts(dataset):
+    session = actions.load(None, str(dataset))["state"]
+    session.current = 4  # 2_bob/b1
+    actions.set_caption(session, "bob, edited here")
+    (dataset / "2_bob/b1.txt").write_bytes(b"bob, edited on disk")
+    (dataset / "2_bob/b2.txt").write_bytes(b"bob, hat, new on disk")
+    out = actions.reload(session)
+    assert out["status"].startswith("Reloaded: 1 captions taken from disk")
+    assert "1 captions changed on disk AND edited here" in out["status"]
+    assert out["caption"] == "bob, edited here" and _caption(session, "2_bob/b2") == "bob, hat, new on disk"
+    out = actions.reload(session, prefer_disk=True)
+    assert out["caption"] == "bob, edited on disk"
+    assert actions.save(session)["status"].startswith("Saved 0 changed caption files")
