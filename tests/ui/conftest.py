@@ -111,11 +111,6 @@ def make_dataset():
 
 
 @pytest.fixture
-def captions():
-    return dict(CAPTIONS)
-
-
-@pytest.fixture
 def dataset(tmp_path):
     """The CAPTIONS dataset: 10_alice (4 images) and 2_bob (2 images)."""
     return write_dataset(tmp_path / "train")
