@@ -1,0 +1,315 @@
+"""What the Train panel shows, without gradio: its form fields, form values <-> TrainConfig, kohya TOML text, and
+a `JobStatus` as text and loss rows. The panel (`train_panel.py`) only lays these out and wires them.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from lora_trainer.config import (
+    MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS, VERSION_KEY,
+    TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
+)
+from lora_trainer.errors import ConfigError
+
+NO_PRESET = "(defaults)"
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input of the Train panel.
+
+    Attributes:
+        key (str): the kohya config key it sets.
+        kind (str): "text" (empty = unset), "int", "float", "bool", "choice" or "lines".
+        label (str): shown above the input.
+        group (str): "basic", "network", "optimizer", "steps", "model", or an advanced group.
+        choices (tuple, optional): for "choice".
+    """
+
+    key: str
+    kind: str
+    label: str
+    group: str
+    choices: tuple = ()
+
+
+def _f(key: str, kind: str, label: str, group: str, choices: tuple = ()) -> FormField:
+    return FormField(key, kind, label, group, tuple(choices))
+
+
+FORM: tuple[FormField, ...] = (
+    _f("pretrained_model_name_or_path", "text", "Checkpoint (.safetensors / .ckpt)", "model"),
+    _f("output_name", "text", "Output name", "basic"),
+    _f("output_dir", "text", "Output folder (empty: the LoRA folder)", "basic"),
+    _f("algo", "choice", "Network type", "network", NETWORK_ALGOS),
+    _f("network_dim", "int", "Network dim (rank)", "network"),
+    _f("network_alpha", "float", "Network alpha", "network"),
+    _f("conv_dim", "text", "Conv dim (empty: no conv layers)", "network"),
+    _f("conv_alpha", "text", "Conv alpha", "network"),
+    _f("optimizer_type", "choice", "Optimizer", "optimizer", OPTIMIZERS),
+    _f("learning_rate", "float", "Learning rate", "optimizer"),
+    _f("unet_lr", "text", "UNet lr (empty: learning rate)", "optimizer"),
+    _f("text_encoder_lr", "text", "Text encoder lr (empty: learning rate)", "optimizer"),
+    _f("lr_scheduler", "choice", "LR scheduler", "optimizer", SCHEDULERS),
+    _f("lr_warmup_steps", "text", "Warmup steps (or ratio < 1)", "optimizer"),
+    _f("max_train_epochs", "text", "Epochs (empty: use steps)", "steps"),
+    _f("max_train_steps", "int", "Max steps", "steps"),
+    _f("train_batch_size", "int", "Batch size", "steps"),
+    _f("resolution", "text", "Resolution (512 or width,height)", "steps"),
+    _f("seed", "text", "Seed (empty: random)", "steps"),
+    _f("enable_bucket", "bool", "Aspect-ratio buckets", "Buckets"),
+    _f("min_bucket_reso", "int", "Min bucket resolution", "Buckets"),
+    _f("max_bucket_reso", "int", "Max bucket resolution", "Buckets"),
+    _f("bucket_reso_steps", "int", "Bucket step", "Buckets"),
+    _f("bucket_no_upscale", "bool", "No upscale", "Buckets"),
+    _f("caption_extension", "text", "Caption extension", "Captions"),
+    _f("shuffle_caption", "bool", "Shuffle caption", "Captions"),
+    _f("keep_tokens", "int", "Keep tokens", "Captions"),
+    _f("caption_tag_dropout_rate", "float", "Tag dropout rate", "Captions"),
+    _f("caption_dropout_rate", "float", "Caption dropout rate", "Captions"),
+    _f("flip_aug", "bool", "Flip augmentation", "Captions"),
+    _f("noise_offset", "float", "Noise offset", "Noise and loss"),
+    _f("multires_noise_iterations", "int", "Multires noise iterations", "Noise and loss"),
+    _f("multires_noise_discount", "float", "Multires noise discount", "Noise and loss"),
+    _f("min_snr_gamma", "text", "Min-SNR gamma (empty: off)", "Noise and loss"),
+    _f("mixed_precision", "choice", "Mixed precision", "Precision and memory", MIXED_PRECISIONS),
+    _f("save_precision", "choice", "Save precision", "Precision and memory", SAVE_PRECISIONS),
+    _f("gradient_checkpointing", "bool", "Gradient checkpointing", "Precision and memory"),
+    _f("gradient_accumulation_steps", "int", "Gradient accumulation steps", "Precision and memory"),
+    _f("cache_latents", "bool", "Cache latents", "Precision and memory"),
+    _f("network_train_unet_only", "bool", "Train UNet only", "Precision and memory"),
+    _f("clip_skip", "int", "Clip skip", "Text encoder"),
+    _f("max_token_length", "choice", "Max token length", "Text encoder", tuple(str(n) for n in MAX_TOKEN_LENGTHS)),
+    _f("save_every_n_epochs", "text", "Save every N epochs", "Saving and samples"),
+    _f("save_every_n_steps", "text", "Save every N steps", "Saving and samples"),
+    _f("save_state", "bool", "Save resume state", "Saving and samples"),
+    _f("sample_every_n_steps", "text", "Sample every N steps", "Saving and samples"),
+    _f("sample_every_n_epochs", "text", "Sample every N epochs", "Saving and samples"),
+    _f("sample_prompts", "lines", "Sample prompts (one a line, kohya --w --h --s --d options; or a .txt file)",
+       "Saving and samples"),
+    _f("v_parameterization", "bool", "v-parameterization (SD2 768-v)", "Model files"),
+    _f("diffusers_config_dir", "text", "Diffusers config folder (empty: shipped)", "Model files"),
+    _f("tokenizer_dir", "text", "Tokenizer folder (empty: shipped)", "Model files"),
+)
+FORM_KEYS: tuple[str, ...] = tuple(f.key for f in FORM)
+BASIC_GROUPS = ("model", "basic", "network", "optimizer", "steps")
+ADVANCED_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(f.group for f in FORM if f.group not in BASIC_GROUPS))
+
+
+def preset_choices() -> list[str]:
+    """The preset dropdown's choices: defaults first, then `PRESETS`."""
+    from lora_trainer.config import PRESETS
+
+    return [NO_PRESET, *PRESETS]
+
+
+def base_config(preset: str | None) -> TrainConfig:
+    """The config a preset starts from.
+
+    Args:
+        preset (str, optional): a `PRESETS` name, or NO_PRESET/None for the defaults.
+
+    Returns:
+        TrainConfig: the preset's config.
+    """
+    return TrainConfig() if not preset or preset == NO_PRESET else preset_config(preset)
+
+
+def _shown(field: FormField, value: Any) -> Any:
+    if field.kind == "bool":
+        return bool(value)
+    if field.kind in ("int", "float"):
+        return value
+    if value is None:
+        return "" if field.kind != "choice" else (field.choices[0] if field.choices else "")
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and field.kind == "text":
+        return f"{value:g}"
+    return str(value)
+
+
+def config_to_form(config: TrainConfig) -> list:
+    """The form's values for `config`, in FORM order.
+
+    Args:
+        config (TrainConfig): the config to show.
+
+    Returns:
+        list: one value per FORM field (text for "text"/"choice", numbers, booleans).
+    """
+    values = field_values(config)
+    return [_shown(field, values[field.key]) for field in FORM]
+
+
+def prompts_file(text: str) -> str:
+    """`sample_prompts` as a file path: a path (an existing file, or one line ending in .txt) is kept, prompt lines are written to a file named by
+    their content hash in the temp folder (kohya reads prompts from a file).
+
+    Args:
+        text (str): a path, or prompt lines.
+
+    Returns:
+        str: the prompt file's path.
+    """
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    text = text.strip()
+    if "\n" not in text and (text.lower().endswith(".txt") or os.path.isfile(text)):
+        return text
+    folder = Path(tempfile.gettempdir()) / "lora_trainer_prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}.txt"
+    if not path.is_file():
+        path.write_text(text + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _parsed(field: FormField, value: Any) -> Any:
+    if field.kind == "lines":
+        text = "" if value is None else str(value).strip()
+        return prompts_file(text) if text else None
+    if field.kind == "text":
+        text = "" if value is None else str(value).strip()
+        return text or None
+    if field.kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if field.kind == "choice" and field.key == "max_token_length":
+        return int(value)
+    return value
+
+
+def form_to_config(base: TrainConfig | None, dataset_dir: str, form: list) -> TrainConfig:
+    """Build the run's config: the base config's keys (preset or imported TOML), then the form's values.
+
+    Args:
+        base (TrainConfig, optional): what the form was filled from (keys the form does not show are kept).
+        dataset_dir (str): the dataset folder (train_data_dir).
+        form (list): one value per FORM field.
+
+    Returns:
+        TrainConfig: validated.
+
+    Raises:
+        ConfigError: a value is invalid (the message names the key and the fix).
+    """
+    base = base or TrainConfig()
+    data = {key: value for key, value in field_values(base).items() if value is not None}
+    data["network_args"] = list(base.network.network_args)
+    for field, value in zip(FORM, form):
+        data[field.key] = _parsed(field, value)
+    data["train_data_dir"] = (dataset_dir or "").strip() or None
+    lycoris = base.network.network_module == "lycoris.kohya"
+    data["network_module"] = "lycoris.kohya" if data["algo"] == "loha" or (lycoris and data["algo"] != "lora") \
+        else "networks.lora"
+    data = {key: value for key, value in data.items() if value is not None}
+    return config_from_dict(data).config
+
+
+def toml_text(config: TrainConfig) -> str:
+    """The config as kohya TOML text (flat keys + `lora_trainer_version`), as `save_toml` would store it.
+
+    Args:
+        config (TrainConfig): the config.
+
+    Returns:
+        str: TOML text that `config_from_text` reads back to an equal config.
+    """
+    import tomli_w
+
+    from lora_trainer import __version__
+
+    return tomli_w.dumps({**to_kohya_dict(config), VERSION_KEY: __version__})
+
+
+def config_from_text(text: str, source: str = "TOML text") -> tuple[TrainConfig, list[str]]:
+    """Read kohya TOML text (flat or sectioned).
+
+    Args:
+        text (str): the TOML.
+        source (str, optional): what to call it in messages, defaults to "TOML text".
+
+    Returns:
+        tuple: (TrainConfig, notes about unknown and ignored keys and other warnings).
+
+    Raises:
+        ConfigError: the TOML cannot be parsed, or a value is invalid.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc}). Fix the line it names.") from exc
+    data.pop(VERSION_KEY, None)
+    loaded = config_from_dict(data)
+    notes = [f"unknown key {key!r} ignored" for key in loaded.unknown_keys]
+    notes += [f"{key}: {reason}" for key, reason in loaded.ignored_keys.items()]
+    notes += list(loaded.warnings)
+    return loaded.config, notes
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def status_markdown(status) -> str:
+    """A `JobStatus` as Markdown: state, step/total, epoch, loss, lr, it/s, ETA, message, files.
+
+    Args:
+        status (JobStatus): the snapshot.
+
+    Returns:
+        str: Markdown.
+    """
+    state = status.state.value
+    if state == "idle":
+        return "**idle**: pick a preset, set the dataset folder, press Start."
+    head = (f"**{state}** | step {status.step}/{status.total_steps} | epoch {status.epoch}/{status.total_epochs} | "
+            f"loss {_number(status.loss, '.4f')} (avg {_number(status.avg_loss, '.4f')}) | "
+            f"lr {_number(status.lr, '.2e')} | {_number(status.it_per_s, '.2f')} it/s | ETA {_duration(status.eta_s)}")
+    if state == "failed":
+        return f"{head}\n\n**Error:** {status.message}"
+    lines = [head, "", status.message]
+    if status.lora_path:
+        lines += ["", f"LoRA: `{status.lora_path}`"]
+    elif status.saved:
+        lines += ["", f"last saved: `{status.saved[-1]}`"]
+    return "\n".join(lines)
+
+
+def loss_rows(status, limit: int = 2000) -> dict[str, list]:
+    """The loss curve as columns for a line plot (evenly thinned to at most `limit` points).
+
+    Args:
+        status (JobStatus): the snapshot.
+        limit (int, optional): most points, defaults to 2000.
+
+    Returns:
+        dict: {"step": [...], "loss": [...]}.
+    """
+    losses = status.losses
+    if len(losses) > limit:
+        stride = math.ceil(len(losses) / limit)
+        losses = losses[::stride] + ([losses[-1]] if (len(losses) - 1) % stride else [])
+    return {"step": [s for s, _ in losses], "loss": [float(v) for _, v in losses]}
+
+
+__all__ = [
+    "ADVANCED_GROUPS", "BASIC_GROUPS", "FORM", "FORM_KEYS", "NO_PRESET", "FormField", "base_config",
+    "config_from_text", "config_to_form", "form_to_config", "loss_rows", "preset_choices", "prompts_file",
+    "status_markdown",
+    "toml_text",
+]

@@ -1,0 +1,200 @@
+"""The Train panel in a real headless Chromium: `python -m lora_trainer ui` (standalone host) trains the tiny SD1
+model on a tiny dataset from a preset and a few edited fields, shows live status, loss and samples, writes the LoRA,
+exports the fields as kohya TOML, and shows a bad dataset folder as an error in the page."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+
+expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
+
+FINISH_TIMEOUT_MS = 75_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def train_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_panel_data")
+    folder = root / "2_square"
+    folder.mkdir()
+    for i in range(3):
+        image = Image.new("RGB", (64, 64), (30, 60, 200))
+        ImageDraw.Draw(image).rectangle([5 * i, 5 * i, 30 + 5 * i, 30], fill=(220, 30, 30))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"square, red, item{i}", encoding="utf-8")
+    return root
+
+
+def _interruptible() -> None:
+    """Let Ctrl-C reach the server even when the test runs in a background job (whose SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def server(chromium_path, tmp_path_factory):
+    """`python -m lora_trainer ui` with LoRAs going to a temp folder; one torch thread (the CI machine is small)."""
+    port = _free_port()
+    work = tmp_path_factory.mktemp("train_panel_server")
+    lora_dir = work / "loras"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = work / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
+                                 str(lora_dir), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_interruptible)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+    yield url, lora_dir, log
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(15000)
+    page = context.new_page()
+    page.goto(server[0])
+    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
+    page.wait_for_selector("#lt-tr-start")
+    yield page
+    context.close()
+
+
+# --- page helpers ------------------------------------------------------------------------------------------------
+
+def _fill(page, elem_id: str, text: str) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
+                 f"#{elem_id} input:not([type])").first.fill(str(text))
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"ul.options li[data-value='{option}']").first.click()
+
+
+def _open(page, title: str) -> None:
+    """Unfold an Accordion by its title."""
+    page.get_by_text(title, exact=True).first.click()
+
+
+def _value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
+
+
+def _status(page):
+    return page.locator("#lt-tr-status").first
+
+
+def _message(page):
+    return page.locator("#lt-tr-message").first
+
+
+def _fill_run(page, tiny, dataset: Path) -> None:
+    _fill(page, "lt-tr-folder", str(dataset))
+    _fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny.checkpoint))
+    _fill(page, "lt-tr-output-name", "ui_lora")
+    _fill(page, "lt-tr-network-dim", "4")
+    _fill(page, "lt-tr-network-alpha", "4")
+    _fill(page, "lt-tr-max-train-steps", "6")
+    _fill(page, "lt-tr-resolution", "64")
+    _fill(page, "lt-tr-train-batch-size", "1")
+    _fill(page, "lt-tr-seed", "3")
+    _open(page, "Model files")
+    _fill(page, "lt-tr-diffusers-config-dir", str(tiny.config_dir))
+    _fill(page, "lt-tr-tokenizer-dir", str(tiny.tokenizer_dir))
+    _open(page, "Precision and memory")
+    _choose(page, "lt-tr-mixed-precision", "no")
+    _open(page, "Saving and samples")
+    _fill(page, "lt-tr-sample-every-n-steps", "3")
+    _fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_dataset):
+    _, lora_dir, log = server
+    expect(_status(page)).to_contain_text("idle")
+    _choose(page, "lt-tr-preset", "sd1_character_lora")
+    expect(_message(page)).to_contain_text("sd1_character_lora")
+    assert _value(page, "lt-tr-network-dim") == "32"            # the preset filled the fields
+    assert _value(page, "lt-tr-optimizer-type") == "AdamW8bit"
+    _fill_run(page, tiny_sd1, train_dataset)
+
+    _open(page, "Import / export kohya TOML")
+    page.click("#lt-tr-export")
+    expect(_message(page)).to_contain_text("Exported")
+    text = _value(page, "lt-tr-toml-text")
+    for line in ("network_dim = 4", "max_train_steps = 6", 'output_name = "ui_lora"', "resolution = \"64,64\"",
+                 'optimizer_type = "AdamW8bit"', 'mixed_precision = "no"', "sample_every_n_steps = 3",
+                 f'train_data_dir = "{train_dataset}"'):
+        assert line in text, f"{line!r} not in the exported TOML:\n{text}"
+
+    page.click("#lt-tr-start")
+    expect(_message(page)).to_contain_text("Started")
+    try:
+        expect(_status(page)).to_contain_text("finished", timeout=FINISH_TIMEOUT_MS)
+    except AssertionError:
+        pytest.fail(f"status: {_status(page).inner_text()}\n{log.read_text(errors='replace')[-3000:]}")
+    status = _status(page).inner_text()
+    assert "step 6/6" in status and re.search(r"loss \d+\.\d{4}", status), status
+    assert (lora_dir / "ui_lora.safetensors").is_file()
+    assert str(lora_dir / "ui_lora.safetensors") in status
+    expect(page.locator("#lt-tr-samples img").first).to_be_visible()   # samples at steps 3 and 6
+    expect(page.locator("#lt-tr-loss canvas, #lt-tr-loss svg").first).to_be_visible()
+    shots = os.environ.get("LT_SCREENSHOT_DIR")
+    if shots:
+        page.screenshot(path=str(Path(shots) / "train_panel.png"), full_page=True)
+
+    page.click("#lt-tr-stop")                                          # nothing runs any more: said so
+    expect(_message(page)).to_contain_text("No training is running")
+
+
+def test_bad_dataset_folder_shows_error(page, server, tiny_sd1, tmp_path):
+    missing = tmp_path / "missing_dataset"
+    _fill(page, "lt-tr-folder", str(missing))
+    _fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny_sd1.checkpoint))
+    _open(page, "Model files")
+    _fill(page, "lt-tr-diffusers-config-dir", str(tiny_sd1.config_dir))
+    _fill(page, "lt-tr-tokenizer-dir", str(tiny_sd1.tokenizer_dir))
+    _fill(page, "lt-tr-resolution", "64")
+    page.click("#lt-tr-start")
+    expect(_status(page)).to_contain_text("failed", timeout=30_000)
+    expect(_status(page)).to_contain_text("Error")
+    expect(_status(page)).to_contain_text(str(missing))
+
+
+def test_invalid_value_is_a_message_and_nothing_starts(page):
+    _fill(page, "lt-tr-resolution", "big")
+    page.click("#lt-tr-start")
+    expect(_message(page)).to_contain_text("Error")
+    expect(_message(page)).to_contain_text("resolution")
