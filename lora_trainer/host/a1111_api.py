@@ -87,8 +87,8 @@ class TrainApi:
     def status(self) -> dict[str, Any]:
         status = self.manager.status()
         data = status_dict(status)
-        job = self.manager.last
-        if job is not None and job.done and status.lora_path and self.check_file is not None:
+        ended = data["state"] in ("finished", "stopped")
+        if ended and status.lora_path and self.check_file is not None:
             data["compat"] = self._compat(status.lora_path)
         return data
 

@@ -1,0 +1,137 @@
+"""The extension in a real AUTOMATIC1111 WebUI (see webui_harness.py for the environment): train through our API on the
+loaded tiny SD1 and SDXL models, then generate with `<lora:NAME:1>`. Skipped when A1111_DIR is not set."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from webui_harness import (
+    Installation, WebUI, install_requirements, start_webui, unmatched_lines, webui_python,
+)
+
+A1111_DIR = os.environ.get("A1111_DIR")
+pytestmark = [
+    pytest.mark.webui,
+    pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: these tests need a real AUTOMATIC1111 WebUI "
+                                             "checkout (and A1111_PYTHON, its venv's python)"),
+]
+STAMP = time.strftime("%H%M%S")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from lora_trainer.testing.tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("webui_models")
+    return {arch: build_tiny_model(arch, root / arch) for arch in ("sd1", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("webui_data") / "2_box"
+    folder.mkdir()
+    for i in range(3):
+        image = Image.new("RGB", (64, 64), (20, 90, 180))
+        ImageDraw.Draw(image).rectangle([8 * i, 8, 8 * i + 30, 38], fill=(230, 40, 20))
+        image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"box, red, item{i}", encoding="utf-8")
+    return folder.parent
+
+
+@pytest.fixture(scope="module")
+def webui(tiny, tmp_path_factory):
+    a1111 = Path(A1111_DIR)
+    python = webui_python(a1111)
+    install = Installation(a1111)
+    titles = {}
+    try:
+        install.install_extension()
+        titles = {arch: install.install_checkpoint(model, f"lt_test_{arch}_{STAMP}") for arch, model in tiny.items()}
+        install.install_openclip_preload(Path(tiny["sdxl"].yaml).parent)
+        print(install_requirements(python))
+        if os.environ.get("A1111_URL"):
+            server = WebUI(os.environ["A1111_URL"], Path(os.environ["A1111_LOG"]))
+            server.call("/sdapi/v1/refresh-checkpoints", {})
+        else:
+            log = tmp_path_factory.mktemp("webui_log") / "webui.log"
+            server = start_webui(a1111, python, log, titles["sd1"])
+        server.titles = titles
+        server.installation = install
+        yield server
+        server.stop()
+    finally:
+        for name in ("lt_test_sd1", "lt_test_sdxl"):
+            for path in (a1111 / "models" / "Lora").glob(f"{name}_{STAMP}*"):
+                path.unlink()
+        install.remove()
+
+
+def _config(dataset, name, **extra):
+    config = {"train_data_dir": str(dataset), "resolution": "64,64", "output_name": name, "max_train_steps": 8,
+              "learning_rate": 1e-2, "network_dim": 4, "network_alpha": 4, "cache_latents": True, "seed": 1,
+              "save_precision": "float", "gradient_checkpointing": True}
+    config.update(extra)
+    return config
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_train_through_the_api_then_generate_with_the_lora(webui, dataset, arch):
+    webui.use_checkpoint(webui.titles[arch])
+    name = f"lt_test_{arch}_{STAMP}"
+    base = webui.txt2img("box, red")
+    lines_before = len(webui.log_lines())
+    status = webui.train(_config(dataset, name))
+    assert status["state"] == "finished", status["message"]
+    assert status["step"] == 8 and Path(status["lora_path"]).name == f"{name}.safetensors"
+    assert status["compat"] == {"ok": True, "checked": status["compat"]["checked"]} and status["compat"]["checked"]
+    listed = {entry["name"] for entry in webui.call("/sdapi/v1/loras")}
+    assert name in listed, "refresh_loras should list the new file without a manual refresh"
+    with_lora = webui.txt2img(f"box, red <lora:{name}:1>")
+    again = webui.txt2img("box, red")
+    diff = abs(with_lora - base).mean()
+    print(f"{arch}: mean |pixel diff| with the LoRA {diff:.2f}, base repeat {abs(again - base).mean():.2f}")
+    assert abs(again - base).mean() == 0, "the model must be exactly as before training (same seed, same image)"
+    assert diff > 1.0
+    new_lines = webui.log_lines()[lines_before:]
+    assert unmatched_lines(new_lines) == []
+    assert any("compatibility self-test: all" in line for line in new_lines)
+
+
+def test_a_merged_lora_is_restored_before_training(webui, dataset):
+    webui.use_checkpoint(webui.titles["sd1"])
+    first = f"lt_test_sd1_{STAMP}_m"
+    assert webui.train(_config(dataset, first, max_train_steps=2, network_train_unet_only=True))["state"] == "finished"
+    webui.txt2img(f"box <lora:{first}:1>")  # the Lora extension merges it into the weights and keeps it there
+    lines_before = len(webui.log_lines())
+    status = webui.train(_config(dataset, f"{first}2", max_train_steps=1, network_train_unet_only=True))
+    assert status["state"] == "finished", status["message"]
+    new_lines = webui.log_lines()[lines_before:]
+    restored = [line for line in new_lines if "handshake 1: restored" in line]
+    assert restored and " 0 layers" not in restored[0]
+    assert any("handshake 1: UNet equals" in line for line in new_lines)
+
+
+def test_bad_requests_are_400_with_a_message(webui):
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as info:
+        webui.call("/lora_trainer/v1/train/start", {"config": {"no_such_key": 1}})
+    assert info.value.code == 400 and "no_such_key" in info.value.read().decode()
+
+
+def test_every_lora_parameter_gets_a_gradient_through_checkpointed_sgm_blocks(tiny):
+    script = Path(__file__).with_name("sgm_gradients.py")
+    model = tiny["sdxl"]
+    done = subprocess.run([webui_python(Path(A1111_DIR)), str(script), A1111_DIR, str(model.yaml),
+                           str(model.checkpoint)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] > 0 and result["n_zero"] == 0, result
+    assert result["checkpointed_blocks"] > 0 and result["identical"] and result["flags_restored"]
