@@ -76,10 +76,10 @@ def _options(p: TrainPanel, host_name: str) -> None:
         _fields(p, "model", per_row=1)
     for group in ("basic", "network", "optimizer", "steps"):
         with gr.Group():
-            _fields(p, group)
+            _fields(p, group, per_row=3 if group == "optimizer" else 5)
     for group in views.ADVANCED_GROUPS:
         with gr.Accordion(group, open=False, elem_id=f"lt-tr-adv-{group.split()[0].lower()}"):
-            _fields(p, group, per_row=4)
+            _fields(p, group, per_row=3)
     p.form = [p.c[f.key] for f in views.FORM]
 
 
@@ -101,28 +101,31 @@ def _controls(p: TrainPanel) -> None:
         p.c["start"] = gr.Button("Start", variant="primary", elem_id="lt-tr-start")
         p.c["stop"] = gr.Button("Stop", variant="stop", elem_id="lt-tr-stop")
         p.c["stop_save"] = gr.Button("Stop and save", elem_id="lt-tr-stop-save")
+    with gr.Row(equal_height=True):
         p.c["resume_dir"] = gr.Textbox(label="Resume from state folder (<name>-state)", scale=3,
                                        elem_id="lt-tr-resume-dir")
-        p.c["resume"] = gr.Button("Resume", elem_id="lt-tr-resume")
+        p.c["resume"] = gr.Button("Resume", scale=1, elem_id="lt-tr-resume")
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
-    with gr.Row():
-        p.c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=260, width=480,
-                                  tooltip=["step", "loss"], elem_id="lt-tr-loss")
-        p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
+    p.c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
+                              tooltip=["step", "loss"], elem_id="lt-tr-loss")
+    p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
 
 
 def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str) -> None:
     p.c["base"] = gr.State(None)
     p.c["seen"] = gr.State(None)
-    with gr.Row(equal_height=True):
-        p.c["folder"] = gr.Textbox(value=dataset_dir or "", label="Dataset folder (holds 10_concept folders)",
-                                   scale=4, elem_id="lt-tr-folder")
-        p.c["preset"] = gr.Dropdown(views.preset_choices(), value=views.NO_PRESET, label="Preset", scale=2,
-                                    elem_id="lt-tr-preset")
-    _options(p, host_name)
-    _toml_box(p)
-    _controls(p)
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=True):
+                p.c["folder"] = gr.Textbox(value=dataset_dir or "", label="Dataset folder (holds 10_concept folders)",
+                                           scale=4, elem_id="lt-tr-folder")
+                p.c["preset"] = gr.Dropdown(views.preset_choices(), value=views.NO_PRESET, label="Preset",
+                                            scale=2, elem_id="lt-tr-preset")
+            _options(p, host_name)
+            _toml_box(p)
+        with gr.Column(scale=2, elem_id="lt-tr-run"):
+            _controls(p)
 
 
 # -- handlers (thin: views and the manager do the work) ---------------------------------------------------------------

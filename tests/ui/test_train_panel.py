@@ -193,6 +193,17 @@ def test_bad_dataset_folder_shows_error(page, server, tiny_sd1, tmp_path):
     expect(_status(page)).to_contain_text(str(missing))
 
 
+def test_dataset_folder_is_shared_with_the_dataset_panel(page, train_dataset):
+    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Dataset\s*$")).first.click()
+    _fill(page, "lt-ds-folder", str(train_dataset))
+    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
+    expect(page.locator("#lt-tr-folder textarea, #lt-tr-folder input").first).to_have_value(str(train_dataset))
+    _fill(page, "lt-tr-folder", str(train_dataset / "2_square"))
+    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Dataset\s*$")).first.click()
+    expect(page.locator("#lt-ds-folder textarea, #lt-ds-folder input").first).to_have_value(
+        str(train_dataset / "2_square"))
+
+
 def test_invalid_value_is_a_message_and_nothing_starts(page):
     _fill(page, "lt-tr-resolution", "big")
     page.click("#lt-tr-start")
