@@ -8,10 +8,14 @@ text-encoder LoRA as kohya's default, 8 images x 10 repeats, no data-loader work
 
 Each case trains in its own process through the real path (config_from_dict -> load_checkpoint_adapter ->
 Trainer); the step time is the median of the per-step times (from the timestamps of `Step` events) after the
-warm-up steps, the peak RSS is the child's ru_maxrss (wait4). Nothing here asserts a timing.
+warm-up steps, "CPU s/st" the median CPU seconds (all threads) per step, the peak RSS is the child's ru_maxrss
+(wait4). Wall times depend heavily on other work on the machine (the load average is printed with each row):
+compare trainers from one invocation on an otherwise idle machine. Nothing here asserts a timing.
 
     python benchmarks/train_speed.py                        # every case
     python benchmarks/train_speed.py --cases tiny_64_b1,full_64_b1 --steps 20
+    python benchmarks/train_speed.py --cases full_64_b1 --full-precision fp32   # checkpoint file stored in fp32
+    python benchmarks/train_speed.py --cases full_64_b1 --optimizer-arg fused=True   # what-if, our runs only
     python benchmarks/train_speed.py --case tiny_64_b1 ...  # one case in this process (what the driver runs)
 
 Comparison with kohya sd-scripts: set SD_SCRIPTS_DIR to a checkout of kohya-ss/sd-scripts and SD_SCRIPTS_PYTHON to
