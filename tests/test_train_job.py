@@ -204,3 +204,32 @@ def test_manager_refuses_a_second_job(tiny_sd1, dataset, host, tmp_path):
     assert first.status().state is JobState.STOPPED
     second = manager.start(_config(tiny_sd1, dataset, tmp_path, max_train_steps=1))
     assert second.wait(60).state is JobState.FINISHED
+
+
+def test_live_lora_binds_to_a_reloaded_model(tiny_sd1, dataset, host, tmp_path):
+    from lora_trainer.models.loading import load_checkpoint_adapter
+
+    job = TrainingJob(_config(tiny_sd1, dataset, tmp_path, max_train_steps=2, learning_rate=1e-2), host)
+    assert job.run().state is JobState.FINISHED
+    trained_on = host.load(job.config)
+    reloaded = load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=tiny_sd1.config_dir,
+                                       tokenizer_dir=tiny_sd1.tokenizer_dir, device="cpu", dtype=torch.float32)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([400])
+
+    def predict(adapter):
+        with torch.no_grad():
+            return adapter.predict(latents, t, adapter.encode_captions(["square"])).clone()
+
+    base = predict(reloaded)
+    live = job.live_lora
+    live.multiplier = 0.7
+    live.apply(trained_on)
+    expected = predict(trained_on)
+    live.remove()
+    live.apply(reloaded)          # another model object: the weights move onto its modules by kohya name
+    got = predict(reloaded)
+    live.remove()
+    assert not torch.allclose(got, base)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(predict(reloaded), base)

@@ -1,14 +1,20 @@
 """Gradio panels (gradio 3.41 as in AUTOMATIC1111 1.10, and 4.x as in Forge). Layout and wiring only: the work is
 done by `lora_trainer.tagging` and the other packages.
 
-`build_dataset_panel` places the Dataset panel inside a host's `gr.Blocks`; `create_app` is the standalone app.
-gradio is imported on first use of one of these names, so the actions (`dataset_actions`) import without it.
+`build_tab(host)` places the whole tab (Dataset and Train panels) inside a host's `gr.Blocks`; `build_dataset_panel`
+and `build_train_panel` place one panel; `create_app` is the standalone app (`python -m lora_trainer ui`).
+gradio is imported on first use of one of these names, so the actions (`dataset_actions`, `train_views`) import
+without it.
 """
 
 _LAZY = {
     "DatasetPanel": "lora_trainer.ui.dataset_panel",
     "build_dataset_panel": "lora_trainer.ui.dataset_panel",
-    "create_app": "lora_trainer.ui.dataset_panel",
+    "create_app": "lora_trainer.ui.app",
+    "build_tab": "lora_trainer.ui.app",
+    "TrainerTab": "lora_trainer.ui.app",
+    "TrainPanel": "lora_trainer.ui.train_panel",
+    "build_train_panel": "lora_trainer.ui.train_panel",
     "DatasetSession": "lora_trainer.ui.dataset_actions",
 }
 
@@ -24,4 +30,7 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["DatasetPanel", "DatasetSession", "build_dataset_panel", "create_app"]
+__all__ = [
+    "DatasetPanel", "DatasetSession", "TrainPanel", "TrainerTab", "build_dataset_panel", "build_tab",
+    "build_train_panel", "create_app",
+]
