@@ -135,3 +135,20 @@ def test_every_lora_parameter_gets_a_gradient_through_checkpointed_sgm_blocks(ti
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["params"] > 0 and result["n_zero"] == 0, result
     assert result["checkpointed_blocks"] > 0 and result["identical"] and result["flags_restored"]
+
+
+def test_interrupt_stops_and_saves_and_generation_waits_for_the_run(webui, dataset):
+    webui.use_checkpoint(webui.titles["sd1"])
+    name = f"lt_test_sd1_{STAMP}_i"
+    webui.call("/lora_trainer/v1/train/start", {"config": _config(dataset, name, max_train_steps=400,
+                                                                   network_train_unet_only=True)})
+    while webui.call("/lora_trainer/v1/train/status")["step"] < 2:
+        time.sleep(0.2)
+    state = webui.call("/sdapi/v1/progress?skip_current_image=true")["state"]
+    assert state["job"] == f"Train LoRA {name}" and state["sampling_steps"] == 400 and state["sampling_step"] >= 1
+    webui.call("/sdapi/v1/interrupt", {})  # the WebUI's Interrupt button
+    webui.txt2img("box")  # queued behind the run: returns only once training has let go of the model
+    status = webui.call("/lora_trainer/v1/train/status")
+    assert status["state"] == "stopped" and status["lora_path"], status
+    assert 2 <= status["step"] < 400
+    assert Path(status["lora_path"]).is_file()
