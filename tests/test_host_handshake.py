@@ -222,3 +222,33 @@ def test_encode_chunks_gives_a_fixed_length_for_short_and_long_captions(ldm_mode
     assert z.shape[:2] == (2, 154) and pooled is None
     assert torch.equal(z[0, :77], single[0])
     assert not torch.equal(z[1, 77:], z[0, 77:])  # the long caption's second chunk is text, the short one's empty
+
+
+def test_sd2_open_clip_model_is_bit_identical_after_a_text_encoder_run(tiny_sd2, dataset, tmp_path):
+    """SD2 (OpenCLIP text tower with fused attention): LoRA on q/k/v/out of nn.MultiheadAttention, trained and
+    taken off again through the handshake."""
+    from safetensors.torch import load_file
+    from test_adapters import open_clip_tower
+    from transformers import CLIPTokenizer
+
+    from lora_trainer.models.ldm_adapter import LdmAdapter
+    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+
+    if not install_ldm_shims():
+        pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
+    embedder = torch.nn.Module()  # ldm FrozenOpenCLIPEmbedder's layout: .model (the tower), .layer_idx
+    embedder.model = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
+    embedder.layer_idx = 1
+    model = build_ldm_model(tiny_sd2.yaml, tiny_sd2.checkpoint, cond_stage=embedder)
+    adapter = LdmAdapter(model, tokenizer=CLIPTokenizer.from_pretrained(str(tiny_sd2.tokenizer_dir)))
+    before, flags = state_fingerprint(model), _flags(model)
+    config = update_config(TrainConfig(), dict(
+        train_data_dir=str(dataset), resolution=(64, 64), output_dir=str(tmp_path), output_name="hs2",
+        max_train_steps=2, learning_rate=1e-2, seed=3, cache_latents=True, network_dim=2, network_alpha=2,
+        network_train_unet_only=False, gradient_checkpointing=True, save_precision="float",
+    ))
+    with borrowed_model(model, adapter):
+        result = Trainer(config, adapter).run()
+    assert result.steps == 2 and any(k.startswith("lora_te_") for k in load_file(result.lora_path))
+    assert state_fingerprint(model) == before
+    assert _flags(model) == flags
