@@ -47,7 +47,7 @@ def find_pid(port: int) -> int:
         except OSError:
             continue
         args = [c.decode(errors="replace") for c in cmd]
-        if any(a.endswith("launch.py") or a.endswith("webui.py") for a in args) and str(port) in args:
+        if any(a.endswith(("launch.py", "webui.py")) for a in args) and str(port) in args:
             return int(entry.name)
     raise SystemExit(f"no WebUI process for port {port} found; pass --pid")
 

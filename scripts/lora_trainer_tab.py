@@ -6,9 +6,9 @@ _root = str(Path(__file__).resolve().parents[1])
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from modules import script_callbacks  # noqa: E402
+from modules import script_callbacks
 
-from lora_trainer.host.a1111_tab import WebUIExtension  # noqa: E402
+from lora_trainer.host.a1111_tab import WebUIExtension
 
 extension = WebUIExtension()
 script_callbacks.on_ui_settings(extension.ui_settings)

@@ -7,19 +7,19 @@ from pathlib import Path
 a1111, yaml_path, ckpt = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 sys.path[:0] = [str(a1111 / "repositories" / "generative-models"), str(Path(__file__).resolve().parents[2])]
 
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import open_clip
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 open_clip.add_model_config(str(Path(yaml_path).parent))
-from sgm.util import instantiate_from_config  # noqa: E402
+from sgm.util import instantiate_from_config
 
-from lora_trainer.config import TrainConfig, update_config  # noqa: E402
-from lora_trainer.host.handshake import borrowed_model, state_fingerprint  # noqa: E402
-from lora_trainer.models.adapter import TextConditioning  # noqa: E402
-from lora_trainer.models.sgm_adapter import SgmAdapter  # noqa: E402
-from lora_trainer.networks import LoRANetwork  # noqa: E402
+from lora_trainer.config import TrainConfig, update_config
+from lora_trainer.host.handshake import borrowed_model, state_fingerprint
+from lora_trainer.models.adapter import TextConditioning
+from lora_trainer.models.sgm_adapter import SgmAdapter
+from lora_trainer.networks import LoRANetwork
 
 torch.manual_seed(0)
 config = OmegaConf.load(yaml_path).model

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from webui_harness import (
     Installation, WebUI, install_requirements, start_webui, unmatched_lines, webui_python,
 )
@@ -130,7 +129,7 @@ def test_every_lora_parameter_gets_a_gradient_through_checkpointed_sgm_blocks(ti
     script = Path(__file__).with_name("sgm_gradients.py")
     model = tiny["sdxl"]
     done = subprocess.run([webui_python(Path(A1111_DIR)), str(script), A1111_DIR, str(model.yaml),
-                           str(model.checkpoint)], capture_output=True, text=True, timeout=600)
+                           str(model.checkpoint)], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["params"] > 0 and result["n_zero"] == 0, result

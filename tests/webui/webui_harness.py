@@ -142,7 +142,7 @@ class Installation:
 
 def install_requirements(python: str) -> str:
     """Run our install.py with the WebUI's Python (installs only what is missing); returns its output."""
-    done = subprocess.run([python, str(ROOT / "install.py")], capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([python, str(ROOT / "install.py")], capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"install.py failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
