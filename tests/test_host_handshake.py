@@ -252,3 +252,35 @@ def test_sd2_open_clip_model_is_bit_identical_after_a_text_encoder_run(tiny_sd2,
     assert result.steps == 2 and any(k.startswith("lora_te_") for k in load_file(result.lora_path))
     assert state_fingerprint(model) == before
     assert _flags(model) == flags
+
+
+def test_a_half_precision_host_trains_under_autocast_with_float32_lora_weights(tiny_sd1, dataset, tmp_path):
+    """The WebUI keeps weights in fp16/bf16: training runs in that dtype (autocast), the LoRA stays float32, and
+    the host's half weights come back bit-identical."""
+    from safetensors.torch import load_file
+
+    from lora_trainer.models.ldm_adapter import LdmAdapter
+    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+
+    if not install_ldm_shims():
+        pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: ldm's GroupNorm32 feeds float32 activations to half weights, which CPU group_norm "
+                    "refuses (the WebUI runs --no-half on CPU for the same reason)")
+    model = build_ldm_model(tiny_sd1.yaml, tiny_sd1.checkpoint).to("cuda", torch.float16)
+    adapter = LdmAdapter(model, model_id="tiny-sd1-fp16")
+    before = state_fingerprint(model)
+    config = update_config(TrainConfig(), {
+        "train_data_dir": str(dataset), "resolution": (64, 64), "output_dir": str(tmp_path), "output_name": "bf",
+        "max_train_steps": 2, "learning_rate": 1e-2, "seed": 3, "cache_latents": True, "network_dim": 2,
+        "network_alpha": 2, "network_train_unet_only": True, "save_precision": "float",
+    })
+    with borrowed_model(model, adapter):
+        trainer = Trainer(config, adapter)
+        result = trainer.run()
+        seen = {p.dtype for p in trainer.network.parameters()}
+    assert result.steps == 2 and all(v == v for v in result.losses)
+    assert seen == {torch.float32}
+    assert {v.dtype for v in load_file(result.lora_path).values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert state_fingerprint(model) == before

@@ -207,9 +207,14 @@ class A1111Host:
         model_id = self.model_hash(sd_model)
         if getattr(sd_model, "is_sdxl", False):
             encode = sdxl_text_encoder(list(sd_model.conditioner.embedders)[:2], shared.opts)
-            return SgmAdapter(sd_model, text_encode=encode, model_id=model_id)
-        encode = sd_text_encoder(sd_model.cond_stage_model, shared.opts)
-        return WebUILdmAdapter(sd_model, text_encode=encode, model_id=model_id)
+            adapter = SgmAdapter(sd_model, text_encode=encode, model_id=model_id)
+        else:
+            encode = sd_text_encoder(sd_model.cond_stage_model, shared.opts)
+            adapter = WebUILdmAdapter(sd_model, text_encode=encode, model_id=model_id)
+        info = self.checkpoint_info(sd_model)
+        # the host checkpoint's full sha256, for `ss_new_sd_model_hash` in the LoRA's metadata
+        adapter.checkpoint_sha256 = getattr(info, "sha256", None) if info is not None else None
+        return adapter
 
     @staticmethod
     def checkpoint_info(sd_model=None):
