@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -38,11 +40,24 @@ def run(args) -> int:
     app = create_app(StandaloneHost(lora_dir, device=args.device), dataset, tagger_dir)
     print(f"LoRA trainer (Dataset and Train panels) on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     try:
-        app.launch(server_name="127.0.0.1", server_port=args.port, inbrowser=False,
+        app.launch(server_name="127.0.0.1", server_port=args.port, inbrowser=False, prevent_thread_lock=True,
                    **compat.launch_kwargs([d for d in (dataset, str(lora_dir)) if d]))
     except OSError as exc:
         print(f"ui: cannot serve on port {args.port} ({exc}). Pick another with --port.", file=sys.stderr)
         return 2
+    try:
+        while True:
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        app.close()
+        _close(app)
     return 0
+
+
+def _close(app, timeout: float = 5.0) -> None:
+    """Close the server, waiting at most `timeout` seconds: gradio 3 can wait forever on a browser event that was
+    cut off mid-stream, and Ctrl-C must still end the program (the server thread is a daemon)."""
+    closer = threading.Thread(target=app.close, name="close-ui", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        print("ui: the server did not close in time; exiting anyway", file=sys.stderr)

@@ -98,8 +98,9 @@ def _fill(page, elem_id: str, text: str) -> None:
 
 
 def _choose(page, elem_id: str, option: str) -> None:
+    """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
     page.locator(f"#{elem_id} input").first.click()
-    page.locator(f"ul.options li[data-value='{option}']").first.click()
+    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
 
 
 def _open(page, title: str) -> None:
@@ -202,6 +203,19 @@ def test_dataset_folder_is_shared_with_the_dataset_panel(page, train_dataset):
     page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Dataset\s*$")).first.click()
     expect(page.locator("#lt-ds-folder textarea, #lt-ds-folder input").first).to_have_value(
         str(train_dataset / "2_square"))
+
+
+def test_import_toml_file_fills_the_fields(page, tmp_path):
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[network_arguments]\nnetwork_dim = 12\n[saving_arguments]\noutput_name = "from_file"\n'
+                    'mystery_key = 1\n', encoding="utf-8")
+    _open(page, "Import / export kohya TOML")
+    page.locator("#lt-tr-toml-upload input[type=file]").first.set_input_files(str(toml))
+    expect(_message(page)).to_contain_text("Imported mine.toml")
+    expect(_message(page)).to_contain_text("mystery_key")              # unknown keys are named, not dropped
+    expect(page.locator("#lt-tr-output-name input, #lt-tr-output-name textarea").first).to_have_value("from_file")
+    assert _value(page, "lt-tr-network-dim") == "12"
+    assert "network_dim = 12" in _value(page, "lt-tr-toml-text")
 
 
 def test_invalid_value_is_a_message_and_nothing_starts(page):
