@@ -228,7 +228,7 @@ def test_sd2_open_clip_model_is_bit_identical_after_a_text_encoder_run(tiny_sd2,
     """SD2 (OpenCLIP text tower with fused attention): LoRA on q/k/v/out of nn.MultiheadAttention, trained and
     taken off again through the handshake."""
     from safetensors.torch import load_file
-    from test_adapters import open_clip_tower
+    from lora_trainer.testing.open_clip_tower import open_clip_tower
     from transformers import CLIPTokenizer
 
     from lora_trainer.models.ldm_adapter import LdmAdapter
