@@ -1,6 +1,7 @@
 """The command line as a user runs it: train from a kohya TOML, the demo, and errors that name the fix."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -60,6 +61,7 @@ def test_train_writes_a_kohya_lora_with_its_config(tiny_sd1, tmp_path, capsys):
     assert len(downs) == 192 + 72 and all(state_dict[k].shape[0] == 8 for k in downs)
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_network_dim"] == "8"
     assert json.loads(metadata["ss_dataset_dirs"]) == {"5_mychar": {"n_repeats": 5, "img_count": 4}}
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(tiny_sd1.checkpoint.read_bytes()).hexdigest()
     saved = load_toml(tmp_path / "out" / "cli_lora.toml").config
     assert saved.network.network_dim == 8 and saved.training.max_train_steps == 3
 

@@ -1,7 +1,6 @@
 """Load a single-file SD1/SD2/SDXL checkpoint into a DiffusersAdapter, offline, with local diffusers configs."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -10,11 +9,11 @@ from pathlib import Path
 import torch
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.models.checkpoint import checkpoint_hash
 from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
 logger = logging.getLogger(__name__)
 
-HASH_BLOCK = 1 << 24
 
 
 def file_id(path: str | Path) -> str:
@@ -26,11 +25,7 @@ def file_id(path: str | Path) -> str:
     Returns:
         str: the id.
     """
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return checkpoint_hash(path).sha256[:12]
 
 
 def _tokenizer_subfolders(architecture: str) -> tuple[str, ...]:
@@ -165,8 +160,11 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
         module.eval()
         module.to(device)
     logger.info("loaded %s checkpoint %s (%s)", architecture, path.name, dtype)
-    return DiffusersAdapter(
+    file_hash = checkpoint_hash(path)
+    adapter = DiffusersAdapter(
         unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"], tokenizers=tokenizers,
         scheduler_config=_scheduler_config(configs), architecture=architecture,
-        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=file_id(path),
+        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=file_hash.sha256[:12],
     )
+    adapter.checkpoint_sha256 = file_hash.sha256  # kohya's ss_new_sd_model_hash, as the WebUI host sets it
+    return adapter

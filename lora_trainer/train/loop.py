@@ -281,6 +281,7 @@ class Trainer:
             num_batches_per_epoch=self.plan.batches_per_epoch,
             total_batch_size=cfg.dataset.train_batch_size * max(1, cfg.optimizer.gradient_accumulation_steps),
             sd_model_name=Path(cfg.model.pretrained_model_name_or_path or self.adapter.model_id).name,
+            new_sd_model_hash=getattr(self.adapter, "checkpoint_sha256", None),
             dataset_dirs=index.dirs, reg_dataset_dirs=index.reg_dirs, tag_frequency=index.tag_frequency,
             bucket_info=self.data.dataset.bucket_info(),
         )
