@@ -122,7 +122,8 @@ class Trainer:
         self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands)
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                           offload_vae=self.data.dataset.cache is not None):
+                           offload_vae=self.data.dataset.cache is not None,
+                           offload_text_encoders=self.data.text_cache is not None):
             self.network.apply()
             self.network.train()
             try:

@@ -45,17 +45,21 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 @contextlib.contextmanager
-def training_mode(adapter, *, train_te: bool, gradient_checkpointing: bool, offload_vae: bool):
+def training_mode(adapter, *, train_te: bool, gradient_checkpointing: bool, offload_vae: bool,
+                  offload_text_encoders: bool = False):
     """Freeze every model weight and set module modes for LoRA training; put everything back on exit.
 
     The UNet is in train mode only with gradient checkpointing (diffusers checkpoints in train mode only), the
-    text encoders only when their LoRA trains; the VAE goes to the CPU when latents are cached.
+    text encoders only when their LoRA trains; what the steps no longer need (the VAE once latents are cached,
+    the text encoders once their outputs are) waits on the CPU. Sample previews still work: the adapters run
+    each encoder on the device it is on.
 
     Args:
         adapter (ModelAdapter): the model.
         train_te (bool): text-encoder LoRA modules are trained.
         gradient_checkpointing (bool): checkpoint UNet (and TE) blocks.
         offload_vae (bool): move the VAE to the CPU while training.
+        offload_text_encoders (bool, optional): move the text encoders to the CPU while training, defaults to False.
 
     Yields:
         ModelSnapshot: what will be restored.
@@ -74,10 +78,12 @@ def training_mode(adapter, *, train_te: bool, gradient_checkpointing: bool, offl
         if gradient_checkpointing:
             snap.checkpointing = bool(getattr(adapter.unet(), "is_gradient_checkpointing", False))
             adapter.enable_gradient_checkpointing(True)
-        vae_device = _device_of(adapter.vae())
-        if offload_vae and vae_device is not None and vae_device.type != "cpu":
-            snap.devices.append((adapter.vae(), vae_device))
-            adapter.vae().to("cpu")
+        idle = ([adapter.vae()] if offload_vae else []) + (list(adapter.text_encoders()) if offload_text_encoders else [])
+        for module in idle:
+            device = _device_of(module)
+            if device is not None and device.type != "cpu":
+                snap.devices.append((module, device))
+                module.to("cpu")
         yield snap
     finally:
         snap.restore(adapter)
