@@ -120,13 +120,13 @@ def _message(page):
     return page.locator("#lt-tr-message").first
 
 
-def _fill_run(page, tiny, dataset: Path) -> None:
+def _fill_run(page, tiny, dataset: Path, name: str = "ui_lora", steps: int = 6, samples: bool = True) -> None:
     _fill(page, "lt-tr-folder", str(dataset))
     _fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny.checkpoint))
-    _fill(page, "lt-tr-output-name", "ui_lora")
+    _fill(page, "lt-tr-output-name", name)
     _fill(page, "lt-tr-network-dim", "4")
     _fill(page, "lt-tr-network-alpha", "4")
-    _fill(page, "lt-tr-max-train-steps", "6")
+    _fill(page, "lt-tr-max-train-steps", str(steps))
     _fill(page, "lt-tr-resolution", "64")
     _fill(page, "lt-tr-train-batch-size", "1")
     _fill(page, "lt-tr-seed", "3")
@@ -136,8 +136,9 @@ def _fill_run(page, tiny, dataset: Path) -> None:
     _open(page, "Precision and memory")
     _choose(page, "lt-tr-mixed-precision", "no")
     _open(page, "Saving and samples")
-    _fill(page, "lt-tr-sample-every-n-steps", "3")
-    _fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
+    if samples:
+        _fill(page, "lt-tr-sample-every-n-steps", "3")
+        _fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
@@ -178,6 +179,28 @@ def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_
 
     page.click("#lt-tr-stop")                                          # nothing runs any more: said so
     expect(_message(page)).to_contain_text("No training is running")
+
+
+def test_stop_and_save_then_resume(page, server, tiny_sd1, train_dataset):
+    _, lora_dir, _ = server
+    _fill_run(page, tiny_sd1, train_dataset, name="resumable", steps=300, samples=False)
+    page.locator("#lt-tr-save-state input[type=checkbox]").check()
+    page.click("#lt-tr-start")
+    expect(_status(page)).to_contain_text(re.compile(r"running \| step [1-9]\d*/300"), timeout=45_000)
+    page.click("#lt-tr-stop-save")
+    expect(_message(page)).to_contain_text("Stopping after this step and saving")
+    expect(_status(page)).to_contain_text("stopped", timeout=30_000)
+    stopped_at = int(re.search(r"step (\d+)/300", _status(page).inner_text()).group(1))
+    assert (lora_dir / "resumable.safetensors").is_file()
+    state = lora_dir / "resumable-state"
+    assert state.is_dir()
+
+    _fill(page, "lt-tr-max-train-steps", str(stopped_at + 3))   # resume and finish 3 steps later
+    _fill(page, "lt-tr-resume-dir", str(state))
+    page.click("#lt-tr-resume")
+    expect(_message(page)).to_contain_text("Resuming")
+    expect(_status(page)).to_contain_text("finished", timeout=45_000)
+    assert f"step {stopped_at + 3}/{stopped_at + 3}" in _status(page).inner_text()
 
 
 def test_bad_dataset_folder_shows_error(page, server, tiny_sd1, tmp_path):
