@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        from lora_trainer.ui import compat
         from lora_trainer.host import StandaloneHost
+        from lora_trainer.ui import compat
         from lora_trainer.ui.app import create_app
     except ImportError as exc:
         print(f"ui: gradio cannot be imported ({exc}). Install it with `pip install -e \".[ui]\"`.", file=sys.stderr)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.errors import LoraTrainerError, TrainingError
-from lora_trainer.train.events import EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands
+from lora_trainer.train.events import (
+    EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class JobStatus:
     started_at: float | None = None
     finished_at: float | None = None
 
-    def copy(self) -> "JobStatus":
+    def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
 
@@ -124,7 +126,7 @@ class TrainingJob:
         self._live = None
 
     # -- control ---------------------------------------------------------------------------------------------------
-    def start(self) -> "TrainingJob":
+    def start(self) -> TrainingJob:
         """Run the job in a background thread.
 
         Returns:
@@ -209,10 +211,10 @@ class TrainingJob:
         try:
             config = self._resolved_config()
             title = f"Train LoRA {config.save.output_name}"
-            with self.host.prepare_model(config) as adapter:
-                with self.host.job(title, int(config.training.max_train_steps or 0)) as handle:
-                    self._handle = handle
-                    self._train(config, adapter)
+            with self.host.prepare_model(config) as adapter, \
+                    self.host.job(title, int(config.training.max_train_steps or 0)) as handle:
+                self._handle = handle
+                self._train(config, adapter)
         except BaseException as exc:  # every error becomes a failed status the UI shows; logged with traceback
             logger.exception("training job failed")
             self._set(state=JobState.FAILED, message=error_message(exc), finished_at=time.time())

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
 FINISH_TIMEOUT_MS = 75_000
@@ -57,7 +56,7 @@ def server(chromium_path, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
                                  str(lora_dir), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_interruptible)
+                                preexec_fn=_interruptible)  # noqa: PLW1509 (one signal call)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
     while True:

@@ -3,6 +3,7 @@ text, loss rows, prompt files."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_toml_text_notes_unknown_keys_and_reports_syntax_errors():
 def test_prompt_lines_become_a_file_and_paths_stay(tmp_path):
     form = _form(TrainConfig(), sample_prompts="a cat --w 64\na dog")
     path = views.form_to_config(None, "/d", form).sample.sample_prompts
-    assert open(path, encoding="utf-8").read() == "a cat --w 64\na dog\n"
+    assert Path(path).read_text(encoding="utf-8") == "a cat --w 64\na dog\n"
     assert views.prompts_file(str(tmp_path / "p.txt")) == str(tmp_path / "p.txt")
 
 
