@@ -2,7 +2,8 @@
 export, Start / Stop / Stop and save / Resume, and a live status with loss curve and samples polled once a second.
 
 Layout and wiring only: configs come from `train_views` (`config_from_dict` underneath), runs from the
-`JobManager`. The status streams from a generator event while a job runs. Works on gradio 3.41 (AUTOMATIC1111) and 4.x (Forge), see `compat`.
+`JobManager`. The status is a generator event started by page load, Start and Resume that yields once a second
+while a job is active and then ends (no endless timer). Works on gradio 3.41 (AUTOMATIC1111) and 4.x (Forge).
 """
 from __future__ import annotations
 
