@@ -107,6 +107,7 @@ def _controls(p: TrainPanel) -> None:
                                        elem_id="lt-tr-resume-dir")
         p.c["resume"] = gr.Button("Resume", scale=1, elem_id="lt-tr-resume")
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
+    p.c["refresh"] = gr.Button("Refresh status", size="sm", elem_id="lt-tr-refresh")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
     p.c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
                               tooltip=["step", "loss"], elem_id="lt-tr-loss")
@@ -283,6 +284,7 @@ def build_train_panel(host, manager: JobManager | None = None, dataset_dir: str 
     c = panel.c
     watch, outputs = _watch_fn(panel), [c["seen"], c["status"], c["loss"], c["samples"]]
     on_load(watch, [c["seen"]], outputs)
+    c["refresh"].click(watch, inputs=[c["seen"]], outputs=outputs, show_progress="hidden")  # a job started elsewhere
     for name in ("start", "resume"):
         panel.events[name].then(watch, inputs=[c["seen"]], outputs=outputs, show_progress="hidden")
     return panel
