@@ -176,6 +176,13 @@ def prepare_model(kind: str, cache: Path, work: Path, precision: str) -> Prepare
     return Prepared(Path(checkpoint), config_dir, tokenizer_dir)
 
 
+def child_env(args) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    return env
+
+
 def run_ours(case: Case, model: Prepared, data_dir: Path, work: Path, args) -> RunFigures:
     out_dir = Path(tempfile.mkdtemp(prefix=f"ours_{case.name}_", dir=work))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case.name, "--checkpoint", str(model.checkpoint),
@@ -186,7 +193,7 @@ def run_ours(case: Case, model: Prepared, data_dir: Path, work: Path, args) -> R
     cmd += ["--warmup", str(args.warmup)] if args.warmup is not None else []
     for item in args.optimizer_arg:
         cmd += ["--optimizer-arg", item]
-    run = run_child(cmd, REPO, dict(os.environ, PYTHONUNBUFFERED="1"), work / f"ours_{case.name}.log", args.verbose)
+    run = run_child(cmd, REPO, child_env(args), work / f"ours_{case.name}.log", args.verbose)
     line = next((p for _, _, p in reversed(run.pieces) if p.startswith(RESULT_PREFIX)), None)
     figures = RunFigures(case.name, "ours")
     if run.returncode == 0 and line:
@@ -206,8 +213,7 @@ def run_kohya(case: Case, model: Prepared, data_dir: Path, work: Path, cache: Pa
     cmd = kohya_command(python, checkpoint=model.checkpoint, data_dir=data_dir, output_dir=out_dir,
                         tokenizer_cache=write_kohya_tokenizer(cache / "sd_scripts_tokenizers"),
                         resolution=case.resolution, batch=case.batch, rank=RANK, alpha=ALPHA, steps=steps)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="")
+    env = dict(child_env(args), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     run = run_child(cmd, sd_dir, env, work / f"kohya_{case.name}.log", args.verbose)
     marks = kohya_marks(run)
     figures = summarize(RunFigures(case.name, "sd-scripts", steps=marks[-1][0] if marks else 0),
@@ -264,7 +270,7 @@ def drive(args) -> int:
     print(f"cases {names}; cache {cache}; logs in {work}; sd-scripts comparison "
           f"{'on' if kohya else 'off (set SD_SCRIPTS_DIR and SD_SCRIPTS_PYTHON)'}; cpu count {os.cpu_count()}; "
           f"load average {os.getloadavg()[0]:.1f}; full-size checkpoint stored as {args.full_precision}; "
-          f"our extra optimizer_args {args.optimizer_arg or 'none'}", flush=True)
+          f"our extra optimizer_args {args.optimizer_arg or 'none'}; threads {args.threads or 'default'}", flush=True)
     models: dict[str, Prepared] = {}
     rows: list[RunFigures] = []
     for name in names:
@@ -297,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="storage precision of the full-size checkpoint file (training is fp32 either way)")
     parser.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra optimizer_args for OUR runs only (a what-if, e.g. fused=True); repeatable")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads of both trainers (default: torch's choice); "
+                        "1 gives steadier figures on a busy machine")
     parser.add_argument("--verbose", action="store_true", help="show the children's output")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     for hidden in ("--checkpoint", "--data-dir", "--out-dir", "--config-dir", "--tokenizer-dir"):
