@@ -4,19 +4,17 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from lora_trainer.config.schema import OPTIMIZERS
 from lora_trainer.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_TYPES = (
-    "AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Lion", "Prodigy", "DAdaptation", "DAdaptAdam",
-    "Adafactor", "SGDNesterov",
-)
+OPTIMIZER_TYPES = OPTIMIZERS  # the config validates names against the same tuple
 
 
 def parse_optimizer_args(args: list[str] | tuple[str, ...] | None) -> dict[str, Any]:

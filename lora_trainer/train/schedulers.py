@@ -6,11 +6,11 @@ import logging
 import torch
 from diffusers.optimization import get_scheduler
 
+from lora_trainer.config.schema import SCHEDULERS
 from lora_trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def resolve_warmup_steps(warmup_steps: int | float, total_steps: int) -> int:
