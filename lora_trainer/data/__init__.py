@@ -3,7 +3,8 @@
 Names are imported on first use: the tagger and the tag editor read images and captions through this
 package and must not pay for importing torch.
 """
-import importlib
+
+from lora_trainer.lazy import lazy_names
 
 _LAZY = {
     "Batch": "lora_trainer.data.loader",
@@ -49,10 +50,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(globals(), _LAZY)

@@ -1,4 +1,6 @@
 """Tagging: caption files (atomic writes with backup), the tag editor with undo, dataset analysis, WD14 tagger."""
+
+from lora_trainer.lazy import lazy_names
 from lora_trainer.tagging.analysis import (
     Association,
     CaptionRecord,
@@ -37,15 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(globals(), _LAZY)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ gradio is imported on first use of one of these names, so the actions (`dataset_
 without it.
 """
 
+from lora_trainer.lazy import lazy_names
+
 _LAZY = {
     "DatasetPanel": "lora_trainer.ui.dataset_panel",
     "build_dataset_panel": "lora_trainer.ui.dataset_panel",
@@ -19,15 +21,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(globals(), _LAZY)
 
 
 __all__ = [
