@@ -104,3 +104,20 @@ def test_missing_bitsandbytes_names_the_fix(monkeypatch):
 def test_full_class_path():
     opt = build_optimizer("torch.optim.RMSprop", _groups()[0], 1e-3, ["alpha=0.9"])
     assert isinstance(opt, torch.optim.RMSprop) and opt.defaults["alpha"] == 0.9
+
+
+def test_adamw_takes_the_fused_kernel_and_steps_like_the_plain_one():
+    torch.manual_seed(0)
+    start = [torch.randn(8, 8), torch.randn(8)]
+    runs = {}
+    for label, args in (("fused", []), ("plain", ["foreach=False"])):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = build_optimizer("AdamW", [{"params": params}], 1e-2, args)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            optimizer.step()
+        runs[label] = (optimizer.defaults.get("fused"), [p.detach() for p in params])
+    assert runs["fused"][0] is True and not runs["plain"][0]
+    for a, b in zip(runs["fused"][1], runs["plain"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
