@@ -29,6 +29,7 @@ except ImportError:  # pip always carries a copy
 REQUIREMENTS = [
     "safetensors>=0.4",
     "diffusers>=0.27",
+    "accelerate>=0.21",
     "tomli_w>=1.0",
     "prodigyopt>=1.0",
     "dadaptation>=3.1",
