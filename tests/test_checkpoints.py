@@ -267,3 +267,28 @@ def test_converters_refuse_foreign_keys_and_short_encoders():
     te = {"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(1)}
     with pytest.raises(ModelLoadError, match="num_hidden_layers=24"):
         open_clip_diffusers_to_original(te, "cond_stage_model.model.", n_layers=24)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_component_by_component_loading_gives_the_pipelines_weights(arch, request):
+    """The loader reads one component of the file at a time; the weights must be those of diffusers' own
+    whole-file pipeline loader, tensor for tensor."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from lora_trainer.models.checkpoint import SafetensorsFile, read_state_dict
+    from lora_trainer.models.loading import load_checkpoint_adapter
+
+    tiny = request.getfixturevalue(f"tiny_{arch}")
+    lazy, whole = SafetensorsFile(tiny.checkpoint), read_state_dict(tiny.checkpoint)
+    assert sorted(lazy) == sorted(whole)
+    unet_part = lazy.subset(("model.diffusion_model.",))
+    assert unet_part and all(torch.equal(t, whole[k]) for k, t in unet_part.items())
+
+    adapter = load_checkpoint_adapter(tiny.checkpoint, config_dir=tiny.config_dir, tokenizer_dir=tiny.tokenizer_dir)
+    pipeline_cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline_cls.from_single_file(str(tiny.checkpoint), config=str(tiny.config_dir), local_files_only=True)
+    expected = [pipe.unet, pipe.vae, pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
+    for ours, theirs in zip([adapter.unet(), adapter.vae(), *adapter.text_encoders()], expected, strict=True):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), type(ours).__name__

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -95,6 +96,58 @@ def _by_context_dim(state_dict: dict) -> str | None:
         if key.startswith("model.diffusion_model.") and key.endswith("attn2.to_k.weight") and value.ndim == 2:
             return CONTEXT_DIMS.get(int(value.shape[1]))
     return None
+
+
+class SafetensorsFile(Mapping):
+    """A `.safetensors` checkpoint read lazily: keys from the header, tensors on access, and `subset(prefixes)`
+    reading one component at a time, so that loading never holds the whole file and its models at once.
+
+    Args:
+        path (str | Path): the file.
+    """
+
+    def __init__(self, path: str | Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                self._keys = list(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{self.path}: not a valid safetensors file ({err}). Re-download or re-save it.") from err
+
+    def subset(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The tensors whose keys start with one of `prefixes`, read into memory (the file is closed after)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in self._keys if key.startswith(prefixes)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self.subset((key,))[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def open_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """`read_state_dict`, but lazy for `.safetensors` (see SafetensorsFile); pickles are read whole."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return SafetensorsFile(path)
+    return read_state_dict(path)
+
+
+def subset(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The entries of one component (UNet, VAE, text encoders) of a state dict or a SafetensorsFile."""
+    if isinstance(state_dict, SafetensorsFile):
+        return state_dict.subset(prefixes)
+    return {key: value for key, value in state_dict.items() if key.startswith(prefixes)}
 
 
 def detect_architecture(

@@ -14,6 +14,10 @@ from lora_trainer.models.diffusers_adapter import DiffusersAdapter
 
 logger = logging.getLogger(__name__)
 
+UNET_PREFIXES = ("model.diffusion_model.",)
+VAE_PREFIXES = ("first_stage_model.",)
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
+
 
 
 def file_id(path: str | Path) -> str:
@@ -103,15 +107,22 @@ def _text_encoders(state_dict: dict, architecture: str, config_dir: Path, dtype:
     ]
 
 
-def _load_components(state_dict: dict, architecture: str, config_dir: Path, dtype: torch.dtype) -> dict:
+def _load_components(state_dict, architecture: str, config_dir: Path, dtype: torch.dtype) -> dict:
+    """Build each model from its own part of the checkpoint, read just before and dropped just after, so the
+    peak is the finished models plus one component (not the whole file on top of them)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from lora_trainer.models.checkpoint import subset
+
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
-    return {
-        "unet": UNet2DConditionModel.from_single_file(state_dict, subfolder="unet", **common),
-        "vae": AutoencoderKL.from_single_file(state_dict, subfolder="vae", **common),
-        "text_encoders": _text_encoders(state_dict, architecture, config_dir, dtype),
-    }
+    part = subset(state_dict, UNET_PREFIXES)
+    unet = UNet2DConditionModel.from_single_file(part, subfolder="unet", **common)
+    part = subset(state_dict, VAE_PREFIXES)
+    vae = AutoencoderKL.from_single_file(part, subfolder="vae", **common)
+    part = subset(state_dict, TEXT_PREFIXES)
+    text_encoders = _text_encoders(part, architecture, config_dir, dtype)
+    del part
+    return {"unet": unet, "vae": vae, "text_encoders": text_encoders}
 
 
 def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = False, config_dir: str | Path | None = None,
@@ -135,13 +146,13 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
         ModelLoadError: the file is missing or unreadable, the architecture is unknown, or the weights do not fit
             the configs.
     """
-    from lora_trainer.models.checkpoint import detect_architecture, read_state_dict
+    from lora_trainer.models.checkpoint import detect_architecture, open_state_dict
     from lora_trainer.models.configs import config_dir as shipped_config_dir
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint file not found. Check pretrained_model_name_or_path.")
-    state_dict = read_state_dict(path)
+    state_dict = open_state_dict(path)
     architecture = detect_architecture(state_dict, v_parameterization=v_parameterization, source=path)
     configs = Path(config_dir) if config_dir is not None else shipped_config_dir(architecture)
     if not (configs / "unet" / "config.json").is_file():
