@@ -229,6 +229,12 @@ class A1111Host:
             return "webui-unknown"
         return getattr(info, "sha256", None) or info.calculate_shorthash() or Path(info.filename).name
 
+    @property
+    def offload_idle(self) -> bool:
+        """The setting "Keep the trained LoRA's weights on the CPU while it is not applied" (default on)."""
+        shared, _ = _webui()
+        return bool(shared.opts.data.get("lora_trainer_keep_on_cpu", True))
+
     def fill_config(self, config):
         """The run's config with what the WebUI knows: checkpoint path (-> `ss_sd_model_name`), architecture flags
         (-> `ss_v2`, `ss_base_model_version`), and the Lora folder as `output_dir` when none is set.

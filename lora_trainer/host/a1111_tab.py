@@ -40,7 +40,7 @@ class WebUIExtension:
                 "", "Folder of tagger models (empty: models/tagger)").info(
                 f"default: {os.path.join(shared.models_path, 'tagger')}"),
             "lora_trainer_keep_on_cpu": shared.OptionInfo(
-                True, "Keep tagger models on the CPU while idle"),
+                True, "Keep the trained LoRA's weights on the CPU while it is not applied"),
             "lora_trainer_sample_every_n_steps": shared.OptionInfo(
                 0, "Sample images every N steps when the config sets no interval (0: off)"),
         }

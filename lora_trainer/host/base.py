@@ -17,6 +17,8 @@ class Host(Protocol):
 
     Attributes:
         name (str): "a1111" or "standalone" (shown in logs and the UI).
+        offload_idle (bool, optional): keep a finished run's LoRA weights on the CPU until they are applied;
+            hosts without the attribute keep them where they trained.
     """
 
     name: str

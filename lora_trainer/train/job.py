@@ -261,6 +261,8 @@ class TrainingJob:
             return
         include_conv = NetworkSettings.from_config(config.network).wants_conv
         self._live = LiveLoRA(network, lambda adapter: adapter.lora_targets(include_conv))
+        if getattr(self.host, "offload_idle", False):  # the host wants its GPU memory back between generations
+            self._live.offload()
 
     def _refresh(self) -> None:
         try:
