@@ -2,20 +2,22 @@
 through ldm's checkpointed blocks, the WebUI key-mapping self-test logic, and the WebUI caption chunking."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from lora_trainer.config import TrainConfig, update_config
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.host.a1111_keys import check_names, file_module_names
 from lora_trainer.host.a1111_text import chunk_count, encode_chunks
 from lora_trainer.host.handshake import (
-    borrowed_model, compare_with_file, restore_model, snapshot_model, state_fingerprint,
+    borrowed_model,
+    compare_with_file,
+    restore_model,
+    snapshot_model,
+    state_fingerprint,
 )
 from lora_trainer.networks import LoRANetwork
+from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train import Trainer
 
 
@@ -37,16 +39,8 @@ def adapter(ldm_model):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("handshake_data") / "1_box"
-    folder.mkdir()
-    rng = random.Random(0)
-    for i in range(2):
-        image = Image.new("RGB", (64, 64), (20, 90, 180))
-        x, y = rng.randint(0, 30), rng.randint(0, 30)
-        ImageDraw.Draw(image).rectangle([x, y, x + 30, y + 30], fill=(230, 40, 20))
-        image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"box, item{i}", encoding="utf-8")
-    return folder.parent
+    return write_square_dataset(tmp_path_factory.mktemp("handshake_data"), folder="1_box", count=2,
+                                caption="box, item{i}", background=(20, 90, 180), fill=(230, 40, 20))
 
 
 def _flags(model):
@@ -228,11 +222,11 @@ def test_sd2_open_clip_model_is_bit_identical_after_a_text_encoder_run(tiny_sd2,
     """SD2 (OpenCLIP text tower with fused attention): LoRA on q/k/v/out of nn.MultiheadAttention, trained and
     taken off again through the handshake."""
     from safetensors.torch import load_file
-    from lora_trainer.testing.open_clip_tower import open_clip_tower
     from transformers import CLIPTokenizer
 
     from lora_trainer.models.ldm_adapter import LdmAdapter
     from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+    from lora_trainer.testing.open_clip_tower import open_clip_tower
 
     if not install_ldm_shims():
         pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")

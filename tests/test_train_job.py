@@ -2,17 +2,16 @@
 saving, errors as a failed status, the live LoRA, one job at a time."""
 from __future__ import annotations
 
-import random
 import threading
 from contextlib import contextmanager
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from lora_trainer.config import TrainConfig, update_config
 from lora_trainer.errors import TrainingError
 from lora_trainer.host import StandaloneHost, StandaloneJobHandle
+from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train.job import JobManager, JobState, TrainingJob
 
 
@@ -27,17 +26,7 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job_data")
-    folder = root / "1_square"
-    folder.mkdir()
-    rng = random.Random(0)
-    for i in range(4):
-        image = Image.new("RGB", (64, 64), (30, 60, 200))
-        x, y = rng.randint(0, 30), rng.randint(0, 30)
-        ImageDraw.Draw(image).rectangle([x, y, x + 30, y + 30], fill=(220, 30, 30))
-        image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"square, red, item{i}", encoding="utf-8")
-    return root
+    return write_square_dataset(tmp_path_factory.mktemp("job_data"))
 
 
 @pytest.fixture(scope="module")

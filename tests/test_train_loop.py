@@ -1,17 +1,25 @@
 """End to end on the tiny SD1 model: learning, resume, determinism, events, stop commands, NaN and OOM."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from lora_trainer.config import TrainConfig, load_toml, update_config
 from lora_trainer.errors import TrainingError
 from lora_trainer.models.loading import load_checkpoint_adapter
 from lora_trainer.networks import LoRANetwork, load_lora
-from lora_trainer.train import EventBus, Failed, Finished, Progress, Saved, Started, Step, TrainCommands, Trainer
+from lora_trainer.testing.datasets import write_square_dataset
+from lora_trainer.train import (
+    EventBus,
+    Failed,
+    Finished,
+    Progress,
+    Saved,
+    Started,
+    Step,
+    TrainCommands,
+    Trainer,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,17 +40,7 @@ def adapter(tiny_sd1):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    folder = root / "1_square"
-    folder.mkdir()
-    rng = random.Random(0)
-    for i in range(4):
-        image = Image.new("RGB", (64, 64), (30, 60, 200))
-        x, y = rng.randint(0, 30), rng.randint(0, 30)
-        ImageDraw.Draw(image).rectangle([x, y, x + 30, y + 30], fill=(220, 30, 30))
-        image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"square, red, item{i}", encoding="utf-8")
-    return root
+    return write_square_dataset(tmp_path_factory.mktemp("train_data"))
 
 
 def _config(tiny, data, out, **values) -> TrainConfig:

@@ -6,7 +6,6 @@ it in kohya's format, and writes a loss plot and a before/after sample grid.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 DEMO_CONFIG = """\
@@ -53,12 +52,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lora_trainer.cli.train import report_config_keys, train
     from lora_trainer.config import load_toml
+    from lora_trainer.testing.datasets import write_square_dataset
     from lora_trainer.testing.tiny_models import build_tiny_model
 
     out = args.out.resolve()
     print(f"building a tiny SD1 checkpoint in {out / 'model'}")
     tiny = build_tiny_model("sd1", out / "model", seed=0)
-    dataset = write_synthetic_dataset(out / "dataset")
+    dataset = write_square_dataset(out / "dataset", folder="10_demostyle", count=12,
+                                   caption="demostyle, red square, blue background")
     config_path = out / "demo.toml"
     config_path.write_text(DEMO_CONFIG.format(
         config=config_path, checkpoint=tiny.checkpoint, config_dir=tiny.config_dir, tokenizer_dir=tiny.tokenizer_dir,
@@ -84,23 +85,6 @@ def _collect_losses(losses: list[float]):
             losses.append(float(event.loss))
 
     return subscriber
-
-
-def write_synthetic_dataset(root: Path, count: int = 12, size: int = 64) -> Path:
-    """A concept folder `10_demostyle` of red squares on blue at random places, with tag captions."""
-    from PIL import Image, ImageDraw
-
-    folder = root / "10_demostyle"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for index in range(count):
-        image = Image.new("RGB", (size, size), (30, 60, 200))
-        side = rng.randint(size // 4, size // 2)
-        x, y = rng.randint(0, size - side), rng.randint(0, size - side)
-        ImageDraw.Draw(image).rectangle([x, y, x + side, y + side], fill=(220, 30, 30))
-        image.save(folder / f"{index:03d}.png")
-        (folder / f"{index:03d}.txt").write_text("demostyle, red square, blue background", encoding="utf-8")
-    return root
 
 
 def write_loss_plot(losses: list[float], path: Path) -> None:
