@@ -7,6 +7,16 @@ import torch
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture
+def single_thread():
+    """One torch thread: bit-exact comparisons need it (oneDNN's conv backward is not deterministic with two), and
+    on a shared 2-core machine two OpenMP threads make tiny models slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny_models")

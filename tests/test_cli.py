@@ -5,21 +5,13 @@ import hashlib
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from lora_trainer.__main__ import main
 from lora_trainer.config import load_toml
 from lora_trainer.networks import load_lora
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine make tiny convolutions slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def write_dataset(root, caption="mychar, red square", count=4):

@@ -14,14 +14,7 @@ from lora_trainer.host import StandaloneHost, StandaloneJobHandle
 from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train.job import JobManager, JobState, TrainingJob
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Bit-exact comparisons need one CPU thread (see test_train_loop)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

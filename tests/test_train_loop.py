@@ -21,15 +21,7 @@ from lora_trainer.train import (
     Trainer,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Bit-exact comparisons need one CPU thread: oneDNN's 3x3 conv backward on the tiny UNet's 1x1 mid-block maps
-    sums in a thread-dependent order (deterministic at real sizes and with one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
