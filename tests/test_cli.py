@@ -10,17 +10,9 @@ from PIL import Image
 from lora_trainer.__main__ import main
 from lora_trainer.config import load_toml
 from lora_trainer.networks import load_lora
+from lora_trainer.testing.datasets import write_square_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def write_dataset(root, caption="mychar, red square", count=4):
-    folder = root / "5_mychar"
-    folder.mkdir(parents=True)
-    for index in range(count):
-        Image.new("RGB", (64, 64), (40 * index, 90, 200)).save(folder / f"{index}.png")
-        (folder / f"{index}.txt").write_text(caption, encoding="utf-8")
-    return folder
 
 
 def write_config(path, tiny, dataset, output, extra=""):
@@ -39,7 +31,7 @@ def write_config(path, tiny, dataset, output, extra=""):
 
 
 def test_train_writes_a_kohya_lora_with_its_config(tiny_sd1, tmp_path, capsys):
-    dataset = write_dataset(tmp_path / "data").parent
+    dataset = write_square_dataset(tmp_path / "data", folder="5_mychar", caption="mychar, red square")
     config = write_config(tmp_path / "run.toml", tiny_sd1, dataset, tmp_path / "out")
 
     assert main(["train", "--config", str(config), "--set", "network_dim=8", "--device", "cpu"]) == 0
@@ -59,14 +51,14 @@ def test_train_writes_a_kohya_lora_with_its_config(tiny_sd1, tmp_path, capsys):
 
 
 def test_train_refuses_a_caption_that_is_not_utf8(tiny_sd1, tmp_path, capsys):
-    folder = write_dataset(tmp_path / "data")
-    (folder / "1.txt").write_bytes("mychar, caf\xe9".encode("latin-1"))
+    folder = write_square_dataset(tmp_path / "data", folder="5_mychar", caption="mychar, red square") / "5_mychar"
+    (folder / "001.txt").write_bytes("mychar, caf\xe9".encode("latin-1"))
     config = write_config(tmp_path / "run.toml", tiny_sd1, folder.parent, tmp_path / "out")
 
     assert main(["train", "--config", str(config), "--device", "cpu"]) == 1
 
     out = capsys.readouterr().out
-    assert "1.txt" in out and "re-save it as UTF-8" in out
+    assert "001.txt" in out and "re-save it as UTF-8" in out
     assert not (tmp_path / "out" / "cli_lora.safetensors").exists()
 
 
