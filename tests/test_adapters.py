@@ -332,17 +332,12 @@ def test_sd2_v_adapter_and_open_clip_encoding_agree(sd2, tiny_sd2):
 
 
 def test_ldm_sd2_v_agrees_with_diffusers(sd2, tiny_sd2):
-    from safetensors.torch import load_file
-
     from lora_trainer.models.ldm_adapter import LdmAdapter
-    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+    from lora_trainer.testing.open_clip_tower import build_ldm_sd2
 
-    if not install_ldm_shims():
+    latent_diffusion = build_ldm_sd2(tiny_sd2)
+    if latent_diffusion is None:
         pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
-    embedder = torch.nn.Module()  # ldm FrozenOpenCLIPEmbedder's layout: .model (the tower), .layer_idx
-    embedder.model = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
-    embedder.layer_idx = 1
-    latent_diffusion = build_ldm_model(tiny_sd2.yaml, tiny_sd2.checkpoint, cond_stage=embedder)
     latent_diffusion.parameterization = "v"  # the 768-v yaml says so; the tiny yaml is the 512 base one
     ldm = LdmAdapter(latent_diffusion, tokenizer=sd2.tokenizers[0])
     assert (ldm.architecture, ldm.prediction_type) == ("sd2-v", "v_prediction")
@@ -350,7 +345,7 @@ def test_ldm_sd2_v_agrees_with_diffusers(sd2, tiny_sd2):
         a, b = sd2.lora_targets(conv), ldm.lora_targets(conv)
         assert {k: set(v) for k, v in a.items()} == {k: set(v) for k, v in b.items()}
     assert ldm.lora_targets()["te"]["lora_te_text_model_encoder_layers_0_self_attn_v_proj"] is \
-        embedder.model.transformer.resblocks[0].attn
+        latent_diffusion.cond_stage_model.model.transformer.resblocks[0].attn
     with torch.no_grad():
         cond = sd2.encode_captions(CAPTIONS, clip_skip=2)
         assert torch.allclose(ldm.encode_captions(CAPTIONS, clip_skip=2).crossattn, cond.crossattn, atol=1e-5)

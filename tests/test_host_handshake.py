@@ -225,15 +225,11 @@ def test_sd2_open_clip_model_is_bit_identical_after_a_text_encoder_run(tiny_sd2,
     from transformers import CLIPTokenizer
 
     from lora_trainer.models.ldm_adapter import LdmAdapter
-    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
-    from lora_trainer.testing.open_clip_tower import open_clip_tower
+    from lora_trainer.testing.open_clip_tower import build_ldm_sd2
 
-    if not install_ldm_shims():
+    model = build_ldm_sd2(tiny_sd2)
+    if model is None:
         pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
-    embedder = torch.nn.Module()  # ldm FrozenOpenCLIPEmbedder's layout: .model (the tower), .layer_idx
-    embedder.model = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
-    embedder.layer_idx = 1
-    model = build_ldm_model(tiny_sd2.yaml, tiny_sd2.checkpoint, cond_stage=embedder)
     adapter = LdmAdapter(model, tokenizer=CLIPTokenizer.from_pretrained(str(tiny_sd2.tokenizer_dir)))
     before, flags = state_fingerprint(model), _flags(model)
     config = update_config(TrainConfig(), dict(

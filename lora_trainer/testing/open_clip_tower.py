@@ -44,3 +44,24 @@ def open_clip_tower(state: dict, prefix: str = "cond_stage_model.model.") -> tor
     if own:
         tower.load_state_dict(own, strict=True)
     return tower.eval()
+
+
+def build_ldm_sd2(tiny_sd2):
+    """Stability's ldm LatentDiffusion for a tiny SD2 checkpoint, its OpenCLIP embedder holding the stand-in tower.
+
+    Args:
+        tiny_sd2 (TinyModel): from `build_tiny_model("sd2", ...)`.
+
+    Returns:
+        LatentDiffusion | None: the model, or None when Stability's `ldm` package is not importable.
+    """
+    from safetensors.torch import load_file
+
+    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+
+    if not install_ldm_shims():
+        return None
+    embedder = torch.nn.Module()  # ldm FrozenOpenCLIPEmbedder's layout: .model (the tower), .layer_idx
+    embedder.model = open_clip_tower(load_file(str(tiny_sd2.checkpoint)))
+    embedder.layer_idx = 1
+    return build_ldm_model(tiny_sd2.yaml, tiny_sd2.checkpoint, cond_stage=embedder)
