@@ -42,23 +42,15 @@ def report_config_keys(loaded) -> None:
 
 def train(config, device: str | None = None, extra_subscribers=()) -> int:
     """Load the checkpoint named by the config, train, and report. Ctrl+C stops and saves."""
-    import torch
 
     from lora_trainer.cli.progress_bar import TrainingProgressBar
-    from lora_trainer.models.loading import load_checkpoint_adapter
+    from lora_trainer.host.standalone import StandaloneHost
     from lora_trainer.train import EventBus, Trainer, TrainCommands
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _weight_dtype(config.model.mixed_precision, device)
+    # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
+    host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
     try:
-        adapter = load_checkpoint_adapter(
-            config.model.pretrained_model_name_or_path,
-            v_parameterization=config.model.v_parameterization,
-            config_dir=config.model.diffusers_config_dir,
-            tokenizer_dir=config.model.tokenizer_dir,
-            device=device,
-            dtype=dtype,
-        )
+        adapter = host.load(config)
         bus = EventBus()
         bus.subscribe(TrainingProgressBar())
         for subscriber in extra_subscribers:
@@ -75,11 +67,3 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
     print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
     return 0
 
-
-def _weight_dtype(mixed_precision: str, device: str):
-    """Frozen base weights in the autocast dtype on a GPU (as kohya does for LoRA training), fp32 on the CPU."""
-    import torch
-
-    if device.startswith("cpu") or mixed_precision in (None, "no"):
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
