@@ -10,12 +10,21 @@ from torch import nn
 from lora_trainer.errors import NetworkError
 from lora_trainer.networks import LoRANetwork, load_lora, save_lora
 
-ALGOS = ["lora", "loha"]
+ALGOS = ["lora", "loha", "lokr", "lokr_low_rank"]
 KINDS = ["linear", "conv1x1", "conv3x3", "mha"]
+# LoKr's second factor is full at these small ranks; rank 1 with factor 2 makes it the low-rank pair.
+_ALGO_VALUES = {"lokr_low_rank": dict(algo="lokr", network_dim=1, conv_dim=1, factor=2)}
+_SUFFIXES = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "alpha"},
+    "lokr_low_rank": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
+}
 
 
 def _cfg(algo, **extra):
     values = dict(network_dim=4, network_alpha=2.0, conv_dim=3, conv_alpha=1.5, algo=algo)
+    values.update(_ALGO_VALUES.get(algo, {}))
     values.update(extra)
     return type("Cfg", (), values)()
 
@@ -128,8 +137,7 @@ def test_state_dict_file_round_trip_gives_same_outputs(case, tmp_path):
     expected = _run(kind, layer, x)
     sd = network.state_dict_kohya(dtype=torch.float32)
     suffixes = {k.split(".", 1)[1] for k in sd}
-    assert suffixes == ({"lora_down.weight", "lora_up.weight", "alpha"} if algo == "lora"
-                        else {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"})
+    assert suffixes == _SUFFIXES[algo]
     assert all(sd[k].dim() == 0 for k in sd if k.endswith(".alpha"))
     save_lora(tmp_path / "a.safetensors", sd, {"ss_network_dim": "4"})
     network.remove()

@@ -12,7 +12,7 @@ from typing import Any
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion8bit", "PagedAdamW8bit", "Lion", "Prodigy", "DAdaptation",
               "DAdaptAdam", "Adafactor", "SGDNesterov")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-NETWORK_ALGOS = ("lora", "locon", "loha")
+NETWORK_ALGOS = ("lora", "locon", "loha", "lokr")
 NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
@@ -71,9 +71,9 @@ class NetworkConfig:
 
     @property
     def effective_algo(self) -> str:
-        """"loha", or "locon" when 3x3 convolutions are trained (conv_dim set), else "lora"."""
-        if self.algo == "loha":
-            return "loha"
+        """"loha" or "lokr" as asked, else "locon" when 3x3 convolutions are trained (conv_dim set), or "lora"."""
+        if self.algo in ("loha", "lokr"):
+            return self.algo
         return "locon" if self.conv_dim else "lora"
 
     @property

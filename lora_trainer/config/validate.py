@@ -124,8 +124,8 @@ def _network(config: TrainConfig) -> list[str]:
            "Remove it to leave 3x3 convolutions untrained, or use e.g. 4.")
     _check(n.conv_alpha is None or n.conv_alpha >= 0, "conv_alpha", n.conv_alpha, "must not be negative",
            "Use e.g. half of conv_dim.")
-    _check(not (n.algo == "loha" and n.network_module == "networks.lora"), "network_module", n.network_module,
-           "algo loha needs LyCORIS", "Set network_module = \"lycoris.kohya\".")
+    _check(not (n.algo in ("loha", "lokr") and n.network_module == "networks.lora"), "network_module",
+           n.network_module, f"algo {n.algo} needs LyCORIS", "Set network_module = \"lycoris.kohya\".")
     _check(not (n.network_train_unet_only and n.network_train_text_encoder_only), "network_train_unet_only",
            True, "network_train_text_encoder_only is also set, so nothing would train", "Set at most one.")
     for key in ("network_dropout", "rank_dropout", "module_dropout"):

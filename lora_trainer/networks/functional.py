@@ -1,4 +1,4 @@
-"""The network formulas, once: LoRA and LoHa weight deltas, the layer op, rank and module dropout.
+"""The network formulas, once: LoRA, LoHa and LoKr weight deltas, the layer op, rank and module dropout.
 
 kohya's LoRA (networks/lora.py in kohya-ss/sd-scripts) and LyCORIS's LoHa (lycoris/functional/loha.py) are the
 references; these are stateless functions that the module classes call.
@@ -110,3 +110,47 @@ def dropout(h: torch.Tensor, p: float | None, training: bool) -> torch.Tensor:
     if not (training and p):
         return h
     return F.dropout(h, p=p, training=True)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into `(m, n)`, `m <= n`, `m * n == dimension`, as LyCORIS's LoKr does.
+
+    A positive `factor` that divides `dimension` is taken as `m`; otherwise `m` grows through the divisors while
+    `m + n` shrinks and `m` stays within `factor` (-1: no bound, so the pair nearest the square root).
+
+    Args:
+        dimension (int): the size to split.
+        factor (int, optional): the wanted smaller factor, or -1, defaults to -1.
+
+    Returns:
+        tuple[int, int]: `(m, n)`.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return (factor, dimension // factor) if factor <= dimension // factor else (dimension // factor, factor)
+    bound = dimension if factor <= 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        if candidate + dimension // candidate > m + n or candidate > bound:
+            break
+        m, n = candidate, dimension // candidate
+    return (m, n) if m <= n else (n, m)
+
+
+def lokr_diff_weight(w1: torch.Tensor, w2: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
+    """LoKr weight delta `kron(w1, w2)`, unscaled (LyCORIS `lokr_*` keys, as the WebUI rebuilds them).
+
+    Conv kernels ride on the second factor: `w2` is `[out_k, in_n, kh, kw]` (or its flattened `[out_k, in_n*kh*kw]`),
+    and the Kronecker product of the flattened factors reshaped to the target is the same weight.
+
+    Args:
+        w1 (torch.Tensor): `lokr_w1`, `[out_l, in_m]`.
+        w2 (torch.Tensor): `lokr_w2`, or `lokr_w2_a @ lokr_w2_b`.
+        shape (torch.Size | tuple): the target weight shape.
+
+    Returns:
+        torch.Tensor: the delta with the target shape.
+    """
+    return torch.kron(w1, w2.reshape(w2.shape[0], -1)).reshape(shape)

@@ -114,7 +114,7 @@ def _network_module(config) -> str:
     algo = str(read_setting(getattr(config, "network", config), "algo", "lora")).lower()
     if module:
         return module
-    return "lycoris.kohya" if algo == "loha" else "networks.lora"
+    return "lycoris.kohya" if algo in ("loha", "lokr") else "networks.lora"
 
 
 def _optimizer_text(config, facts: TrainingFacts) -> str:

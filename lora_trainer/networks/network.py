@@ -12,18 +12,19 @@ from ..errors import NetworkError
 from .base import NetworkModule
 from .fused_qkv import FusedAttention, part_shape
 from .keys import TE_COMPONENTS, component_of, fused_attention_part, split_key, unet_block_index
+from .lokr import LoKrModule
 from .lora import LoRAModule
 from .loha import LoHaModule
 from .settings import NetworkSettings
 
 logger = logging.getLogger(__name__)
 
-NETWORKS = [LoRAModule, LoHaModule]
-_ALGO_CLASSES = {"lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule}
+NETWORKS = [LoRAModule, LoHaModule, LoKrModule]
+_ALGO_CLASSES = {"lora": LoRAModule, "locon": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule}
 
 
 def module_class(algo: str) -> type[NetworkModule]:
-    """The module class of an algo name ("lora", "locon", "loha")."""
+    """The module class of an algo name ("lora", "locon", "loha", "lokr")."""
     try:
         return _ALGO_CLASSES[algo]
     except KeyError:
@@ -83,7 +84,7 @@ class LoRANetwork(nn.Module):
         settings = NetworkSettings.from_config(cfg)
         module_cls = module_class(settings.algo)
         drops = {"dropout": settings.network_dropout, "rank_dropout": settings.rank_dropout,
-                 "module_dropout": settings.module_dropout}
+                 "module_dropout": settings.module_dropout, **settings.module_kwargs()}
         modules: dict[str, NetworkModule] = {}
         for component, named in targets.items():
             if not (settings.train_unet if component == "unet" else settings.train_te):

@@ -16,7 +16,7 @@ from .keys import NUM_BLOCKS, NUM_DOWN_BLOCKS, unet_block_index
 
 logger = logging.getLogger(__name__)
 
-ALGOS = ("lora", "locon", "loha")
+ALGOS = ("lora", "locon", "loha", "lokr")
 _ARG_ALIASES = {"network_dropout": ("network_dropout", "dropout")}
 
 
@@ -133,6 +133,7 @@ class NetworkSettings:
     conv_block_dims: list | None = None
     conv_block_alphas: list | None = None
     lr_weights: list | None = None
+    factor: int = -1
 
     @classmethod
     def from_config(cls, cfg) -> "NetworkSettings":
@@ -158,6 +159,7 @@ class NetworkSettings:
             module_dropout=_opt_float(read_setting(cfg, "module_dropout")),
             train_unet=not te_only, train_te=not unet_only,
             lr_weights=block_lr_weights(cfg),
+            factor=int(float(read_setting(cfg, "factor", -1))),
         )
         settings._read_blocks(cfg)
         settings._check_ranges()
@@ -183,6 +185,10 @@ class NetworkSettings:
             self.block_alphas = [self.network_alpha] * NUM_BLOCKS
         if self.conv_block_dims is not None and self.conv_block_alphas is None:
             self.conv_block_alphas = [self.conv_alpha if self.conv_alpha is not None else 1.0] * NUM_BLOCKS
+
+    def module_kwargs(self) -> dict:
+        """Constructor arguments only some module classes take (LoKr's `factor`, from network_args)."""
+        return {"factor": self.factor} if self.algo == "lokr" else {}
 
     @property
     def wants_conv(self) -> bool:

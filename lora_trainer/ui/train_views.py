@@ -206,7 +206,7 @@ def form_to_config(base: TrainConfig | None, dataset_dir: str, form: list) -> Tr
         data[field.key] = _parsed(field, value)
     data["train_data_dir"] = (dataset_dir or "").strip() or None
     lycoris = base.network.network_module == "lycoris.kohya"
-    data["network_module"] = "lycoris.kohya" if data["algo"] == "loha" or (lycoris and data["algo"] != "lora") \
+    data["network_module"] = "lycoris.kohya" if data["algo"] in ("loha", "lokr") or (lycoris and data["algo"] != "lora") \
         else "networks.lora"
     data = {key: value for key, value in data.items() if value is not None}
     return config_from_dict(data).config
