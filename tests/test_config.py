@@ -197,7 +197,7 @@ def test_bad_toml_and_missing_file_name_the_file(tmp_path):
     ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, ["nothing would train"]),
     ({"min_timestep": 500, "max_timestep": 100}, ["min_timestep"]),
     ({"network_module": "networks.dylora"}, ["network_module", "lycoris.kohya"]),
-    ({"network_args": ["algo=lokr"], "network_module": "lycoris.kohya"}, ["algo", "lokr", *NETWORK_ALGOS]),
+    ({"network_args": ["algo=dylora"], "network_module": "lycoris.kohya"}, ["algo", "dylora", *NETWORK_ALGOS]),
     ({"network_args": ["algo=loha"]}, ["network_module", "lycoris.kohya"]),
     ({"network_args": ["conv_dim"]}, ["network_args", "key=value"]),
     ({"network_args": ["block_dims=2,4"]}, ["block_dims", "25"]),

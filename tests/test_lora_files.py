@@ -85,8 +85,9 @@ def test_detect_algorithm():
     assert detect_algorithm(["lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha"]) \
         == "lora"
     assert detect_algorithm(["lora_te_a.hada_w1_a", "lora_te_a.hada_w2_b", "lora_te_a.alpha"]) == "loha"
+    assert detect_algorithm(["lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2", "lora_unet_a.alpha"]) == "lokr"
     with pytest.raises(NetworkError, match="lokr_w1"):
-        detect_algorithm(["lora_unet_a.lokr_w1", "lora_unet_a.alpha"])
+        detect_algorithm(["lora_unet_a.oft_blocks", "lora_unet_a.alpha"])
 
 
 def _config(algo="lora", network_module=None):
