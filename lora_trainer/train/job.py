@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_trainer.errors import LoraTrainerError, TrainingError
 from lora_trainer.train.events import (
@@ -89,6 +91,37 @@ class JobStatus:
     def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a JSON-ready dict: `state` as its text, NaN/inf as None (JSON has no such numbers),
+        each replaced value named at the end of `message`.
+
+        Returns:
+            dict[str, Any]: the fields.
+        """
+        data = dataclasses.asdict(self)
+        data["state"] = getattr(self.state, "value", str(self.state))
+        replaced = []
+        for key in _NUMBER_FIELDS:
+            if not _is_finite(data[key]):
+                replaced.append(f"{key} = {data[key]}")
+                data[key] = None
+        bad_losses = sum(1 for _, loss in self.losses if not _is_finite(loss))
+        if bad_losses:
+            data["losses"] = [(step, loss if _is_finite(loss) else None) for step, loss in self.losses]
+            replaced.append(f"{bad_losses} loss values")
+        if replaced:
+            note = f"not finite numbers, shown as null: {', '.join(replaced)}"
+            data["message"] = f"{self.message} ({note})" if self.message else note
+        return data
+
+
+_NUMBER_FIELDS = ("loss", "avg_loss", "lr", "it_per_s", "eta_s", "started_at", "finished_at")
+
+
+def _is_finite(value: Any) -> bool:
+    """True for None, ints and finite floats (what JSON can carry)."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def error_message(exc: BaseException) -> str:
