@@ -262,3 +262,20 @@ def test_on_localhost_any_folder_is_used_as_before(tiny_sd1, dataset, tmp_path, 
         status = _wait(client)
         assert status["state"] == "finished", status["message"]
         assert Path(status["lora_path"]).parent == out and Path(status["lora_path"]).is_file()
+
+
+def test_routes_ask_for_the_webuis_api_credentials_when_it_has_them(tmp_path):
+    from lora_trainer.host.api_routes import parse_credentials
+
+    credentials = parse_credentials("alice:s3cret:x, bob:pw,broken")
+    assert credentials == {"alice": "s3cret:x", "bob": "pw"}
+    app = FastAPI()
+    TrainApi(JobManager(StandaloneHost(tmp_path))).register(app, credentials=credentials)
+    client = TestClient(app)
+    for auth in (None, ("alice", "wrong"), ("carol", "pw"), ("bob", "pw ")):
+        response = client.get(f"{PREFIX}/status", auth=auth)
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Basic", auth
+        assert client.post(f"{PREFIX}/stop", json={}, auth=auth).status_code == 401
+    assert client.get(f"{PREFIX}/status", headers={"Authorization": "Basic !!"}).status_code == 401
+    assert client.get(f"{PREFIX}/status", auth=("alice", "s3cret:x")).status_code == 200
+    assert client.post(f"{PREFIX}/stop", json={"save": True}, auth=("bob", "pw")).status_code == 200

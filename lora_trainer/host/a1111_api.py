@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from lora_trainer.errors import TrainingError
 from lora_trainer.host.api_body import BodyField, RequestError, read_body
@@ -134,13 +134,15 @@ class TrainApi:
                 self._checked[path] = {"ok": False, "message": str(error)}
         return self._checked[path]
 
-    def register(self, app) -> None:
+    def register(self, app, credentials: Mapping[str, str] | None = None) -> None:
         """Add the routes to a FastAPI app.
 
         Args:
             app (fastapi.FastAPI): the WebUI's app.
+            credentials (Mapping[str, str], optional): user -> password (the WebUI's `--api-auth`) every request
+                must send as HTTP Basic auth, defaults to None (none needed).
         """
-        add_json_route(app, f"{PREFIX}/start", self.start)
-        add_json_route(app, f"{PREFIX}/stop", self.stop)
-        add_json_route(app, f"{PREFIX}/status", self.status, method="GET")
+        add_json_route(app, f"{PREFIX}/start", self.start, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/stop", self.stop, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/status", self.status, method="GET", credentials=credentials)
         logger.info("API routes added under %s", PREFIX)

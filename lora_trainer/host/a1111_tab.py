@@ -10,6 +10,7 @@ import os
 
 from lora_trainer.host.a1111 import A1111Host, WebUIJobManager, webui_shared
 from lora_trainer.host.a1111_api import TrainApi
+from lora_trainer.host.api_routes import parse_credentials
 from lora_trainer.host.folder_policy import SETTING_KEY, SETTING_LABEL, FolderPolicy, is_exposed, split_folders
 
 logger = logging.getLogger(__name__)
@@ -92,5 +93,5 @@ class WebUIExtension:
         return [(blocks, "LoRA Trainer", "lora_trainer")]
 
     def app_started(self, _demo, app) -> None:
-        """`on_app_started`: the start/stop/status routes."""
-        self.api.register(app)
+        """`on_app_started`: the start/stop/status routes, behind `--api-auth` when the WebUI has it."""
+        self.api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth", None)))

@@ -6,13 +6,18 @@ writes answers, so every route (training now, LoRA tools later) answers the same
   our other errors, `ValueError`, `FileNotFoundError` and `OSError` are the caller's input (400); anything else is
   a bug (500, logged with its traceback, and the message says so).
 - Answers are encoded with strict JSON (no NaN/inf); an answer that cannot be encoded is a 500, never a crash.
+- With credentials (the WebUI's `--api-auth user:password,...`), a request needs them as HTTP Basic auth (401
+  otherwise), as the WebUI's own `/sdapi` routes do.
 Handlers are plain functions, run in the server's thread pool as before.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -77,7 +82,37 @@ def error_response(route: str, error: BaseException) -> Response:
     return json_response({"detail": message, "error": type(error).__name__}, status)
 
 
-def add_json_route(app, path: str, handler: Callable[..., Any], method: str = "POST") -> None:
+def parse_credentials(text: str | None) -> dict[str, str]:
+    """The users of the WebUI's `--api-auth` option.
+
+    Args:
+        text (str, optional): "user:password,user2:password2".
+
+    Returns:
+        dict[str, str]: user -> password (empty: no authentication).
+    """
+    users = {}
+    for entry in (text or "").split(","):
+        user, sep, password = entry.strip().partition(":")
+        if sep and user:
+            users[user] = password
+    return users
+
+
+def _authorized(request: Request, credentials: Mapping[str, str]) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = credentials.get(user)
+    return expected is not None and hmac.compare_digest(password.encode(), expected.encode())
+
+
+def add_json_route(app, path: str, handler: Callable[..., Any], method: str = "POST",
+                   credentials: Mapping[str, str] | None = None) -> None:
     """Add a route whose handler takes the decoded body (POST) or nothing (GET) and returns JSON-ready data.
 
     Args:
@@ -85,8 +120,16 @@ def add_json_route(app, path: str, handler: Callable[..., Any], method: str = "P
         path (str): the route's path.
         handler (Callable): `handler(body) -> data` for POST (body None when empty), `handler() -> data` for GET.
         method (str, optional): "POST" or "GET", defaults to "POST".
+        credentials (Mapping[str, str], optional): user -> password required as HTTP Basic auth, defaults to None
+            (no authentication).
     """
     async def endpoint(request: Request) -> Response:
+        if credentials and not _authorized(request, credentials):
+            response = json_response({"detail": f"{path}: incorrect username or password. Send the WebUI's "
+                                                "--api-auth credentials as HTTP Basic auth.",
+                                      "error": "Unauthorized"}, 401)
+            response.headers["WWW-Authenticate"] = "Basic"
+            return response
         try:
             if method == "GET":
                 data = await run_in_threadpool(handler)
@@ -102,4 +145,4 @@ def add_json_route(app, path: str, handler: Callable[..., Any], method: str = "P
     app.add_api_route(path, endpoint, methods=[method])
 
 
-__all__ = ["add_json_route", "error_response", "error_status", "json_response"]
+__all__ = ["add_json_route", "error_response", "error_status", "json_response", "parse_credentials"]
