@@ -56,3 +56,10 @@ def test_a_toml_file_gets_the_same_checks(tmp_path):
     path.write_text("learning_rate = inf\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="learning_rate = inf: not a finite number"):
         load_toml(path)
+
+
+@pytest.mark.parametrize("prefix", ["../../elsewhere/", "logs/run", "a\\b"])
+def test_log_prefix_cannot_lead_out_of_logging_dir(prefix):
+    with pytest.raises(ConfigError, match="log_prefix.*logging_dir"):
+        config_from_dict({"logging_dir": "logs", "log_prefix": prefix})
+    assert config_from_dict({"log_prefix": "run1_"}).config.logging.log_prefix == "run1_"

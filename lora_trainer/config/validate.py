@@ -249,6 +249,9 @@ def _rest(config: TrainConfig) -> list[str]:
            "Set save_model_as = \"safetensors\" (the WebUI loads it).")
     _check(bool(s.output_name) and "/" not in s.output_name and "\\" not in s.output_name, "output_name",
            s.output_name, "must be a plain file name", "Put folders in output_dir.")
+    prefix = config.logging.log_prefix
+    _check(not prefix or ("/" not in prefix and "\\" not in prefix), "log_prefix", prefix,
+           "must be part of a folder name (the run's log folder inside logging_dir)", "Put folders in logging_dir.")
     if (p.sample_every_n_steps or p.sample_every_n_epochs) and not p.sample_prompts:
         warnings.append("sample_every_n_*: set but sample_prompts is not, so no samples are made during training.")
     return warnings
