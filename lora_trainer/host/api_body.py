@@ -75,7 +75,8 @@ def json_type(value: Any) -> str:
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f"the string {json.dumps(shown)}"
     if isinstance(value, (int, float)):
-        return f"the number {value!r}" if math.isfinite(value) else f"the non-finite number {value!r}"
+        finite = not isinstance(value, float) or math.isfinite(value)
+        return f"the number {value!r}" if finite else f"the non-finite number {value!r}"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
@@ -179,17 +180,23 @@ def _fix(name: str, value: Any, field: BodyField) -> str:
 
 
 def _in_range(name: str, value: int | float, field: BodyField) -> int | float:
-    if not math.isfinite(value):
-        raise RequestError(f"{name}: {value!r} is not a finite number. Send a plain number.")
+    number = value
+    if field.kind == "number":
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+    if isinstance(number, float) and not math.isfinite(number):
+        raise RequestError(f"{name}: {json_type(value)} is not a finite number. Send a plain number.")
     low = field.minimum if field.minimum is not None else -math.inf
     high = field.maximum if field.maximum is not None else math.inf
-    if not low <= value <= high:
+    if not low <= number <= high:
         if field.minimum is not None and field.maximum is not None:
             allowed = f"from {field.minimum:g} to {field.maximum:g}"
         else:
-            allowed = f"of at least {low:g}" if value < low else f"of at most {high:g}"
+            allowed = f"of at least {low:g}" if number < low else f"of at most {high:g}"
         raise RequestError(f"{name}: {value!r} is out of range. Use a value {allowed}.")
-    return float(value) if field.kind == "number" else value
+    return number
 
 
 __all__ = ["KINDS", "BodyField", "RequestError", "check_value", "json_type", "parse_json", "read_body"]
