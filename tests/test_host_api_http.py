@@ -218,6 +218,8 @@ def test_an_exposed_webui_refuses_paths_outside_the_allowed_folders(folders, tin
         _refused(client, {"config": dict(good, **{key: path})}, key, str(outside))
     _refused(client, {"config": good, "overrides": {"output_dir": str(outside)}}, "output_dir", str(outside))
     _refused(client, {"config": dict(good, dataset_config=str(outside / "d.toml"))}, "dataset_config", str(outside))
+    sectioned = {"general": {"dataset_config": str(outside / "d.toml")}, "training_arguments": good}
+    _refused(client, {"config": sectioned}, "dataset_config", str(outside))
     # a missing folder outside reads exactly like an existing one: the answer reveals nothing about the disk
     existing = _refused(client, {"config": dict(good, output_dir=str(outside / "1_secret"))}, "output_dir", str(outside))
     missing = _refused(client, {"config": dict(good, output_dir=str(outside / "nothing"))}, "output_dir", str(outside))

@@ -168,10 +168,17 @@ class FolderPolicy:
         for key in CONFIG_PATH_KEYS:
             if values.get(key):
                 self.check(where + key, values[key])
-        for key in UNREAD_PATH_KEYS:
-            value = (raw or {}).get(key)
-            if isinstance(value, str) and value.strip():
+        for key, value in _flat_items(raw or {}):
+            if key in UNREAD_PATH_KEYS and isinstance(value, str) and value.strip():
                 self.check(where + key, value)
+
+
+def _flat_items(raw: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Top-level keys and those of kohya sections (`{"general": {...}}`), as the config reader flattens them."""
+    items = []
+    for key, value in raw.items():
+        items.extend(value.items() if isinstance(value, Mapping) else [(key, value)])
+    return items
 
 
 __all__ = ["CONFIG_PATH_KEYS", "SETTING_KEY", "SETTING_LABEL", "FolderPolicy", "PathNotAllowedError",
