@@ -93,22 +93,19 @@ class JobStatus:
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
 
     def to_dict(self) -> dict[str, Any]:
-        """The snapshot as a JSON-ready dict: `state` as its text, NaN/inf as None (JSON has no such numbers),
-        each replaced value named at the end of `message`.
+        """The snapshot as a JSON-ready dict: `state` as text; NaN/inf (which JSON cannot carry) as None, each named
+        at the end of `message`.
 
         Returns:
             dict[str, Any]: the fields.
         """
-        data = dataclasses.asdict(self)
-        data["state"] = getattr(self.state, "value", str(self.state))
-        replaced = []
-        for key in _NUMBER_FIELDS:
-            if not _is_finite(data[key]):
-                replaced.append(f"{key} = {data[key]}")
-                data[key] = None
-        bad_losses = sum(1 for _, loss in self.losses if not _is_finite(loss))
+        data = dict(dataclasses.asdict(self), state=self.state.value)
+        replaced = [f"{key} = {data[key]}" for key in _NUMBERS if not _finite(data[key])]
+        for key in _NUMBERS:
+            data[key] = data[key] if _finite(data[key]) else None
+        data["losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.losses]
+        bad_losses = sum(not _finite(loss) for _, loss in self.losses)
         if bad_losses:
-            data["losses"] = [(step, loss if _is_finite(loss) else None) for step, loss in self.losses]
             replaced.append(f"{bad_losses} loss values")
         if replaced:
             note = f"not finite numbers, shown as null: {', '.join(replaced)}"
@@ -116,11 +113,11 @@ class JobStatus:
         return data
 
 
-_NUMBER_FIELDS = ("loss", "avg_loss", "lr", "it_per_s", "eta_s", "started_at", "finished_at")
+_NUMBERS = ("loss", "avg_loss", "lr", "it_per_s", "eta_s", "started_at", "finished_at")
 
 
-def _is_finite(value: Any) -> bool:
-    """True for None, ints and finite floats (what JSON can carry)."""
+def _finite(value: Any) -> bool:
+    """True for None, ints and finite floats: what JSON can carry."""
     return not isinstance(value, float) or math.isfinite(value)
 
 
