@@ -81,14 +81,15 @@ def test_start_status_and_the_file_check_through_the_api(tiny_sd1, dataset, tmp_
 
 
 def test_unknown_keys_and_a_second_start_are_refused(tiny_sd1, dataset, tmp_path):
-    from lora_trainer.errors import TrainingError
+    from lora_trainer.host.api_body import RequestError
 
     api = TrainApi(JobManager(StandaloneHost(tmp_path / "loras")))
     with pytest.raises(ValueError, match="no_such_key"):
         api.start({"config": {"no_such_key": 1}})
     api.start({"config": _config(tiny_sd1, dataset, steps=200)})
-    with pytest.raises(TrainingError, match="already"):
+    with pytest.raises(RequestError, match="already") as busy:
         api.start({"config": _config(tiny_sd1, dataset)})
+    assert busy.value.status == 409
     assert api.stop({"save": False})["stop_requested"] is True
     status = _wait(api)
     assert status["state"] == "stopped" and status["lora_path"] is None

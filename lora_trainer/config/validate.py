@@ -7,12 +7,32 @@ from __future__ import annotations
 from typing import Any
 
 from lora_trainer.config.schema import (
-    LOG_WITH, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, NUM_BLOCKS, NUM_LR_BLOCKS,
+    FIELDS, LOG_WITH, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, NUM_BLOCKS, NUM_LR_BLOCKS,
     OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TrainConfig,
 )
 from lora_trainer.errors import ConfigError
 
 _SAVE_PRECISION_ALIASES = {"fp32": "float", "float32": "float", "float16": "fp16", "bfloat16": "bf16"}
+
+# Upper bounds far beyond real use (kohya sets none): they refuse typos such as 10**12 with a clear message before
+# a run fails obscurely (out of memory, an overflow) deep in training.
+MAX_RANK = 4096         # the widest layers (SDXL) are 1280 wide, 5120/10240 in their MLPs
+MAX_SIDE = 8192         # pixels, resolution and bucket sides
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 100_000
+LIMITS: dict[str, tuple[int, int]] = {
+    "network_dim": (1, MAX_RANK), "conv_dim": (1, MAX_RANK),
+    "max_train_steps": (1, MAX_STEPS), "save_every_n_steps": (1, MAX_STEPS), "sample_every_n_steps": (1, MAX_STEPS),
+    "lr_warmup_steps": (0, MAX_STEPS),
+    "max_train_epochs": (1, MAX_EPOCHS), "save_every_n_epochs": (1, MAX_EPOCHS),
+    "save_last_n_epochs": (1, MAX_EPOCHS), "sample_every_n_epochs": (1, MAX_EPOCHS),
+    "caption_dropout_every_n_epochs": (0, MAX_EPOCHS),
+    "train_batch_size": (1, 1024), "gradient_accumulation_steps": (1, 1024), "lr_scheduler_num_cycles": (1, 10_000),
+    "min_bucket_reso": (1, MAX_SIDE), "max_bucket_reso": (1, MAX_SIDE), "bucket_reso_steps": (8, 1024),
+    "keep_tokens": (0, 10_000), "max_data_loader_n_workers": (0, 256), "multires_noise_iterations": (0, 100),
+    "seed": (0, 2**64 - 1),  # torch.manual_seed's range
+}
+_LIST_LIMITS = {"block_dims": MAX_RANK, "conv_block_dims": MAX_RANK}
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...], fold=str.lower) -> str:
@@ -89,7 +109,21 @@ def validate(config: TrainConfig) -> list[str]:
     Raises:
         ConfigError: naming key, value and fix.
     """
-    return _model(config) + _network(config) + _optimizer(config) + _dataset(config) + _rest(config)
+    return _model(config) + _network(config) + _optimizer(config) + _dataset(config) + _rest(config) + \
+        _limits(config)
+
+
+def _limits(config: TrainConfig) -> list[str]:
+    for key, (low, high) in LIMITS.items():
+        value = getattr(getattr(config, FIELDS[key].section), key)
+        if value is not None:
+            _check(low <= value <= high, key, value, f"out of range, must be from {low} to {high}",
+                   "Set a value in that range (real runs stay far below the upper limit).")
+    for key, high in _LIST_LIMITS.items():
+        value = getattr(config.network, key)
+        _check(value is None or max(value) <= high, key, value, f"values must be at most {high}",
+               "Use ranks such as 4 to 128.")
+    return []
 
 
 def _model(config: TrainConfig) -> list[str]:
@@ -170,8 +204,8 @@ def _dataset(config: TrainConfig) -> list[str]:
     d = config.dataset
     warnings = []
     for side in d.resolution:
-        _check(side >= 64 and side % 8 == 0, "resolution", d.resolution, "sides must be multiples of 8, "
-               "at least 64", "Use e.g. \"512,512\" or \"768,1024\" (width,height).")
+        _check(64 <= side <= MAX_SIDE and side % 8 == 0, "resolution", d.resolution, "sides must be multiples of "
+               f"8, from 64 to {MAX_SIDE}", "Use e.g. \"512,512\" or \"768,1024\" (width,height).")
     if d.enable_bucket:
         _check(d.bucket_reso_steps >= 8 and d.bucket_reso_steps % 8 == 0, "bucket_reso_steps",
                d.bucket_reso_steps, "must be a multiple of 8", "Use 64.")
@@ -215,6 +249,9 @@ def _rest(config: TrainConfig) -> list[str]:
            "Set save_model_as = \"safetensors\" (the WebUI loads it).")
     _check(bool(s.output_name) and "/" not in s.output_name and "\\" not in s.output_name, "output_name",
            s.output_name, "must be a plain file name", "Put folders in output_dir.")
+    prefix = config.logging.log_prefix
+    _check(not prefix or ("/" not in prefix and "\\" not in prefix), "log_prefix", prefix,
+           "must be part of a folder name (the run's log folder inside logging_dir)", "Put folders in logging_dir.")
     if (p.sample_every_n_steps or p.sample_every_n_epochs) and not p.sample_prompts:
         warnings.append("sample_every_n_*: set but sample_prompts is not, so no samples are made during training.")
     return warnings

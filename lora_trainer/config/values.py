@@ -60,14 +60,22 @@ def _to_int(key: str, value: Any) -> int:
 
 
 def _to_float(key: str, value: Any) -> float:
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
         try:
-            return float(value.strip().replace("_", ""))
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
         except ValueError:
             pass
-    raise _fail(key, value, "a number")
+    if number is None:
+        raise _fail(key, value, "a number")
+    if not math.isfinite(number):  # NaN or inf would turn every weight into NaN at the first step
+        raise ConfigError(f"{key} = {value!r}: not a finite number. Use a plain number such as 1e-4.")
+    return number
 
 
 def _to_str(key: str, value: Any) -> str:

@@ -1,6 +1,11 @@
 """Hosts a training job runs in: the WebUI (`host.a1111`, imported only inside the WebUI) or none
-(`StandaloneHost`). `Host`/`JobHandle` are the contract (`host.base`)."""
+(`StandaloneHost`). `Host`/`JobHandle` are the contract (`host.base`). The checks every HTTP route shares are
+WebUI-free: request bodies (`host.api_body`), the folder rule of an exposed WebUI (`host.folder_policy`) and the
+FastAPI glue (`host.api_routes`, imported on its own: it needs starlette)."""
+from lora_trainer.host.api_body import BodyField, RequestError, read_body
 from lora_trainer.host.base import Host, JobHandle
+from lora_trainer.host.folder_policy import FolderPolicy, PathNotAllowedError, is_exposed
 from lora_trainer.host.standalone import StandaloneHost, StandaloneJobHandle
 
-__all__ = ["Host", "JobHandle", "StandaloneHost", "StandaloneJobHandle"]
+__all__ = ["BodyField", "FolderPolicy", "Host", "JobHandle", "PathNotAllowedError", "RequestError",
+           "StandaloneHost", "StandaloneJobHandle", "is_exposed", "read_body"]

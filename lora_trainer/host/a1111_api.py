@@ -2,27 +2,36 @@
 browser. Registered on the WebUI's FastAPI app (`on_app_started`); nothing here imports the WebUI.
 
 - `POST /lora_trainer/v1/train/start`: `{"config": {kohya keys...}}` or `{"toml": "path/to/config.toml"}`, plus an
-  optional `"overrides": {...}` applied on top. Returns the job status; 400 with the message for a bad config or a
-  job already running.
-- `POST /lora_trainer/v1/train/stop`: `{"save": true|false}` (default true).
-- `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus` fields, `state` as text),
-  plus `compat` (the self-test of the saved file against the loaded model, once the job has ended).
+  optional `"overrides": {...}` applied on top. Returns the job status. 400 for a bad body or config (the message
+  names the field or key), 403 for a path outside the allowed folders while the WebUI listens on the network
+  (`folder_policy.py`), 409 while a job is running.
+- `POST /lora_trainer/v1/train/stop`: `{"save": true|false}` (JSON booleans; default true).
+- `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus.to_dict`), plus `compat`
+  (the self-test of the saved file against the loaded model, once the job has ended). Always answers 200.
+Errors are answered as `{"detail": message, "error": type}` (`api_routes.py`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import TrainingError
+from lora_trainer.host.api_body import BodyField, RequestError, read_body
+from lora_trainer.host.api_routes import add_json_route
+from lora_trainer.host.folder_policy import FolderPolicy
+from lora_trainer.train.job import JobStatus
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "/lora_trainer/v1/train"
+START_FIELDS = {"config": BodyField("object"), "toml": BodyField("path"), "overrides": BodyField("object")}
+STOP_FIELDS = {"save": BodyField("bool", default=True)}
 
 
-def status_dict(status) -> dict[str, Any]:
-    """A JobStatus as JSON-ready dict (`state` as its text value).
+def status_dict(status: JobStatus) -> dict[str, Any]:
+    """A JobStatus as JSON-ready dict (`state` as its text value, NaN/inf as None).
 
     Args:
         status (JobStatus): the snapshot.
@@ -30,30 +39,37 @@ def status_dict(status) -> dict[str, Any]:
     Returns:
         dict[str, Any]: its fields.
     """
-    data = dataclasses.asdict(status)
-    data["state"] = getattr(status.state, "value", str(status.state))
-    return data
+    return status.to_dict()
 
 
-def config_from_request(body: dict[str, Any]):
-    """The TrainConfig a start request asks for.
+def config_from_request(body: Any, policy: FolderPolicy | None = None):
+    """The TrainConfig a start request asks for, its paths checked against the folder policy.
 
     Args:
-        body (dict): `{"config": {...}}` or `{"toml": path}`, optional `"overrides"`.
+        body (Any): the decoded body: `{"config": {...}}` or `{"toml": path}`, optional `"overrides"`.
+        policy (FolderPolicy, optional): the folders requests may name, defaults to None (any folder).
 
     Returns:
         LoadedConfig: config, unknown and ignored keys, warnings.
 
     Raises:
-        ValueError: neither or both of `config` and `toml` given.
+        RequestError: a wrong body (400), neither or both of `config` and `toml` (400), a path outside the
+            policy's folders (403).
+        ConfigError, FileNotFoundError: a bad config or a missing TOML file (inside the allowed folders).
     """
     from lora_trainer.config import config_from_dict, load_toml, update_config
 
-    if ("config" in body) == ("toml" in body):
-        raise ValueError('start request: give either "config" (kohya keys as JSON) or "toml" (a config file path).')
-    loaded = load_toml(body["toml"]) if "toml" in body else config_from_dict(body["config"] or {})
-    if body.get("overrides"):
-        loaded = dataclasses.replace(loaded, config=update_config(loaded.config, body["overrides"]))
+    values = read_body(body, START_FIELDS, "train/start", policy)
+    if (values["config"] is None) == (values["toml"] is None):
+        raise RequestError('train/start: give either "config" (kohya keys as a JSON object) or "toml" (a config '
+                           'file path), not both or neither. Send {"config": {...}} or {"toml": "..."}.')
+    loaded = load_toml(values["toml"]) if values["toml"] else config_from_dict(values["config"])
+    overrides = values["overrides"] or {}
+    if overrides:
+        loaded = dataclasses.replace(loaded, config=update_config(loaded.config, overrides))
+    if policy is not None:
+        raw = dict(values["config"] or {}, **overrides)
+        policy.check_config(loaded.config, raw=raw, where="toml: " if values["toml"] else "")
     return loaded
 
 
@@ -63,59 +79,70 @@ class TrainApi:
     Args:
         manager (JobManager): the WebUI's job manager (shared with the tab).
         check_file (callable, optional): `path -> CompatReport`, the self-test of a saved file, defaults to None.
+        folder_policy (callable, optional): `() -> FolderPolicy`, read at every request (settings may change),
+            defaults to None (any folder).
     """
 
-    def __init__(self, manager, check_file=None):
+    def __init__(self, manager, check_file=None, folder_policy: Callable[[], FolderPolicy] | None = None):
         self.manager = manager
         self.check_file = check_file
+        self.folder_policy = folder_policy or FolderPolicy
         self._checked: dict[str, dict] = {}
 
-    def start(self, body: dict[str, Any]) -> dict[str, Any]:
-        loaded = config_from_request(body)
+    def start(self, body: Any) -> dict[str, Any]:
+        loaded = config_from_request(body, self.folder_policy())
         if loaded.unknown_keys:
-            raise ValueError(f"config: unknown keys {sorted(loaded.unknown_keys)[:10]}. Remove or rename them "
-                             "(kohya key names are expected).")
-        job = self.manager.start(loaded.config)
+            raise RequestError(f"config: unknown keys {sorted(loaded.unknown_keys)[:10]}. Remove or rename them "
+                               "(kohya key names are expected).")
+        try:
+            job = self.manager.start(loaded.config)
+        except TrainingError as error:
+            if self.manager.current is not None:
+                raise RequestError(str(error), status=409) from error
+            raise
         result = status_dict(job.status())
         result["warnings"] = list(loaded.warnings)
         return result
 
-    def stop(self, body: dict[str, Any]) -> dict[str, Any]:
-        stopped = self.manager.stop(bool(body.get("save", True)))
+    def stop(self, body: Any) -> dict[str, Any]:
+        save = read_body(body, STOP_FIELDS, "train/stop")["save"]
+        stopped = self.manager.stop(save)
         return dict(status_dict(self.manager.status()), stop_requested=stopped)
 
     def status(self) -> dict[str, Any]:
-        status = self.manager.status()
-        data = status_dict(status)
-        ended = data["state"] in ("finished", "stopped")
-        if ended and status.lora_path and self.check_file is not None:
-            data["compat"] = self._compat(status.lora_path)
-        return data
+        """The last job's status; never raises (a snapshot that cannot be read is reported in `message`)."""
+        try:
+            status = self.manager.status()
+            data = status_dict(status)
+            if data["state"] in ("finished", "stopped") and status.lora_path and self.check_file is not None:
+                data["compat"] = self._compat(status.lora_path)
+            json.dumps(data, allow_nan=False)  # what the route will send must encode
+            return data
+        except Exception as error:  # polling must keep working whatever the job left behind
+            logger.exception("reading the job status failed")
+            return dict(status_dict(JobStatus()), state="unknown",
+                        message=f"status: could not be read ({type(error).__name__}: {error}). This is a bug in "
+                                "the LoRA trainer; please report it with the console log.")
 
     def _compat(self, path: str) -> dict:
         if path not in self._checked:
             try:
                 report = self.check_file(path)
                 self._checked[path] = {"ok": True, "checked": report.checked if report else 0}
-            except (LoraTrainerError, OSError) as error:
+            except Exception as error:  # the self-test's failure is part of the answer, not a failed request
+                logger.info("self-test of %s: %s", path, error)
                 self._checked[path] = {"ok": False, "message": str(error)}
         return self._checked[path]
 
-    def register(self, app) -> None:
+    def register(self, app, credentials: Mapping[str, str] | None = None) -> None:
         """Add the routes to a FastAPI app.
 
         Args:
             app (fastapi.FastAPI): the WebUI's app.
+            credentials (Mapping[str, str], optional): user -> password (the WebUI's `--api-auth`) every request
+                must send as HTTP Basic auth, defaults to None (none needed).
         """
-        from fastapi import Body, HTTPException
-
-        def guarded(fn, *args):
-            try:
-                return fn(*args)
-            except (LoraTrainerError, ValueError, FileNotFoundError) as error:
-                raise HTTPException(status_code=400, detail=str(error)) from error
-
-        app.add_api_route(f"{PREFIX}/start", lambda body=Body(...): guarded(self.start, body), methods=["POST"])
-        app.add_api_route(f"{PREFIX}/stop", lambda body=Body(default={}): guarded(self.stop, body), methods=["POST"])
-        app.add_api_route(f"{PREFIX}/status", lambda: guarded(self.status), methods=["GET"])
+        add_json_route(app, f"{PREFIX}/start", self.start, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/stop", self.stop, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/status", self.status, method="GET", credentials=credentials)
         logger.info("API routes added under %s", PREFIX)

@@ -10,10 +10,30 @@ import os
 
 from lora_trainer.host.a1111 import A1111Host, WebUIJobManager, webui_shared
 from lora_trainer.host.a1111_api import TrainApi
+from lora_trainer.host.api_routes import parse_credentials
+from lora_trainer.host.folder_policy import SETTING_KEY, SETTING_LABEL, FolderPolicy, is_exposed, split_folders
 
 logger = logging.getLogger(__name__)
 
 SECTION = ("lora_trainer", "LoRA Trainer")
+FOLDER_SETTINGS = ("lora_trainer_output_dir", SETTING_KEY)
+
+
+def webui_folder_policy(shared) -> FolderPolicy:
+    """The WebUI's rule for exposed servers over its folders (see `folder_policy.py`).
+
+    Args:
+        shared: the WebUI's `modules.shared` (cmd_opts, models_path, data_path, opts).
+
+    Returns:
+        FolderPolicy: restricted when the WebUI disables extension access; roots: the models, Lora, checkpoint and
+        data folders, this extension's output folder and the folders of its setting.
+    """
+    cmd_opts, settings = shared.cmd_opts, shared.opts.data
+    roots = [shared.models_path, getattr(shared, "data_path", None), getattr(cmd_opts, "lora_dir", None),
+             getattr(cmd_opts, "ckpt_dir", None), settings.get("lora_trainer_output_dir")]
+    roots += split_folders(settings.get(SETTING_KEY, ""))
+    return FolderPolicy.build(is_exposed(cmd_opts), roots)
 
 
 class WebUIExtension:
@@ -22,15 +42,22 @@ class WebUIExtension:
     def __init__(self):
         self.host = A1111Host()
         self.manager = WebUIJobManager(self.host)
-        self.api = TrainApi(self.manager, check_file=self.host.check_file)
+        self.api = TrainApi(self.manager, check_file=self.host.check_file, folder_policy=self.folder_policy)
 
     def tagger_dir(self) -> str:
         shared = webui_shared()
         default = os.path.join(shared.models_path, "tagger")
         return shared.opts.data.get("lora_trainer_tagger_dir") or default
 
+    def folder_policy(self) -> FolderPolicy:
+        """The folders API requests may name, read from the WebUI's command line and settings at each request."""
+        return webui_folder_policy(webui_shared())
+
     def ui_settings(self) -> None:
-        """Settings > LoRA Trainer: output folder, tagger models folder, idle offload, sample interval."""
+        """Settings > LoRA Trainer: output folder, tagger models folder, idle offload, sample interval, and the
+        extra folders API requests may use on an exposed WebUI."""
+        import gradio as gr
+
         shared = webui_shared()
         lora_dir = getattr(shared.cmd_opts, "lora_dir", "") or os.path.join(shared.models_path, "Lora")
         options = {
@@ -43,9 +70,16 @@ class WebUIExtension:
                 True, "Keep the trained LoRA's weights on the CPU while it is not applied"),
             "lora_trainer_sample_every_n_steps": shared.OptionInfo(
                 0, "Sample images every N steps when the config sets no interval (0: off)"),
+            SETTING_KEY: shared.OptionInfo("", SETTING_LABEL, gr.Textbox, {"lines": 3}).info(
+                "only used when the WebUI listens on the network without --enable-insecure-extension-access; "
+                "the models, Lora and data folders are always allowed"),
         }
         for key, info in options.items():
             info.section = SECTION
+            if key in FOLDER_SETTINGS:  # /sdapi/v1/options must not widen the folders; --hide-ui-dir-config locks them
+                info.restrict_api = True
+                if getattr(shared, "restricted_opts", None) is not None:
+                    shared.restricted_opts.add(key)
             shared.opts.add_option(key, info)
 
     def ui_tabs(self):
@@ -59,5 +93,5 @@ class WebUIExtension:
         return [(blocks, "LoRA Trainer", "lora_trainer")]
 
     def app_started(self, _demo, app) -> None:
-        """`on_app_started`: the start/stop/status routes."""
-        self.api.register(app)
+        """`on_app_started`: the start/stop/status routes, behind `--api-auth` when the WebUI has it."""
+        self.api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth", None)))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_trainer.errors import LoraTrainerError, TrainingError
 from lora_trainer.train.events import (
@@ -89,6 +91,34 @@ class JobStatus:
     def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as a JSON-ready dict: `state` as text; NaN/inf (which JSON cannot carry) as None, each named
+        at the end of `message`.
+
+        Returns:
+            dict[str, Any]: the fields.
+        """
+        data = dict(dataclasses.asdict(self), state=self.state.value)
+        replaced = [f"{key} = {data[key]}" for key in _NUMBERS if not _finite(data[key])]
+        for key in _NUMBERS:
+            data[key] = data[key] if _finite(data[key]) else None
+        data["losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.losses]
+        bad_losses = sum(not _finite(loss) for _, loss in self.losses)
+        if bad_losses:
+            replaced.append(f"{bad_losses} loss values")
+        if replaced:
+            note = f"not finite numbers, shown as null: {', '.join(replaced)}"
+            data["message"] = f"{self.message} ({note})" if self.message else note
+        return data
+
+
+_NUMBERS = ("loss", "avg_loss", "lr", "it_per_s", "eta_s", "started_at", "finished_at")
+
+
+def _finite(value: Any) -> bool:
+    """True for None, ints and finite floats: what JSON can carry."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def error_message(exc: BaseException) -> str:
