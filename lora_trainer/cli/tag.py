@@ -64,7 +64,10 @@ def _split(values: list[str]) -> tuple[str, ...]:
 
 
 def _options(args):
+    from lora_trainer.data.caption_files import check_caption_extension
     from lora_trainer.tagging.tag_format import TagOptions
+
+    check_caption_extension(args.ext, "--ext")  # first: nothing is loaded or written with a wrong extension
 
     return TagOptions(
         general_threshold=args.threshold, character_threshold=args.character_threshold,

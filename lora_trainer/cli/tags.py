@@ -88,7 +88,10 @@ def _apply_edits(editor, args, scope: str) -> list:
 
 
 def _edit_and_report(args) -> int:
+    from lora_trainer.data.caption_files import check_caption_extension
     from lora_trainer.tagging import TagEditor
+
+    check_caption_extension(args.ext, "--ext")
 
     editor = TagEditor.load(args.dir, caption_extension=args.ext)
     print(f"{len(editor)} images in {len(editor.folders)} folders under {args.dir}")

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lora_trainer.data.caption_files import MISSING, caption_path, read_caption
+from lora_trainer.data.caption_files import MISSING, caption_path, check_caption_extension, read_caption
 from lora_trainer.data.images import is_image_file, verify_image
 from lora_trainer.errors import DatasetError
 
@@ -199,6 +199,10 @@ def scan_dataset(train_data_dir, caption_extension: str = ".txt", reg_data_dir: 
         caption_extension = getattr(cfg, "caption_extension", None) or caption_extension
         reg_data_dir = getattr(cfg, "reg_data_dir", None)
     train_data_dir = os.fspath(train_data_dir) if train_data_dir else ""
+    try:
+        caption_extension = check_caption_extension(caption_extension)
+    except ValueError as err:
+        raise DatasetError(str(err)) from err
     index = DatasetIndex()
     found = _scan_root(train_data_dir, "train_data_dir", caption_extension, False, index)
     if not found:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_trainer.data.caption_files import join_lines, read_caption
+from lora_trainer.data.caption_files import check_caption_extension, join_lines, read_caption
 from lora_trainer.data.images import IMAGE_EXTENSIONS
 from lora_trainer.errors import DatasetError
 from lora_trainer.tagging.caption_store import UTF8_BOM
@@ -198,15 +198,15 @@ def read_caption_exact(path: str | os.PathLike) -> LoadedCaption:
 
 
 def check_extension(caption_extension: str) -> str:
-    """Validate a caption extension; returns it with a leading dot.
+    """Validate a caption extension (`data.caption_files.check_caption_extension`); returns it with a leading dot.
 
     Raises:
-        DatasetError: an image extension or an empty one was given.
+        DatasetError: an image extension, the journal's, or an empty one was given.
     """
-    ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    if ext == "." or ext.lower() in IMAGE_EXTENSIONS:
-        raise DatasetError(f"caption_extension: {caption_extension!r} is not a caption extension. Use e.g. '.txt' or '.caption'.")
-    return ext
+    try:
+        return check_caption_extension(caption_extension)
+    except ValueError as err:
+        raise DatasetError(str(err)) from err
 
 
 def load_dataset(root: Path, caption_extension: str) -> LoadedDataset:
