@@ -1,13 +1,13 @@
 """`python -m lora_trainer tags`: edits are saved with backup and history; --undo restores the exact bytes."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from lora_trainer.__main__ import main
 from lora_trainer.cli.tags import HISTORY_FILE
+from lora_trainer.tagging.caption_journal import CaptionJournal
 
 FILES = {
     "10_cat/01.png": b"cat, rain, umbrella, blue eyes\n",
@@ -46,11 +46,11 @@ def test_edit_then_undo_gives_original_bytes(tmp_path, capsys):
     assert now["10_cat/04.txt"] == b"mychar"
     assert now["1_dog/05.txt"] == original["1_dog/05.txt"]
     assert (root / "10_cat/.caption_backup/01.txt").read_bytes() == original["10_cat/01.txt"]
-    assert len(json.loads((root / HISTORY_FILE).read_text())["runs"]) == 1
+    assert [r.status for r in CaptionJournal.open(root).runs] == ["done"]
 
     assert main(["tags", str(root), "--undo"]) == 0
     assert captions(root) == original, "undo restores bytes and removes the caption the edit created"
-    assert json.loads((root / HISTORY_FILE).read_text())["runs"] == []
+    assert [r.status for r in CaptionJournal.open(root).runs] == ["undone"]
     assert main(["tags", str(root), "--undo"]) == 1
 
 
@@ -93,7 +93,7 @@ def test_undo_refuses_files_changed_since_unless_forced(tmp_path, capsys):
     assert main(["tags", str(root), "--add", "x"]) == 0
     (root / "1_dog/06.txt").write_bytes(b"hand edit")
     assert main(["tags", str(root), "--undo"]) == 1
-    assert "06.txt changed since the last tags run" in capsys.readouterr().out
+    assert "06.txt changed since the tags run of" in capsys.readouterr().out
     assert captions(root)["10_cat/01.txt"] != original["10_cat/01.txt"], "nothing restored on conflict"
     assert main(["tags", str(root), "--undo", "--force"]) == 0
     assert captions(root) == original

@@ -384,18 +384,26 @@ class TagEditor:
         text = process_caption(self._text[self.index_of(image)], opts, random.Random(seed), epoch)
         return CaptionPreview(text, seed)
 
-    def save(self, force: bool = False, backup: bool = True) -> SaveResult:
-        """Write the captions that differ from disk (atomically, backing up originals once).
+    def save(self, force: bool = False, backup: bool = True, source: str = "editor") -> SaveResult:
+        """Write the captions that differ from disk (atomically, backing up originals once), through the caption
+        journal: the old and new text of every file is recorded before it changes, so ``tags --undo`` takes the
+        save back, also after a kill or a full disk.
 
         Args:
             force (bool, optional): False: a file changed on disk since it was loaded is not written but
                 reported in `conflicts` (use `reload` to see it). True: overwrite such files. Defaults to False.
             backup (bool, optional): keep a one-time backup of each original (see caption_store). Defaults to True.
+            source (str, optional): the writer's name in the journal. Defaults to "editor".
 
         Returns:
-            SaveResult: files written, files that failed (edit kept in memory; message names the file), conflicts.
+            SaveResult: files written, files that failed (edit kept in memory; message names the file), conflicts,
+            and `interrupted` when writing had to stop.
+
+        Raises:
+            DatasetError: the journal is unreadable or cannot be written; no caption was changed.
         """
-        result = save_captions(self.images, self._disk, self._text, self._orig_text, self.dirty(), force, backup)
+        result = save_captions(self.root, self.images, self._disk, self._text, self._orig_text, self.dirty(), force,
+                               backup, source)
         for i in result.written_indices:
             self._locked.discard(i)
         return result

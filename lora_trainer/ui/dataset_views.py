@@ -65,6 +65,8 @@ def save_message(result: SaveResult, root: Path) -> str:
     lines = [f"Saved {n} changed caption file{'s' if n != 1 else ''}."]
     if result.removed:
         lines.append(f"{len(result.removed)} empty caption files removed (they did not exist at load).")
+    if result.interrupted:
+        lines.append(f"**Saving stopped:** {result.interrupted}")
     for failure in result.failed:
         lines.append(f"- not written: {failure.message}")
     if result.conflicts:
