@@ -154,9 +154,11 @@ def progress_text(info: ProgressInfo, provider: str) -> str:
 
 def tag_summary_markdown(summary, root: Path) -> str:
     """The tagger's summary (tag_folder's TagSummary): counts, provider, failures with reasons."""
-    state = "Cancelled" if summary.cancelled else "Done"
+    state = "Stopped" if summary.interrupted else "Cancelled" if summary.cancelled else "Done"
     lines = [(f"{state} on **{summary.provider}** in {summary.seconds:.1f} s: {summary.tagged} captions written, "
               f"{summary.skipped} kept, {len(summary.failed)} failed.")]
+    if summary.interrupted:
+        lines.append(f"**Writing stopped:** {summary.interrupted}")
     lines += [f"- {_rel(path, root)}: {reason}" for path, reason in summary.failed[:30]]
     if len(summary.failed) > 30:
         lines.append(f"- ... and {len(summary.failed) - 30} more (see the log).")
