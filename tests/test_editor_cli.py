@@ -1,9 +1,12 @@
 """`python -m lora_trainer tags`: edits are saved with backup and history; --undo restores the exact bytes."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 from lora_trainer.__main__ import main
 from lora_trainer.cli.tags import HISTORY_FILE
@@ -19,11 +22,20 @@ FILES = {
 }
 
 
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), "white").save(out, "PNG")
+    return out.getvalue()
+
+
+PNG = _png()
+
+
 def make(root: Path) -> Path:
     for rel, data in FILES.items():
         image = root / rel
         image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(b"")
+        image.write_bytes(PNG)
         if data is not None:
             image.with_suffix(".txt").write_bytes(data)
     return root
@@ -114,6 +126,18 @@ def test_report_prints_tables(tmp_path, capsys):
     assert "10_cat" in out and "outweighs 1_dog" in out
     assert "rain -> umbrella: 2 of 2 (100%)" in out
     assert "cat: 4/4  (trigger word)" in out
+    assert "images left out" not in out
+
+
+def test_report_names_a_corrupt_image_and_leaves_it_out_of_the_counts(tmp_path, capsys):
+    root = make(tmp_path / "ds")
+    broken = root / "10_cat/03.png"
+    broken.write_bytes(PNG[:-20])  # truncated: the training scan skips it
+    assert main(["tags", str(root), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "1 images left out (training skips them):" in out and f"{broken}: image data cannot be decoded" in out
+    assert "tag frequency" in out and ", 5 images):" in out
+    assert "10_cat                             3 images x  10 =     30" in out
 
 
 def test_missing_folder_is_an_error(tmp_path, capsys):

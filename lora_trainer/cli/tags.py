@@ -207,7 +207,12 @@ def print_report(editor, top: int = 30, min_count: int = 3) -> None:
     """Print tag frequency, concept balance, associations and near-universal tags."""
     from lora_trainer.tagging.analysis import analyze
 
-    report = analyze(editor.records(), min_count=min_count)
+    unusable = editor.unusable_images()
+    report = analyze(editor.records(usable_only=True), min_count=min_count)
+    if unusable:
+        print(f"\n{len(unusable)} images left out (training skips them):")
+        for message in unusable.values():
+            print(f"  {message}")
     print(f"\ntag frequency ({len(report.frequency)} tags, {report.images} images):")
     for row in report.frequency[:top]:
         print(f"  {row.count:6d}  {row.share:6.1%}  {row.tag}")

@@ -34,6 +34,7 @@ from lora_trainer.tagging.editor_store import (
     reload_captions,
     save_captions,
 )
+from lora_trainer.tagging.image_check import ImageCheck
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TagEditor:
         self._freq: Counter | None = None  # images per tag; None: recount on demand (see _write)
         self._selection: set[int] = set()
         self._history = History()
+        self._image_check = ImageCheck()
         self._by_path = {str(e.image_path): e.index for e in entries}
         self._by_path.update({e.rel_path: e.index for e in entries})
 
@@ -129,9 +131,27 @@ class TagEditor:
         """Folders without the ``N_`` repeat prefix (kohya does not train their images)."""
         return [f.rel_path for f in self.folders.values() if not f.is_concept]
 
-    def records(self) -> list[CaptionRecord]:
-        """The current captions for `analysis` functions."""
-        return [CaptionRecord(e.folder, e.concept, e.repeats, t) for e, t in zip(self.images, self._tags)]
+    def records(self, usable_only: bool = False) -> list[CaptionRecord]:
+        """The current captions for `analysis` functions.
+
+        Args:
+            usable_only (bool, optional): leave out the images training would skip (see `unusable_images`).
+                Defaults to False.
+
+        Returns:
+            list[CaptionRecord]: one per image.
+        """
+        skip = self.unusable_images() if usable_only else {}
+        return [CaptionRecord(e.folder, e.concept, e.repeats, t)
+                for e, t in zip(self.images, self._tags) if e.index not in skip]
+
+    def unusable_images(self) -> dict[int, str]:
+        """Images whose data is corrupt, truncated or unreadable, found with the training scan's own check.
+
+        Returns:
+            dict[int, str]: image index -> message naming the file and the fix (checked once per file version).
+        """
+        return self._image_check.unusable([e.image_path for e in self.images])
 
     # ----- frequency, filters, selection -----
     def tag_frequency(self, sort: str = "count", scope: str = "all") -> list[TagCount]:

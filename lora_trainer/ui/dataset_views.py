@@ -152,6 +152,17 @@ def progress_text(info: ProgressInfo, provider: str) -> str:
             f"elapsed {format_seconds(info.elapsed_s)}, ETA {eta}")
 
 
+def unusable_markdown(unusable: dict[int, str], root: Path) -> str:
+    """The images the analysis leaves out because training skips them (corrupt, truncated, unreadable), or ""."""
+    if not unusable:
+        return ""
+    lines = [f"**{len(unusable)} images left out** (training skips them; fix or remove them):"]
+    lines += [f"- {message}" for message in list(unusable.values())[:30]]
+    if len(unusable) > 30:
+        lines.append(f"- ... and {len(unusable) - 30} more.")
+    return "\n".join(lines) + "\n\n"
+
+
 def tag_summary_markdown(summary, root: Path) -> str:
     """The tagger's summary (tag_folder's TagSummary): counts, provider, failures with reasons."""
     state = "Stopped" if summary.interrupted else "Cancelled" if summary.cancelled else "Done"
@@ -178,4 +189,5 @@ __all__ = [
     "save_message",
     "selection_label",
     "tag_summary_markdown",
+    "unusable_markdown",
 ]
