@@ -5,7 +5,6 @@ Each case runs the real `tags` command in a subprocess and checks what a user wo
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +18,8 @@ from lora_trainer.data.caption_files import JOURNAL_FILE
 from lora_trainer.tagging import TagEditor
 from lora_trainer.tagging.caption_journal import DONE, PENDING, CaptionJournal
 from lora_trainer.ui import dataset_actions as actions
+
+from fs_faults import fill, tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,20 +47,6 @@ def captions(root: Path) -> dict[str, bytes]:
             if ".caption_backup" not in p.parts}
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A small tmpfs at `path` (the tests run as root in CI); skipped where mounting is not allowed."""
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.strip() or 'not root'}): needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.fixture
 def scratch(tmp_path):
     """(folder, captions to save) for the kill tests: a tmpfs where it can be mounted (fsync costs nothing there,
@@ -75,16 +62,6 @@ def scratch(tmp_path):
         yield path, 3000
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(folder: Path, leave: int) -> Path:
-    """Fill the file system of `folder` up to `leave` free bytes."""
-    filler = folder / "filler.bin"
-    st = os.statvfs(folder)
-    free = st.f_bavail * st.f_frsize
-    with open(filler, "wb") as handle:
-        handle.write(b"\0" * max(0, free - leave))
-    return filler
 
 
 # --- kill -9 in the middle of a save ----------------------------------------------------------------------------
@@ -270,3 +247,21 @@ def test_editor_save_after_an_interrupted_one_keeps_both_undoable(scratch):
     assert [(r.status, r.partial) for r in runs] == [(DONE, True), (DONE, False)]
     assert tags(root, "--undo").returncode == 0 and captions(root) == killed
     assert tags(root, "--undo").returncode == 0 and captions(root) == original
+
+
+def test_the_journal_keeps_the_newest_runs_and_stays_undoable(tmp_path):
+    from lora_trainer.tagging.caption_journal import KEEP_RUNS
+    from lora_trainer.tagging.journaled_writes import CaptionChange, JournaledWriter, undo_last_run
+
+    caption = tmp_path / "10_cat" / "a.txt"
+    caption.parent.mkdir()
+    caption.write_bytes(b"v0")
+    for i in range(1, 2 * KEEP_RUNS + 2):
+        writer = JournaledWriter(tmp_path, "test", backup=False)
+        writer.write([CaptionChange(caption, f"v{i - 1}".encode(), f"v{i}".encode())])
+        writer.finish()
+    runs = CaptionJournal.open(tmp_path).runs
+    assert len(runs) <= 2 * KEEP_RUNS and runs[-1].files[0].after == f"v{2 * KEEP_RUNS + 1}".encode()
+    for _ in range(3):
+        assert undo_last_run(tmp_path).ok
+    assert caption.read_bytes() == f"v{2 * KEEP_RUNS - 2}".encode()

@@ -12,6 +12,8 @@ from lora_trainer.tagging import TaggerModel, tag_folder, undo_last_run
 from lora_trainer.tagging.caption_journal import CaptionJournal
 from lora_trainer.testing.tiny_tagger import build_tiny_tagger
 
+from fs_faults import fill, tmpfs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,3 +80,23 @@ def test_panel_style_tagging_run_is_one_undoable_journal_run(tmp_path):
     assert len(runs) == 1 and runs[0].source == "tag" and len(runs[0].files) == 5  # three batches, one run
     report = undo_last_run(root)
     assert report.ok and len(report.files) == 5 and _captions(root) == {}
+
+
+def test_disk_full_while_tagging_stops_with_one_message_and_is_undone(tmp_path):
+    model = build_tiny_tagger(tmp_path / "model")
+    with tmpfs(tmp_path / "small", "2m") as disk:
+        root = disk / "train"
+        for i in range(40):
+            _image(root / "5_x" / f"{i:02d}.png", ["red", "green", "blue"][i % 3])
+        filler = fill(disk, 40 * 1024)
+        done = _cli("tag", root, "--model-dir", model, "--batch-size", "4")
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr and "[Errno" not in done.stdout
+        assert "No space left on device" in done.stdout and "captions were changed before writing stopped" in done.stdout
+        assert f"python -m lora_trainer tags {root} --undo" in done.stdout
+        written = _captions(root)
+        assert 0 < len(written) < 40
+        filler.unlink()
+        undo = _cli("tags", root, "--undo")
+        assert undo.returncode == 0, undo.stdout
+        assert _captions(root) == {}
