@@ -169,7 +169,7 @@ def test_max_pixels_limit(tmp_path):
 
 def test_is_image_file():
     assert is_image_file("a/b.PNG") and is_image_file("x.jpeg") and is_image_file("x.webp")
-    assert not is_image_file("x.txt") and not is_image_file("x.gif")
+    assert not is_image_file("x.txt") and not is_image_file("x.tiff") and is_image_file("x.gif")
 
 
 def test_image_size_reads_only_the_header_and_verify_reads_the_data(tmp_path):

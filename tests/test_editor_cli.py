@@ -1,13 +1,16 @@
 """`python -m lora_trainer tags`: edits are saved with backup and history; --undo restores the exact bytes."""
 from __future__ import annotations
 
-import json
+import io
 import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from lora_trainer.__main__ import main
 from lora_trainer.cli.tags import HISTORY_FILE
+from lora_trainer.tagging.caption_journal import CaptionJournal
 
 FILES = {
     "10_cat/01.png": b"cat, rain, umbrella, blue eyes\n",
@@ -19,11 +22,20 @@ FILES = {
 }
 
 
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), "white").save(out, "PNG")
+    return out.getvalue()
+
+
+PNG = _png()
+
+
 def make(root: Path) -> Path:
     for rel, data in FILES.items():
         image = root / rel
         image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(b"")
+        image.write_bytes(PNG)
         if data is not None:
             image.with_suffix(".txt").write_bytes(data)
     return root
@@ -46,11 +58,11 @@ def test_edit_then_undo_gives_original_bytes(tmp_path, capsys):
     assert now["10_cat/04.txt"] == b"mychar"
     assert now["1_dog/05.txt"] == original["1_dog/05.txt"]
     assert (root / "10_cat/.caption_backup/01.txt").read_bytes() == original["10_cat/01.txt"]
-    assert len(json.loads((root / HISTORY_FILE).read_text())["runs"]) == 1
+    assert [r.status for r in CaptionJournal.open(root).runs] == ["done"]
 
     assert main(["tags", str(root), "--undo"]) == 0
     assert captions(root) == original, "undo restores bytes and removes the caption the edit created"
-    assert json.loads((root / HISTORY_FILE).read_text())["runs"] == []
+    assert [r.status for r in CaptionJournal.open(root).runs] == ["undone"]
     assert main(["tags", str(root), "--undo"]) == 1
 
 
@@ -93,7 +105,7 @@ def test_undo_refuses_files_changed_since_unless_forced(tmp_path, capsys):
     assert main(["tags", str(root), "--add", "x"]) == 0
     (root / "1_dog/06.txt").write_bytes(b"hand edit")
     assert main(["tags", str(root), "--undo"]) == 1
-    assert "06.txt changed since the last tags run" in capsys.readouterr().out
+    assert "06.txt changed since the tags run of" in capsys.readouterr().out
     assert captions(root)["10_cat/01.txt"] != original["10_cat/01.txt"], "nothing restored on conflict"
     assert main(["tags", str(root), "--undo", "--force"]) == 0
     assert captions(root) == original
@@ -114,6 +126,18 @@ def test_report_prints_tables(tmp_path, capsys):
     assert "10_cat" in out and "outweighs 1_dog" in out
     assert "rain -> umbrella: 2 of 2 (100%)" in out
     assert "cat: 4/4  (trigger word)" in out
+    assert "images left out" not in out
+
+
+def test_report_names_a_corrupt_image_and_leaves_it_out_of_the_counts(tmp_path, capsys):
+    root = make(tmp_path / "ds")
+    broken = root / "10_cat/03.png"
+    broken.write_bytes(PNG[:-20])  # truncated: the training scan skips it
+    assert main(["tags", str(root), "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "1 images left out (training skips them):" in out and f"{broken}: image data cannot be decoded" in out
+    assert "tag frequency" in out and ", 5 images):" in out
+    assert "10_cat                             3 images x  10 =     30" in out
 
 
 def test_missing_folder_is_an_error(tmp_path, capsys):

@@ -1,10 +1,13 @@
 """`python -m lora_trainer tag DIR --model-dir PATH`: tag images with a WD14 / WD-v3 tagger, write caption files.
 
-    python -m lora_trainer tag train/10_mychar --tagger-dir models/tagger --download wd-vit-tagger-v3 \
+    python -m lora_trainer tag train --tagger-dir models/tagger --download wd-vit-tagger-v3 \
         --trigger "mychar" --exclude "long hair, blue eyes" --existing overwrite
 
-Exit status: 0 when every image was tagged or skipped, 1 when some images failed (listed), 2 on a usage or model
-error.
+DIR may be a dataset root: the images in its ``N_concept`` folders are tagged too (--recursive takes every
+sub-folder). Captions are written through the caption journal of DIR, so ``tags DIR --undo`` takes a run back.
+
+Exit status: 0 when every image was tagged or skipped, 1 when some images failed (listed), none were found, or
+writing stopped (disk full: the message says how to undo or complete it), 2 on a usage or model error.
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def add_parser(sub) -> None:
     run_group = p.add_argument_group("run")
     run_group.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     run_group.add_argument("--workers", type=int, help="image decoding threads (default: min(4, CPUs))")
-    run_group.add_argument("--recursive", action="store_true", help="include sub-folders")
+    run_group.add_argument("--recursive", action="store_true",
+                           help="include every sub-folder (N_concept folders inside DIR are always included)")
     run_group.add_argument("--fast-jpeg", action="store_true",
                            help="decode large JPEGs at a reduced scale (>= 1.5x the model input): several times "
                                 "faster on big photos; a tag right at the threshold may flip")
@@ -64,7 +68,10 @@ def _split(values: list[str]) -> tuple[str, ...]:
 
 
 def _options(args):
+    from lora_trainer.data.caption_files import check_caption_extension
     from lora_trainer.tagging.tag_format import TagOptions
+
+    check_caption_extension(args.ext, "--ext")  # first: nothing is loaded or written with a wrong extension
 
     return TagOptions(
         general_threshold=args.threshold, character_threshold=args.character_threshold,
@@ -112,18 +119,46 @@ class _Bar:
         self.stream.flush()
 
 
+def _images(args) -> list[Path]:
+    """What to tag: DIR's images; with N_concept folders inside, theirs too; everything below with --recursive."""
+    from lora_trainer.tagging.tagger_input import concept_folders, dataset_images, list_images
+
+    concepts = [] if args.recursive else concept_folders(args.dir)
+    if not concepts:
+        return list_images(args.dir, args.recursive)
+    names = ", ".join(p.name for p in concepts[:5]) + (f" and {len(concepts) - 5} more" if len(concepts) > 5 else "")
+    print(f"{args.dir} holds {len(concepts)} N_concept folders ({names}): tagging the images in all of them "
+          "(--recursive also takes every other sub-folder)", file=sys.stderr)
+    return dataset_images(args.dir)
+
+
+def _no_images_hint(folder: Path) -> str:
+    from lora_trainer.tagging.tagger_input import list_images
+
+    below = len(list_images(folder, recursive=True)) if folder.is_dir() else 0
+    if below:
+        return (f"{folder}: no images directly in this folder, {below} in its sub-folders. Add --recursive to tag "
+                "them, or name the folder that holds them.")
+    return f"{folder}: no images found (png, jpg, jpeg, webp, bmp, gif). Give the folder that holds the images."
+
+
 def run(args) -> int:
+    from lora_trainer.tagging.journaled_writes import command
     from lora_trainer.tagging.tagger import TaggerModel, tag_folder
 
     try:
         options = _options(args)
+        images = _images(args)
+        if not images:
+            print(f"error: {_no_images_hint(args.dir)}", file=sys.stderr)
+            return 1
         model = TaggerModel(_model_folder(args), device=args.device)
         print(f"model {model.name} ({len(model.labels.names)} tags, input {model.input_size}px) on {model.provider}",
               file=sys.stderr)
-        summary = tag_folder(args.dir, model, options, batch_size=args.batch_size, workers=args.workers,
-                             recursive=args.recursive, jpeg_draft=args.fast_jpeg,
+        summary = tag_folder(images, model, options, batch_size=args.batch_size, workers=args.workers,
+                             jpeg_draft=args.fast_jpeg, journal_root=args.dir,
                              progress=_Bar())
-    except (LoraTrainerError, ValueError) as exc:
+    except (LoraTrainerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     done = summary.tagged + len(summary.failed)
@@ -132,5 +167,10 @@ def run(args) -> int:
           f"in {format_seconds(summary.seconds)}{rate} on {summary.provider}")
     for path, reason in summary.failed:
         print(f"  failed: {reason}" if str(path) in reason else f"  failed: {path}: {reason}")
-    return 1 if summary.failed else 0
+    if summary.interrupted:
+        print(f"error: {summary.interrupted}")
+    elif summary.journal is not None:
+        print(f"recorded in {summary.journal}: undo with `{command(args.dir, '--undo')}`")
+    return 1 if summary.failed or summary.interrupted else 0
+
 

@@ -1,26 +1,24 @@
-"""`python -m lora_trainer tags DIR [edits] [--filter T ...] [--dry-run] [--undo] [--report]`: batch-edit captions.
+"""`python -m lora_trainer tags DIR [edits] [--filter T ...] [--dry-run] [--undo|--complete] [--report]`.
 
 Edits run in this order: --replace, --rename, --remove, --add, --move-front, --dedupe, --sort; on the images
 matching --filter (all of the tags, or any with --any; minus --exclude), or on every image. Changed captions
-are written atomically with a one-time backup (``.caption_backup/`` beside them). Each run that writes
-records the previous bytes of the files it changed in ``.lora_trainer_tags_history.json`` at DIR, so
-`--undo` restores them exactly (runs are undone newest first; the last 20 are kept).
+are written atomically with a one-time backup (``.caption_backup/`` beside them), through the caption journal
+``.lora_trainer_tags_journal.jsonl`` at DIR (see `tagging.caption_journal`): the old and new bytes of every file
+are recorded before it changes, so `--undo` restores them exactly (newest save first, the last 20 are kept),
+also for a save cut short by a kill or a full disk, which `--complete` can instead finish. Saves by `tag` and the
+Dataset panel go into the same journal.
 """
 from __future__ import annotations
 
-import base64
-import datetime
-import hashlib
-import json
 import logging
 from pathlib import Path
 
+from lora_trainer.data.caption_files import JOURNAL_FILE
 from lora_trainer.errors import LoraTrainerError
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = ".lora_trainer_tags_history.json"
-HISTORY_RUNS = 20
+HISTORY_FILE = JOURNAL_FILE
 
 
 def add_parser(sub) -> None:
@@ -45,7 +43,11 @@ def add_parser(sub) -> None:
     p.add_argument("--exclude", nargs="+", metavar="TAG", help="leave out images holding any of these tags")
     p.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     p.add_argument("--force", action="store_true", help="overwrite captions changed on disk meanwhile")
-    p.add_argument("--undo", action="store_true", help="restore the captions changed by the last tags run")
+    p.add_argument("--undo", action="store_true",
+                   help="restore the captions changed by the last recorded save (tags, tag, the Dataset panel), "
+                        "also one cut short by a kill or a full disk; run again to go further back")
+    p.add_argument("--complete", action="store_true",
+                   help="write the rest of an interrupted save from the journal")
     p.add_argument("--report", action="store_true", help="print tag frequency, concept balance and associations")
     p.add_argument("--top", type=int, default=30, metavar="N", help="rows per report table (default 30)")
     p.add_argument("--min-count", type=int, default=3, metavar="N", help="association report: least joint count")
@@ -53,11 +55,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     try:
-        if args.undo:
-            if _edits_requested(args):
-                print("error: --undo cannot be combined with edits. Run --undo alone, then edit again.")
+        if args.undo or args.complete:
+            flag = "--undo" if args.undo else "--complete"
+            if _edits_requested(args) or (args.undo and args.complete):
+                print(f"error: {flag} cannot be combined with edits or with each other. Run {flag} alone, "
+                      "then edit again.")
                 return 2
-            return undo_last_run(args.dir, force=args.force, dry_run=args.dry_run)
+            return _restore(args.dir, args.force, args.dry_run, complete=not args.undo)
         return _edit_and_report(args)
     except (LoraTrainerError, ValueError, OSError) as error:
         print(f"error: {error}")
@@ -88,7 +92,10 @@ def _apply_edits(editor, args, scope: str) -> list:
 
 
 def _edit_and_report(args) -> int:
+    from lora_trainer.data.caption_files import check_caption_extension
     from lora_trainer.tagging import TagEditor
+
+    check_caption_extension(args.ext, "--ext")
 
     editor = TagEditor.load(args.dir, caption_extension=args.ext)
     print(f"{len(editor)} images in {len(editor.folders)} folders under {args.dir}")
@@ -118,78 +125,57 @@ def _dry_run(editor, top: int) -> int:
     return 0
 
 
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _sha(data: bytes | None) -> str | None:
-    return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def _before(entry: dict) -> bytes | None:
-    return None if entry["before"] is None else base64.b64decode(entry["before"])
-
-
-def _load_history(root: Path) -> dict:
-    path = root / HISTORY_FILE
-    if not path.is_file():
-        return {"version": 1, "runs": []}
-    try:
-        history = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise LoraTrainerError(f"{path}: not a readable tags history ({err}). Delete it to start a new history.") from err
-    if not isinstance(history, dict) or not isinstance(history.get("runs"), list):
-        raise LoraTrainerError(f"{path}: not a tags history file. Delete it to start a new history.")
-    return history
-
-
-def _store_history(root: Path, history: dict) -> None:
-    from lora_trainer.tagging.caption_store import atomic_write_bytes
-
-    history["runs"] = history["runs"][-HISTORY_RUNS:]
-    atomic_write_bytes(root / HISTORY_FILE, json.dumps(history, indent=1).encode("utf-8"))
-
-
 def save_with_history(editor, root: Path, force: bool = False) -> int:
-    """Save the editor's changed captions and append their previous bytes to the history file.
+    """Save the editor's changed captions through the caption journal and print what happened.
 
     Args:
         editor (TagEditor): the edited captions.
-        root (Path): the dataset folder (history file location).
+        root (Path): the dataset folder (the journal's place).
         force (bool, optional): overwrite captions changed on disk since load. Defaults to False.
 
     Returns:
-        int: 0 when everything was written, 1 when some files failed or conflicted.
+        int: 0 when everything was written, 1 when some files failed or conflicted or writing had to stop.
     """
-    dirty = editor.dirty()
-    before = {editor.images[i].caption_path: _read_bytes(editor.images[i].caption_path) for i in dirty}
-    result = editor.save(force=force)
-    files = []
-    for path in result.written + result.removed:
-        rel = path.relative_to(editor.root).as_posix()
-        old = before.get(path)
-        files.append({"path": rel, "before": None if old is None else base64.b64encode(old).decode("ascii"),
-                      "after_sha256": _sha(_read_bytes(path))})
-    if files:
-        history = _load_history(root)
-        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        history["runs"].append({"time": stamp, "files": files})
-        _store_history(root, history)
+    result = editor.save(force=force, source="tags")
     print(f"saved {len(result.written)} captions" + (f", removed {len(result.removed)}" if result.removed else ""))
     for failure in result.failed:
         print(f"error: {failure.message}")
     for conflict in result.conflicts:
         print(f"conflict: {conflict.path} changed on disk since it was read; not written (use --force to overwrite)")
+    if result.interrupted:
+        print(f"error: {result.interrupted}")
     return 0 if result.ok else 1
 
 
-def undo_last_run(root: Path, force: bool = False, dry_run: bool = False) -> int:
-    """Restore the captions changed by the last `tags` run from the history file.
+def _restore(root: Path, force: bool, dry_run: bool, complete: bool) -> int:
+    from lora_trainer.tagging.journaled_writes import complete_last_run, undo_last_run
 
-    Files already holding their previous bytes are left alone, so an interrupted undo can be run again.
+    report = (complete_last_run if complete else undo_last_run)(root, force=force, dry_run=dry_run)
+    run_ = report.run
+    if run_ is None:
+        print(report.note)
+        return 1
+    what = "written" if complete else "restored"
+    label = f"the {'interrupted ' if report.interrupted else ''}{run_.source} run of {run_.time}"
+    if report.conflicts and not force:
+        for rel in report.conflicts:
+            print(f"conflict: {root / rel} changed since {label}; nothing {what} (use --force)")
+        return 1
+    if dry_run:
+        print(f"dry run: {len(report.files)} captions would be {what} from {label}")
+        for rel in report.files:
+            print(f"  {rel}")
+        return 0
+    for message in report.failed:
+        print(f"error: {message}")
+    if report.failed:
+        return 1
+    print(f"{what} {len(report.files)} captions from {label}")
+    return 0
+
+
+def undo_last_run(root: Path, force: bool = False, dry_run: bool = False) -> int:
+    """Restore the captions changed by the newest recorded save (`tags`, `tag`, the editor; interrupted or not).
 
     Args:
         root (Path): the dataset folder.
@@ -197,56 +183,36 @@ def undo_last_run(root: Path, force: bool = False, dry_run: bool = False) -> int
         dry_run (bool, optional): only list the files that would be restored. Defaults to False.
 
     Returns:
-        int: 0 when restored, 1 when some files were changed since (nothing restored then) or failed.
+        int: 0 when restored, 1 when nothing was recorded, some files were changed since (nothing restored then)
+        or failed.
     """
-    from lora_trainer.tagging.caption_store import write_caption_bytes
+    return _restore(root, force, dry_run, complete=False)
 
-    history = _load_history(root)
-    if not history["runs"]:
-        print(f"nothing to undo: no {HISTORY_FILE} runs in {root}")
-        return 1
-    run_ = history["runs"][-1]
-    pending, changed = [], []
-    for f in run_["files"]:
-        now = _sha(_read_bytes(root / f["path"]))
-        if now == _sha(_before(f)):
-            continue
-        pending.append(f)
-        if now != f["after_sha256"]:
-            changed.append(f)
-    if changed and not force:
-        for f in changed:
-            print(f"conflict: {root / f['path']} changed since the last tags run; nothing restored (use --force)")
-        return 1
-    if dry_run:
-        print(f"dry run: {len(pending)} captions would be restored from the run of {run_['time']}")
-        for f in pending:
-            print(f"  {f['path']}")
-        return 0
-    failed = 0
-    for f in pending:
-        path = root / f["path"]
-        try:
-            if f["before"] is None:
-                path.unlink(missing_ok=True)
-            else:
-                write_caption_bytes(path, _before(f), backup=False)
-        except (LoraTrainerError, OSError) as err:
-            failed += 1
-            print(f"error: {err}")
-    if failed:
-        return 1
-    history["runs"].pop()
-    _store_history(root, history)
-    print(f"restored {len(run_['files'])} captions from the run of {run_['time']}")
-    return 0
+
+def complete_last_run(root: Path, force: bool = False, dry_run: bool = False) -> int:
+    """Write the rest of an interrupted save from the new texts the journal recorded.
+
+    Args:
+        root (Path): the dataset folder.
+        force (bool, optional): write also files changed since by something else. Defaults to False.
+        dry_run (bool, optional): only list the files that would be written. Defaults to False.
+
+    Returns:
+        int: 0 when written, 1 when there is no interrupted save, conflicts or failures.
+    """
+    return _restore(root, force, dry_run, complete=True)
 
 
 def print_report(editor, top: int = 30, min_count: int = 3) -> None:
     """Print tag frequency, concept balance, associations and near-universal tags."""
     from lora_trainer.tagging.analysis import analyze
 
-    report = analyze(editor.records(), min_count=min_count)
+    unusable = editor.unusable_images()
+    report = analyze(editor.records(usable_only=True), min_count=min_count)
+    if unusable:
+        print(f"\n{len(unusable)} images left out (training skips them):")
+        for message in unusable.values():
+            print(f"  {message}")
     print(f"\ntag frequency ({len(report.frequency)} tags, {report.images} images):")
     for row in report.frequency[:top]:
         print(f"  {row.count:6d}  {row.share:6.1%}  {row.tag}")

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import os
 from dataclasses import dataclass
 
 MISSING = "missing"
+# The tag editor's and tagger's journal of caption writes, at the dataset root (tagging/caption_journal.py).
+JOURNAL_FILE = ".lora_trainer_tags_journal.jsonl"
 _SENTENCE_END = (",", ".", ";", ":", "!", "?")
 
 
@@ -36,6 +39,50 @@ def caption_path(image_path: str | os.PathLike, caption_extension: str = ".txt")
     """
     ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     return os.path.splitext(os.fspath(image_path))[0] + ext
+
+
+@functools.lru_cache(maxsize=1)
+def _image_suffixes() -> frozenset[str]:
+    """Every extension the dataset scan treats as an image, plus every one Pillow can open or save."""
+    from PIL import Image
+
+    from lora_trainer.data.images import IMAGE_EXTENSIONS
+
+    Image.init()
+    return frozenset(IMAGE_EXTENSIONS) | frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def check_caption_extension(caption_extension: str, key: str = "caption_extension") -> str:
+    """The one rule for what a caption extension may be, shared by the tagger, the tag editor and the dataset scan.
+
+    A caption extension names a text file beside each image, so it must never be one that would make the
+    caption overwrite the image itself or our own journal.
+
+    Args:
+        caption_extension (str): e.g. ".txt" (a missing leading dot is added: "txt" -> ".txt").
+        key (str, optional): the option or key to name in the error (e.g. "--ext"). Defaults to "caption_extension".
+
+    Returns:
+        str: the extension with its leading dot.
+
+    Raises:
+        ValueError: empty, holds a path separator, or is an image extension or the journal's; the message names
+            the extension and the fix.
+    """
+    text = (caption_extension or "").strip()
+    ext = text if text.startswith(".") else "." + text
+    fix = "Use a text extension such as '.txt' or '.caption'."
+    if ext == ".":
+        raise ValueError(f"{key}: empty caption extension. {fix}")
+    if any(ch in ext for ch in ("/", "\\", "\0")):
+        raise ValueError(f"{key}: {caption_extension!r} holds a path separator or NUL, not a file extension. {fix}")
+    if ext.lower() in _image_suffixes():
+        raise ValueError(f"{key}: {caption_extension!r} is an image extension: captions would overwrite the images. "
+                         f"{fix}")
+    if JOURNAL_FILE.lower().endswith(ext.lower()):
+        raise ValueError(f"{key}: {caption_extension!r} is the extension of the caption journal ({JOURNAL_FILE}). "
+                         f"{fix}")
+    return ext
 
 
 def join_lines(text: str) -> str:

@@ -7,8 +7,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lora_trainer.data.caption_files import MISSING, caption_path, read_caption
-from lora_trainer.data.images import is_image_file, verify_image
+from lora_trainer.data.caption_files import MISSING, caption_path, check_caption_extension, read_caption
+from lora_trainer.data.images import IMAGE_EXTENSIONS, is_image_file, verify_image
 from lora_trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -112,13 +112,22 @@ def _scan_folder(folder: str, repeats: int, concept: str, caption_extension: str
     uncaptioned = 0
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
-        if not (os.path.isfile(path) and is_image_file(entry)):
+        if not is_image_file(entry):
+            continue
+        if not os.path.isfile(path):
+            if os.path.islink(path):
+                problems.append(f"{path}: symbolic link to no readable file (dangling or a loop); skipped. Remove "
+                                "the link or point it at the image.")
             continue
         try:
-            width, height = verify_image(path)
+            size = verify_image(path)
         except DatasetError as exc:
             problems.append(f"{exc} (skipped)")
             continue
+        width, height = size
+        if size.frames > 1:
+            problems.append(f"{path}: animated ({size.frames} frames); only its first frame is trained. Export the "
+                            "frame you want as PNG if it is another one.")
         cap = read_caption(caption_path(path, caption_extension))
         text = cap.text
         if cap.problem == MISSING:
@@ -154,7 +163,8 @@ def _scan_root(root: str, key: str, caption_extension: str, is_reg: bool, index:
         repeats, concept = int(match.group(1)), match.group(2)
         items = _scan_folder(path, repeats, concept, caption_extension, is_reg, index)
         if not items:
-            index.problems.append(f"{path}: no usable images (png, jpg, jpeg, webp, bmp) in this folder.")
+            kinds = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+            index.problems.append(f"{path}: no usable images ({kinds}) in this folder.")
             continue
         index.items.extend(items)
         (index.reg_dirs if is_reg else index.dirs)[entry] = {"n_repeats": repeats, "img_count": len(items)}
@@ -199,6 +209,10 @@ def scan_dataset(train_data_dir, caption_extension: str = ".txt", reg_data_dir: 
         caption_extension = getattr(cfg, "caption_extension", None) or caption_extension
         reg_data_dir = getattr(cfg, "reg_data_dir", None)
     train_data_dir = os.fspath(train_data_dir) if train_data_dir else ""
+    try:
+        caption_extension = check_caption_extension(caption_extension)
+    except ValueError as err:
+        raise DatasetError(str(err)) from err
     index = DatasetIndex()
     found = _scan_root(train_data_dir, "train_data_dir", caption_extension, False, index)
     if not found:

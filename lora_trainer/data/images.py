@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# GIF included: an animated one is used by its first frame, as the scan reports (kohya leaves GIFs out silently).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # Pillow's own default; kept as our constant so nothing depends on (or changes) the global Image.MAX_IMAGE_PIXELS.
 DEFAULT_MAX_PIXELS = 178_956_970
 _EXIF_ORIENTATION = 0x0112
@@ -27,17 +28,23 @@ _FIX = "Re-export it as PNG or JPEG with an image editor, or remove it from the 
 
 @dataclass(frozen=True)
 class ImageSize:
-    """Displayed size of an image (EXIF rotation applied). Unpacks as `(width, height)`."""
+    """Displayed size of an image (EXIF rotation applied). Unpacks as `(width, height)`.
+
+    Attributes:
+        width (int), height (int): as displayed.
+        frames (int): frames of an animated image (GIF, APNG, WebP) as found by `verify_image`; 1 otherwise.
+    """
 
     width: int
     height: int
+    frames: int = 1
 
     def __iter__(self):
         return iter((self.width, self.height))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether a file name has one of the dataset image extensions (png, jpg, jpeg, webp, bmp)."""
+    """Whether a file name has one of the dataset image extensions (`IMAGE_EXTENSIONS`)."""
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -157,7 +164,7 @@ def verify_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
         max_pixels (int, optional): refuse larger images, defaults to DEFAULT_MAX_PIXELS.
 
     Returns:
-        ImageSize: `(width, height)` as displayed (EXIF rotation applied).
+        ImageSize: `(width, height)` as displayed (EXIF rotation applied), and the frame count of an animated image.
 
     Raises:
         DatasetError: as load_image.
@@ -166,6 +173,9 @@ def verify_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) 
     im = _open(path, max_pixels)
     try:
         size = _displayed_size(im, path)
+        if getattr(im, "is_animated", False):
+            size = ImageSize(size.width, size.height, int(getattr(im, "n_frames", 1)))
+            im.seek(0)
         if im.format == "PNG":  # walks every chunk and checks its CRC: finds truncation without inflating
             im.verify()
         else:

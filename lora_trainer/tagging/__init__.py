@@ -15,6 +15,7 @@ from lora_trainer.tagging.analysis import (
     near_universal_tags,
     tag_frequency,
 )
+from lora_trainer.tagging.caption_journal import CaptionJournal, JournalFile, JournalRun, journal_path
 from lora_trainer.tagging.caption_store import (
     WriteInfo,
     backup_path,
@@ -25,6 +26,14 @@ from lora_trainer.tagging.caption_store import (
 from lora_trainer.tagging.editor import CaptionPreview, EditResult, TagEditor
 from lora_trainer.tagging.editor_io import FolderInfo, ImageEntry
 from lora_trainer.tagging.editor_store import Conflict, ReloadResult, SaveFailure, SaveResult
+from lora_trainer.tagging.journaled_writes import (
+    CaptionChange,
+    JournaledWriter,
+    RestoreReport,
+    WriteReport,
+    complete_last_run,
+    undo_last_run,
+)
 
 # The WD14 tagger pulls in PIL and onnxruntime: imported on first use of one of its names.
 _LAZY = {
@@ -44,6 +53,8 @@ __getattr__ = lazy_names(globals(), _LAZY)
 
 __all__ = [
     "Association",
+    "CaptionChange",
+    "CaptionJournal",
     "CaptionPreview",
     "CaptionRecord",
     "ConceptBalance",
@@ -53,8 +64,12 @@ __all__ = [
     "EditResult",
     "FolderInfo",
     "ImageEntry",
+    "JournalFile",
+    "JournalRun",
+    "JournaledWriter",
     "ModelInfo",
     "ReloadResult",
+    "RestoreReport",
     "SaveFailure",
     "SaveResult",
     "TagCount",
@@ -64,17 +79,21 @@ __all__ = [
     "TaggerModel",
     "UniversalTag",
     "WriteInfo",
+    "WriteReport",
     "analyze",
     "associations",
     "backup_path",
+    "complete_last_run",
     "concept_balance",
     "download_model",
     "find_models",
+    "journal_path",
     "model_info",
     "near_universal_tags",
     "restore_backup",
     "tag_folder",
     "tag_frequency",
+    "undo_last_run",
     "write_caption",
     "write_caption_bytes",
 ]

@@ -34,6 +34,7 @@ from lora_trainer.tagging.editor_store import (
     reload_captions,
     save_captions,
 )
+from lora_trainer.tagging.image_check import ImageCheck
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TagEditor:
         self._freq: Counter | None = None  # images per tag; None: recount on demand (see _write)
         self._selection: set[int] = set()
         self._history = History()
+        self._image_check = ImageCheck()
         self._by_path = {str(e.image_path): e.index for e in entries}
         self._by_path.update({e.rel_path: e.index for e in entries})
 
@@ -129,9 +131,27 @@ class TagEditor:
         """Folders without the ``N_`` repeat prefix (kohya does not train their images)."""
         return [f.rel_path for f in self.folders.values() if not f.is_concept]
 
-    def records(self) -> list[CaptionRecord]:
-        """The current captions for `analysis` functions."""
-        return [CaptionRecord(e.folder, e.concept, e.repeats, t) for e, t in zip(self.images, self._tags)]
+    def records(self, usable_only: bool = False) -> list[CaptionRecord]:
+        """The current captions for `analysis` functions.
+
+        Args:
+            usable_only (bool, optional): leave out the images training would skip (see `unusable_images`).
+                Defaults to False.
+
+        Returns:
+            list[CaptionRecord]: one per image.
+        """
+        skip = self.unusable_images() if usable_only else {}
+        return [CaptionRecord(e.folder, e.concept, e.repeats, t)
+                for e, t in zip(self.images, self._tags) if e.index not in skip]
+
+    def unusable_images(self) -> dict[int, str]:
+        """Images whose data is corrupt, truncated or unreadable, found with the training scan's own check.
+
+        Returns:
+            dict[int, str]: image index -> message naming the file and the fix (checked once per file version).
+        """
+        return self._image_check.unusable([e.image_path for e in self.images])
 
     # ----- frequency, filters, selection -----
     def tag_frequency(self, sort: str = "count", scope: str = "all") -> list[TagCount]:
@@ -384,18 +404,26 @@ class TagEditor:
         text = process_caption(self._text[self.index_of(image)], opts, random.Random(seed), epoch)
         return CaptionPreview(text, seed)
 
-    def save(self, force: bool = False, backup: bool = True) -> SaveResult:
-        """Write the captions that differ from disk (atomically, backing up originals once).
+    def save(self, force: bool = False, backup: bool = True, source: str = "editor") -> SaveResult:
+        """Write the captions that differ from disk (atomically, backing up originals once), through the caption
+        journal: the old and new text of every file is recorded before it changes, so ``tags --undo`` takes the
+        save back, also after a kill or a full disk.
 
         Args:
             force (bool, optional): False: a file changed on disk since it was loaded is not written but
                 reported in `conflicts` (use `reload` to see it). True: overwrite such files. Defaults to False.
             backup (bool, optional): keep a one-time backup of each original (see caption_store). Defaults to True.
+            source (str, optional): the writer's name in the journal. Defaults to "editor".
 
         Returns:
-            SaveResult: files written, files that failed (edit kept in memory; message names the file), conflicts.
+            SaveResult: files written, files that failed (edit kept in memory; message names the file), conflicts,
+            and `interrupted` when writing had to stop.
+
+        Raises:
+            DatasetError: the journal is unreadable or cannot be written; no caption was changed.
         """
-        result = save_captions(self.images, self._disk, self._text, self._orig_text, self.dirty(), force, backup)
+        result = save_captions(self.root, self.images, self._disk, self._text, self._orig_text, self.dirty(), force,
+                               backup, source)
         for i in result.written_indices:
             self._locked.discard(i)
         return result

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_trainer.data.caption_files import join_lines, read_caption
+from lora_trainer.data.caption_files import check_caption_extension, join_lines, read_caption
 from lora_trainer.data.images import IMAGE_EXTENSIONS
 from lora_trainer.errors import DatasetError
 from lora_trainer.tagging.caption_store import UTF8_BOM
@@ -109,23 +109,52 @@ def parse_folder_name(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def _walk(folder: Path, rel: str, owner: tuple[str, str, int, bool], out: ScanResult, counts: dict) -> None:
+def _link_problem(path: str, err: OSError) -> str:
+    return (f"{path}: cannot be followed ({err.strerror}); skipped. Remove the symbolic link or point it at an "
+            "existing file or folder.")
+
+
+def _classify(entry: os.DirEntry, out: ScanResult) -> str | None:
+    """"dir", "image" or None (skipped); an entry that cannot be followed (link loop, dangling link) is reported."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            return None
+        if entry.is_file():
+            return "image"
+        os.stat(entry.path)  # raises for a dangling or looping link
+    except OSError as err:
+        out.problems.append(_link_problem(entry.path, err))
+    return None
+
+
+def _walk(folder: Path, rel: str, owner: tuple[str, str, int, bool], out: ScanResult, counts: dict,
+          ancestors: frozenset = frozenset()) -> None:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        here = os.stat(folder)
     except OSError as err:
         out.problems.append(f"{folder}: cannot be listed ({err.strerror}). Check its permissions.")
         return
+    ancestors = ancestors | {(here.st_dev, here.st_ino)}
     subdirs = []
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        kind = _classify(entry, out)
+        if kind == "dir":
             subdirs.append(entry)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        elif kind == "image":
             child_rel = entry.name if rel == "." else f"{rel}/{entry.name}"
             out.images.append((entry.path, child_rel, owner[0]))
             counts[owner] = counts.get(owner, 0) + 1
     for entry in subdirs:
+        st = entry.stat()
+        if (st.st_dev, st.st_ino) in ancestors:  # a symbolic link back up the tree: would be scanned forever
+            out.problems.append(f"{entry.path}: links back to the folder {os.path.realpath(entry.path)} above it; "
+                                "skipped. Remove the symbolic link or point it at another folder.")
+            continue
         child_rel = entry.name if rel == "." else f"{rel}/{entry.name}"
         parsed = parse_folder_name(entry.name)
         if parsed is not None:
@@ -134,7 +163,7 @@ def _walk(folder: Path, rel: str, owner: tuple[str, str, int, bool], out: ScanRe
             child_owner = owner  # below an N_concept folder: same concept
         else:
             child_owner = (child_rel, entry.name, 0, False)
-        _walk(Path(entry.path), child_rel, child_owner, out, counts)
+        _walk(Path(entry.path), child_rel, child_owner, out, counts, ancestors)
 
 
 def scan_folder(root: str | os.PathLike) -> ScanResult:
@@ -198,15 +227,15 @@ def read_caption_exact(path: str | os.PathLike) -> LoadedCaption:
 
 
 def check_extension(caption_extension: str) -> str:
-    """Validate a caption extension; returns it with a leading dot.
+    """Validate a caption extension (`data.caption_files.check_caption_extension`); returns it with a leading dot.
 
     Raises:
-        DatasetError: an image extension or an empty one was given.
+        DatasetError: an image extension, the journal's, or an empty one was given.
     """
-    ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-    if ext == "." or ext.lower() in IMAGE_EXTENSIONS:
-        raise DatasetError(f"caption_extension: {caption_extension!r} is not a caption extension. Use e.g. '.txt' or '.caption'.")
-    return ext
+    try:
+        return check_caption_extension(caption_extension)
+    except ValueError as err:
+        raise DatasetError(str(err)) from err
 
 
 def load_dataset(root: Path, caption_extension: str) -> LoadedDataset:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_trainer.errors import DatasetError
-from lora_trainer.atomic_io import fsync_dirs
-from lora_trainer.tagging.caption_store import encode_caption, write_caption_bytes
+from lora_trainer.tagging.caption_store import encode_caption
 from lora_trainer.tagging.editor_io import ImageEntry, LoadedCaption, read_caption_exact
+from lora_trainer.tagging.journaled_writes import CaptionChange, JournaledWriter
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +72,9 @@ class SaveResult:
         failed: files that could not be written (edits kept in memory).
         conflicts: files changed on disk since load, not written (save with force=True to overwrite).
         written_indices: image indices of `written` and `removed`.
+        interrupted: None, or the message of a save that had to stop (disk full): how many captions changed, that
+            the journal holds them, and the command that undoes or completes it.
+        run_id: the journal run that recorded this save (None when nothing was written).
     """
 
     written: list[Path] = field(default_factory=list)
@@ -81,11 +82,13 @@ class SaveResult:
     failed: list[SaveFailure] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     written_indices: list[int] = field(default_factory=list)
+    interrupted: str | None = None
+    run_id: str | None = None
 
     @property
     def ok(self) -> bool:
         """True when every changed caption was written."""
-        return not self.failed and not self.conflicts
+        return not self.failed and not self.conflicts and self.interrupted is None
 
 
 @dataclass
@@ -114,30 +117,28 @@ def _conflict(i: int, entry: ImageEntry, disk: DiskState, now: LoadedCaption, ed
     return Conflict(i, entry.caption_path, disk.text[i], now.text, editor_text)
 
 
-def _write_one(i: int, path: Path, text: str, orig_text: str, disk: DiskState, backup: bool, result: SaveResult,
-               dirs: set) -> None:
-    if text == orig_text and disk.orig_data[i] is None and text == "":
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise DatasetError(f"{path}: cannot remove the caption this editor created ({err.strerror}). Delete it by hand.") from err
-        result.removed.append(path)
-        data = None
-    else:
-        data = disk.orig_data[i] if text == orig_text and disk.orig_data[i] is not None else encode_caption(text, disk.orig_bom[i])
-        write_caption_bytes(path, data, backup=backup, dirs_to_sync=dirs)
-        result.written.append(path)
-    result.written_indices.append(i)
-    disk.data[i], disk.text[i], disk.problem[i] = data, text, None
+def _planned_bytes(i: int, text: str, orig_text: str, disk: DiskState) -> bytes | None:
+    """What to write for image i: its original bytes when the text is back to the loaded one (None when it had no
+    caption file and the text is empty: the file this editor created is removed), else the encoded text."""
+    if text == orig_text:
+        if disk.orig_data[i] is not None:
+            return disk.orig_data[i]
+        if text == "":
+            return None
+    return encode_caption(text, disk.orig_bom[i])
 
 
-def save_captions(entries: list[ImageEntry], disk: DiskState, texts: list[str], orig_texts: tuple[str, ...],
-                  dirty: list[int], force: bool, backup: bool) -> SaveResult:
-    """Write the dirty captions; see `TagEditor.save`.
+def save_captions(root: Path, entries: list[ImageEntry], disk: DiskState, texts: list[str],
+                  orig_texts: tuple[str, ...], dirty: list[int], force: bool, backup: bool,
+                  source: str = "editor") -> SaveResult:
+    """Write the dirty captions through the caption journal; see `TagEditor.save`.
+
+    The old and new bytes of every file about to change are recorded in the journal first, then the files are
+    written, then the run is committed: a save cut short (kill, disk full) can be undone or completed with
+    ``tags --undo`` / ``tags --complete``.
 
     Args:
+        root (Path): the dataset folder (where the journal lives).
         entries (list[ImageEntry]): the images.
         disk (DiskState): what is on disk; updated for every file written.
         texts (list[str]): current captions.
@@ -145,24 +146,41 @@ def save_captions(entries: list[ImageEntry], disk: DiskState, texts: list[str], 
         dirty (list[int]): indices to write.
         force (bool): overwrite files changed on disk since load.
         backup (bool): one-time backup of originals.
+        source (str, optional): the writer's name in the journal. Defaults to "editor".
 
     Returns:
-        SaveResult: written, removed, failed and conflicting files.
+        SaveResult: written, removed, failed and conflicting files; `interrupted` when writing had to stop.
+
+    Raises:
+        DatasetError: the journal is unreadable or cannot be written (no caption was changed).
     """
-    result, dirs = SaveResult(), set()
+    result, plan = SaveResult(), []
     for i in dirty:
         entry = entries[i]
-        if not force:
-            now = read_caption_exact(entry.caption_path)
-            if now.data != disk.data[i]:
-                result.conflicts.append(_conflict(i, entry, disk, now, texts[i]))
-                continue
-        try:
-            _write_one(i, entry.caption_path, texts[i], orig_texts[i], disk, backup, result, dirs)
-        except DatasetError as err:
-            logger.error("%s", err)
-            result.failed.append(SaveFailure(i, entry.caption_path, str(err)))
-    fsync_dirs(dirs)
+        now = read_caption_exact(entry.caption_path)
+        if not force and now.data != disk.data[i]:
+            result.conflicts.append(_conflict(i, entry, disk, now, texts[i]))
+            continue
+        after = _planned_bytes(i, texts[i], orig_texts[i], disk)
+        if after == now.data and now.problem is None:
+            disk.data[i], disk.text[i], disk.problem[i] = after, texts[i], None  # already on disk
+            result.written_indices.append(i)
+            continue
+        plan.append(CaptionChange(entry.caption_path, now.data, after, i))
+    if plan:
+        writer = JournaledWriter(root, source, backup)
+        report = writer.write(plan)
+        writer.finish()
+        for change in report.written:
+            i = change.key
+            (result.removed if change.after is None else result.written).append(change.path)
+            result.written_indices.append(i)
+            disk.data[i], disk.text[i], disk.problem[i] = change.after, texts[i], None
+        for change, message in report.failed:
+            logger.error("%s", message)
+            result.failed.append(SaveFailure(change.key, change.path, message))
+        result.interrupted = report.interrupted
+        result.run_id = writer.run.run_id if report.written else None
     if result.conflicts:
         logger.warning("%d captions changed on disk since load were not saved: reload, or save with force", len(result.conflicts))
     return result

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lora_trainer.data.caption_files import check_caption_extension
 from lora_trainer.tagging.tag_ops import normalize_tag, parse_tags
 
 # Danbooru tags that keep their underscores (the reference tagger's list).
@@ -75,10 +76,7 @@ class TagOptions:
         _check_choice("existing", self.existing, EXISTING_MODES)
         _check_choice("sort", self.sort, SORT_MODES)
         _check_choice("trigger_position", self.trigger_position, TRIGGER_POSITIONS)
-        ext = self.caption_extension.strip()
-        if not ext or ext == ".":
-            raise ValueError("caption_extension: empty. Use e.g. '.txt'.")
-        object.__setattr__(self, "caption_extension", ext if ext.startswith(".") else "." + ext)
+        object.__setattr__(self, "caption_extension", check_caption_extension(self.caption_extension))
         object.__setattr__(self, "exclude_tags", _tag_tuple(self.exclude_tags))
         object.__setattr__(self, "trigger_tags", _tag_tuple(self.trigger_tags))
 

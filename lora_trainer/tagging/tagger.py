@@ -19,7 +19,8 @@ from PIL import Image
 from lora_trainer.data.caption_files import MISSING, caption_path, read_caption
 from lora_trainer.errors import LoraTrainerError, TaggerError
 from lora_trainer.progress import CancelToken, ProgressInfo, ProgressTracker
-from lora_trainer.tagging.caption_store import write_caption
+from lora_trainer.tagging.caption_store import encode_caption
+from lora_trainer.tagging.journaled_writes import CaptionChange, JournaledWriter, read_bytes
 from lora_trainer.tagging.tag_format import TagOptions, TagScores, build_caption, model_tags, select_tags
 from lora_trainer.tagging.tagger_input import list_images, prepare_image, prepared_batches
 from lora_trainer.tagging.tagger_models import MODEL_FILE, TAGS_FILE, check_model_folder, read_labels
@@ -178,6 +179,8 @@ class TagSummary:
         tagged (int): captions written. skipped (int): images whose caption was kept (existing="skip").
         failed (list[tuple[Path, str]]): images (or captions) that could not be used, with the reason.
         provider (str): execution provider used. seconds (float): wall time. cancelled (bool): stopped early.
+        interrupted (str | None): why writing stopped (disk full), with the commands that undo or complete it.
+        journal (Path | None): the caption journal that recorded the written captions (``tags --undo``).
     """
 
     tagged: int = 0
@@ -186,32 +189,53 @@ class TagSummary:
     provider: str = ""
     seconds: float = 0.0
     cancelled: bool = False
+    interrupted: str | None = None
+    journal: Path | None = None
 
 
-def _write_one(path: Path, scores: TagScores, options: TagOptions) -> tuple[bool, str | None]:
-    """Write one caption. Returns (written, error)."""
-    target = caption_path(path, options.caption_extension)
+def _plan_one(path: Path, scores: TagScores, options: TagOptions) -> tuple[CaptionChange | None, str | None]:
+    """The caption change for one tagged image. Returns (change, error); (None, None) when the caption is kept."""
+    target = Path(caption_path(path, options.caption_extension))
     existing = None
-    if os.path.exists(target):
+    try:
+        before = read_bytes(target)
+    except OSError as exc:
+        return None, f"{target}: cannot be read ({exc.strerror}). Move it away or make it a readable file."
+    if before is not None:
         current = read_caption(target)
         if current.problem not in (None, MISSING) and options.existing in ("append", "prepend"):
-            return False, current.problem
+            return None, current.problem
         existing = current.text
     text = build_caption(model_tags(scores, options), existing, options)
     if text is None:
-        return False, None
+        return None, None
+    return CaptionChange(target, before, encode_caption(text), path), None
+
+
+def _journal_root(folder_or_paths, paths: list[Path]) -> Path | None:
+    if isinstance(folder_or_paths, (str, os.PathLike)):
+        return Path(folder_or_paths)
+    return Path(os.path.commonpath([p.parent for p in paths])) if paths else None
+
+
+def _write_batch(writer: JournaledWriter, changes: list[CaptionChange], summary: TagSummary) -> None:
+    todo = [c for c in changes if c.after != c.before]
+    summary.tagged += len(changes) - len(todo)  # the same caption again: nothing to write
     try:
-        write_caption(target, text)
-    except (LoraTrainerError, OSError) as exc:
-        return False, f"{target}: caption not written ({exc})."
-    return True, None
+        report = writer.write(todo)
+    except (LoraTrainerError, OSError) as exc:  # the journal: nothing of this run was written yet
+        summary.interrupted = str(exc)
+        return
+    summary.tagged += len(report.written)
+    summary.failed += [(c.key, f"{c.path}: caption not written ({message}).") for c, message in report.failed]
+    summary.interrupted = report.interrupted
 
 
 def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
                model: TaggerModel | str | os.PathLike, options: TagOptions | None = None, *, batch_size: int = 8,
                workers: int | None = None, recursive: bool = False, jpeg_draft: bool = False,
                progress: Callable[[ProgressInfo], None] | None = None,
-               cancel: CancelToken | None = None) -> TagSummary:
+               cancel: CancelToken | None = None, journal_root: str | os.PathLike | None = None) -> TagSummary:
     """Tag images and write their caption files (atomically, via caption_store).
 
     Args:
@@ -226,19 +250,26 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
             one grey level, so a tag right at the threshold may flip. Defaults to False (the reference decoding).
         progress (callable, optional): called with a ProgressInfo (rate, ETA) after each batch.
         cancel (CancelToken, optional): checked between batches; the summary then says `cancelled`.
+        journal_root (str | os.PathLike, optional): the dataset folder whose caption journal records the writes
+            (``tags DIR --undo`` takes the run back). Defaults to the folder given, or the images' common folder.
 
     Returns:
-        TagSummary: counts, failures with reasons, provider and time. Bad images are reported, never raised.
+        TagSummary: counts, failures with reasons, provider and time. Bad images are reported, never raised;
+        a full disk stops tagging with `interrupted` set (the message says how to undo or complete).
 
     Raises:
         TaggerError: the model cannot be loaded or run, or the folder does not exist.
+        DatasetError: the caption journal is unreadable or corrupt (nothing was written).
     """
     start = time.monotonic()
     options = options or TagOptions()
+    images = list_images(folder_or_paths, recursive)
+    root = Path(journal_root) if journal_root is not None else _journal_root(folder_or_paths, images)
+    writer = JournaledWriter(root, "tag") if root is not None else None  # a corrupt journal stops us here
     tagger = model if isinstance(model, TaggerModel) else TaggerModel(model)
     summary = TagSummary(provider=tagger.provider)
     todo = []
-    for path in list_images(folder_or_paths, recursive):
+    for path in images:
         if options.existing == "skip" and os.path.exists(caption_path(path, options.caption_extension)):
             summary.skipped += 1
         else:
@@ -250,15 +281,24 @@ def tag_folder(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
         good = [(path, array) for path, array, _ in chunk if array is not None]
         summary.failed += [(path, error) for path, array, error in chunk if array is None]
         probs = tagger.predict(np.stack([a for _, a in good])) if good else []
+        changes = []
         for (path, _), row in zip(good, probs):
-            written, error = _write_one(path, tagger.scores(row, options), options)
-            summary.tagged += written
-            summary.skipped += not written and error is None
-            if error:
+            change, error = _plan_one(path, tagger.scores(row, options), options)
+            if change is not None:
+                changes.append(change)
+            elif error:
                 summary.failed.append((path, error))
+            else:
+                summary.skipped += 1
+        _write_batch(writer, changes, summary)
         info = tracker.update(len(chunk))
         if progress is not None:
             progress(info)
+        if summary.interrupted:
+            break
+    if writer is not None:
+        writer.finish()
+        summary.journal = writer.journal.path if writer.changed else None
     summary.cancelled = cancel is not None and cancel.cancelled and tracker.done < tracker.total
     summary.seconds = time.monotonic() - start
     logger.info("tagged %d, skipped %d, failed %d in %.1f s on %s", summary.tagged, summary.skipped,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from lora_trainer.progress import CancelToken
 logger = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
+_CONCEPT = re.compile(r"^\d+_.+$")
 DRAFT_MARGIN = 1.5  # a drafted JPEG keeps at least this many times the model's input side
 _WHITE = (255, 255, 255)
 _IMAGE_ERRORS = (LoraTrainerError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError)
@@ -102,7 +104,7 @@ def list_images(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike]
             caption backups) are always skipped.
 
     Returns:
-        list[Path]: a folder's image files (png, jpg, jpeg, webp, bmp), sorted.
+        list[Path]: a folder's image files (`data.images.IMAGE_EXTENSIONS`), sorted.
 
     Raises:
         TaggerError: the folder does not exist.
@@ -115,6 +117,39 @@ def list_images(folder_or_paths: str | os.PathLike | Iterable[str | os.PathLike]
         return sorted(p for p in pattern if p.is_file() and is_image_file(p)
                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
     return [Path(p) for p in folder_or_paths]
+
+
+def concept_folders(root: str | os.PathLike) -> list[Path]:
+    """The ``N_concept`` folders (kohya's repeats_concept layout) directly inside `root`, sorted.
+
+    Args:
+        root (str | os.PathLike): a dataset folder.
+
+    Returns:
+        list[Path]: its sub-folders named like ``10_mychar``; empty when `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _CONCEPT.match(p.name))
+
+
+def dataset_images(root: str | os.PathLike) -> list[Path]:
+    """The images of a dataset root: those directly in it plus every image under its ``N_concept`` folders.
+
+    Args:
+        root (str | os.PathLike): the folder holding ``N_concept`` folders.
+
+    Returns:
+        list[Path]: sorted image paths (hidden folders such as caption backups skipped).
+
+    Raises:
+        TaggerError: the folder does not exist.
+    """
+    paths = list_images(root)
+    for folder in concept_folders(root):
+        paths += list_images(folder, recursive=True)
+    return sorted(paths)
 
 
 def _load(path: Path, size: int, draft: bool) -> np.ndarray:

@@ -161,9 +161,22 @@ def read_labels(csv_path: str | os.PathLike) -> TagLabels:
         TagLabels: names in row order (= model output order) and the category indices.
 
     Raises:
-        TaggerError: the file lacks the `name` or `category` column, or a category is not a number.
+        TaggerError: the file is not UTF-8 or unreadable, lacks the `name` or `category` column, or a category is
+            not a number.
     """
     csv_path = Path(csv_path)
+    try:
+        return _read_labels(csv_path)
+    except UnicodeDecodeError as exc:
+        raise TaggerError(f"{csv_path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}). "
+                          "Put back the selected_tags.csv that comes with the model, or re-save this one as "
+                          "UTF-8.") from exc
+    except OSError as exc:
+        raise TaggerError(f"{csv_path}: cannot be read ({exc.strerror}). Check the file's permissions, or "
+                          "download the model again.") from exc
+
+
+def _read_labels(csv_path: Path) -> TagLabels:
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())

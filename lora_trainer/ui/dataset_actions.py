@@ -285,7 +285,8 @@ def reload(session: DatasetSession, prefer_disk: bool = False) -> dict:
 def analysis(session: DatasetSession) -> dict:
     """Concept balance, associations and near-universal tags of the current captions."""
     editor = _editor(session)
-    return {"analysis": views.analysis_markdown(analyze(editor.records()))}
+    text = views.analysis_markdown(analyze(editor.records(usable_only=True)))
+    return {"analysis": views.unusable_markdown(editor.unusable_images(), editor.root) + text}
 
 
 def add_filter_tag(include: str, tag: str) -> str:

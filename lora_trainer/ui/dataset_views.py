@@ -65,6 +65,8 @@ def save_message(result: SaveResult, root: Path) -> str:
     lines = [f"Saved {n} changed caption file{'s' if n != 1 else ''}."]
     if result.removed:
         lines.append(f"{len(result.removed)} empty caption files removed (they did not exist at load).")
+    if result.interrupted:
+        lines.append(f"**Saving stopped:** {result.interrupted}")
     for failure in result.failed:
         lines.append(f"- not written: {failure.message}")
     if result.conflicts:
@@ -150,11 +152,24 @@ def progress_text(info: ProgressInfo, provider: str) -> str:
             f"elapsed {format_seconds(info.elapsed_s)}, ETA {eta}")
 
 
+def unusable_markdown(unusable: dict[int, str], root: Path) -> str:
+    """The images the analysis leaves out because training skips them (corrupt, truncated, unreadable), or ""."""
+    if not unusable:
+        return ""
+    lines = [f"**{len(unusable)} images left out** (training skips them; fix or remove them):"]
+    lines += [f"- {message}" for message in list(unusable.values())[:30]]
+    if len(unusable) > 30:
+        lines.append(f"- ... and {len(unusable) - 30} more.")
+    return "\n".join(lines) + "\n\n"
+
+
 def tag_summary_markdown(summary, root: Path) -> str:
     """The tagger's summary (tag_folder's TagSummary): counts, provider, failures with reasons."""
-    state = "Cancelled" if summary.cancelled else "Done"
+    state = "Stopped" if summary.interrupted else "Cancelled" if summary.cancelled else "Done"
     lines = [(f"{state} on **{summary.provider}** in {summary.seconds:.1f} s: {summary.tagged} captions written, "
               f"{summary.skipped} kept, {len(summary.failed)} failed.")]
+    if summary.interrupted:
+        lines.append(f"**Writing stopped:** {summary.interrupted}")
     lines += [f"- {_rel(path, root)}: {reason}" for path, reason in summary.failed[:30]]
     if len(summary.failed) > 30:
         lines.append(f"- ... and {len(summary.failed) - 30} more (see the log).")
@@ -174,4 +189,5 @@ __all__ = [
     "save_message",
     "selection_label",
     "tag_summary_markdown",
+    "unusable_markdown",
 ]
