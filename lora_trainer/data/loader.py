@@ -295,13 +295,24 @@ class TrainDataset:
             cancel (CancelToken, optional): checked between batches.
 
         Returns:
-            CacheReport: what was encoded or found.
+            CacheReport: what was encoded or found; images that cannot be decoded are skipped (warned, left out of
+            the epochs).
         """
         if self.cache is None:
             raise ConfigError("cache_latents: is off for this dataset. Set cache_latents = true to cache latents.")
         if self.encode_images is None:
             raise ConfigError("cache_latents: no image encoder was given. Pass the model adapter's encode_images.")
-        return self.cache.cache_all(self.latent_requests(), self.encode_images, batch_size, progress, cancel)
+        report = self.cache.cache_all(self.latent_requests(), self.encode_images, batch_size, progress, cancel)
+        if report.skipped:
+            self._drop(set(report.skipped))
+        return report
+
+    def _drop(self, paths: set[str]) -> None:
+        """Leave out images found unreadable after the scan (before training starts, so every epoch agrees)."""
+        keep = [i for i, item in enumerate(self.items) if item.path not in paths]
+        self.items = [self.items[i] for i in keep]
+        self.placements = [self.placements[i] for i in keep]
+        logger.warning("%d image(s) left out of training: their data cannot be decoded", len(paths))
 
     def fixed_captions(self) -> list[str] | None:
         """The processed captions when they never change (text-encoder outputs may then be cached), else None."""
