@@ -58,6 +58,7 @@ class JobStatus:
         it_per_s (float, optional): steps per second.
         eta_s (float, optional): seconds left.
         message (str): what is happening, or the error (state failed).
+        plan (str): how many steps the run takes and which key decided it (max_train_epochs or max_train_steps).
         lora_path (str, optional): the final LoRA file (None while running or when stopped without saving).
         saved (list[str]): every LoRA file written, in order.
         losses (list[tuple[int, float]]): (step, loss) of every step.
@@ -77,6 +78,7 @@ class JobStatus:
     it_per_s: float | None = None
     eta_s: float | None = None
     message: str = ""
+    plan: str = ""
     lora_path: str | None = None
     saved: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -214,7 +216,7 @@ class TrainingJob:
             config = self._resolved_config()
             checked = self.preflight or run_preflight(config, self.host)
             self._set(total_steps=checked.plan.total_steps, total_epochs=checked.plan.total_epochs,
-                      message=f"loading the model; {checked.plan_note}")
+                      plan=checked.plan_note, message=f"loading the model; {checked.plan_note}")
             title = f"Train LoRA {config.save.output_name}"
             with self.host.prepare_model(config) as adapter, \
                     self.host.job(title, checked.plan.total_steps) as handle:
@@ -287,7 +289,7 @@ class TrainingJob:
         self._set(state=JobState.RUNNING if not self.commands.stop_requested else JobState.STOPPING,
                   total_steps=event.total_steps, total_epochs=event.total_epochs, step=event.start_step,
                   message=(f"training from step {event.start_step}" if event.start_step else "training")
-                  + (f"; {event.plan}" if event.plan else ""))
+                  + (f"; {event.plan}" if event.plan else ""), plan=event.plan)
 
     def _on_progress(self, event: Progress) -> None:
         self._set(message=f"{_STAGES.get(event.stage, event.stage)} {event.done}/{event.total}")
