@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_LOADED = "loaded sd1 checkpoint"
 
 
-def run_cli(*args: str, user: int | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(*args: str, prefix: list[str] = (), timeout: float = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "lora_trainer", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT, user=user)
+    return subprocess.run([*prefix, sys.executable, "-m", "lora_trainer", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def write_config(path: Path, tiny, dataset, output, **values) -> Path:
@@ -151,34 +150,27 @@ def test_huge_rank_is_refused_before_memory_runs_out(config):
     assert "Lower network_dim" in done.stderr
 
 
-def test_checkpoint_without_read_permission_says_so(tiny_sd1, dataset):
-    # A folder every user may enter (pytest's tmp_path is private to root); the checkpoint copy has mode 000.
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        folder.chmod(0o755)
-        checkpoint = folder / "model.safetensors"
-        shutil.copyfile(tiny_sd1.checkpoint, checkpoint)
-        checkpoint.chmod(0)
-        config = write_config(folder / "run.toml", tiny_sd1, dataset, folder / "out",
-                              pretrained_model_name_or_path=str(checkpoint))
-        config.chmod(0o644)
-        user = 65534 if os.geteuid() == 0 else None  # root reads any file: run as nobody
-        if user is None and os.access(checkpoint, os.R_OK):
-            pytest.skip("this user can read a file of mode 000")
-        _skip_unless_runnable_as(user)
-        done = run_cli("train", "--config", str(config), user=user)
-    assert_one_clear_error(done, str(checkpoint), "permission denied")
+def test_checkpoint_without_read_permission_says_so(tiny_sd1, dataset, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_sd1.checkpoint, checkpoint)
+    checkpoint.chmod(0)
+    config = write_config(tmp_path / "run.toml", tiny_sd1, dataset, tmp_path / "out",
+                          pretrained_model_name_or_path=str(checkpoint))
+    done = run_cli("train", "--config", str(config), prefix=_without_root_file_access())
+    assert_one_clear_error(done, str(checkpoint), "permission denied", "chmod")
     assert "not a valid safetensors" not in done.stderr and "download" not in done.stderr
 
 
-def _skip_unless_runnable_as(user: int | None) -> None:
-    if user is None:
-        return
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which a file of mode 000 cannot be read: root's file-access capabilities dropped."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
     try:
-        subprocess.run([sys.executable, "-c", "import lora_trainer"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                       user=user, capture_output=True, check=True, timeout=60)
+        subprocess.run([*prefix, sys.executable, "-c", "pass"], capture_output=True, check=True, timeout=60)
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot run this Python as user 'nobody' to show a permission error to a non-root user ({exc})")
+        pytest.skip(f"cannot drop root's file-access capabilities with setpriv here ({exc}), so root reads any file")
+    return prefix
 
 
 # -- SIGKILL during a save, then resume ---------------------------------------------------------------------------------
