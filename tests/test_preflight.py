@@ -228,7 +228,7 @@ def test_missing_vae_is_refused_before_the_model_loads(tiny_sd1, tmp_path):
     data = write_square_dataset(tmp_path / "data")
     config = _config(tiny_sd1, data, tmp_path / "out", vae=str(tmp_path / "vae.safetensors"))
     with pytest.raises(FileNotFoundError, match="vae: .*vae.safetensors not found"):
-        check_before_model(config)
+        check_before_model(config, loads_checkpoint=True)
 
 
 # -- corrupt image data found while caching -----------------------------------------------------------------------------

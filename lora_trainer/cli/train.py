@@ -55,7 +55,7 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
     from lora_trainer.train import EventBus, Trainer, TrainCommands
     from lora_trainer.train.preflight import check_before_model
 
-    checked = check_before_model(config, device)
+    checked = check_before_model(config, device, loads_checkpoint=True)
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
     adapter = host.load(config)

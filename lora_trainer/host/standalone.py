@@ -46,6 +46,7 @@ class StandaloneHost:
     """
 
     name = "standalone"
+    loads_checkpoint = True  # the model comes from the config's checkpoint (and vae) files
 
     def __init__(self, lora_dir: str | Path, device: str | None = None):
         self._lora_dir = Path(lora_dir)

@@ -349,7 +349,8 @@ def with_output_dir(config, host):
 
 
 def run_preflight(config, host):
-    """`check_before_model` for a host: the device a standalone host was asked for is checked too.
+    """`check_before_model` for a host: the device a standalone host was asked for, and the checkpoint files of a
+    host that loads them (`loads_checkpoint`), are checked too.
 
     Args:
         config (TrainConfig): the run's config (with output_dir set).
@@ -360,7 +361,8 @@ def run_preflight(config, host):
     """
     from lora_trainer.train.preflight import check_before_model
 
-    return check_before_model(config, getattr(host, "requested_device", None))
+    return check_before_model(config, getattr(host, "requested_device", None),
+                              loads_checkpoint=bool(getattr(host, "loads_checkpoint", False)))
 
 
 _HANDLERS = {

@@ -44,23 +44,27 @@ class Preflight:
     cleaned: list[str] = field(default_factory=list)
 
 
-def check_before_model(config, device: str | None = None) -> Preflight:
+def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False) -> Preflight:
     """Everything that can be checked before the model loads; raises at the first problem, naming key and fix.
 
     Args:
         config (TrainConfig): the run's config.
         device (str, optional): the device training will use ("cuda", "cuda:1", "cpu"), None when the host
             decides (the WebUI), defaults to None.
+        loads_checkpoint (bool, optional): the model will be loaded from `pretrained_model_name_or_path` (and
+            `vae`), so those files are checked; False where the host trains its own loaded model, defaults to False.
 
     Returns:
         Preflight: the output folder, dataset index and step plan.
     """
     check_device(device)
     m, n, s = config.model, config.network, config.save
-    if m.pretrained_model_name_or_path:
+    if loads_checkpoint and m.pretrained_model_name_or_path:
         check_readable("pretrained_model_name_or_path", m.pretrained_model_name_or_path)
-    if m.vae:
+    if loads_checkpoint and m.vae:
         check_readable("vae", m.vae)
+    elif m.vae:
+        logger.warning("vae: not used here: the host trains with its own loaded model and VAE (%s)", m.vae)
     if n.network_weights:
         check_safetensors("network_weights", n.network_weights)
     folder = check_output(config)
