@@ -22,10 +22,10 @@ from lora_trainer.models.loading import load_checkpoint_adapter
 from lora_trainer.networks import LoRANetwork
 from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train.preflight import (
-    check_before_model, check_output, check_output_name, check_resources, clean_leftovers,
-    count_network_parameters, describe_plan,
+    check_before_model, check_output, check_output_name, clean_leftovers, describe_plan,
 )
 from lora_trainer.train.preparation import plan_steps
+from lora_trainer.train.resources import check_resources, count_network_parameters
 from lora_trainer.train.state import check_state_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -40,6 +40,17 @@ from lora_trainer.train.optimizers import (
     current_lr,
     parse_optimizer_args,
 )
+from lora_trainer.train.preflight import (
+    Preflight,
+    check_before_model,
+    clean_leftovers,
+    describe_plan,
+)
+from lora_trainer.train.resources import (
+    ResourceEstimate,
+    check_resources,
+    count_network_parameters,
+)
 from lora_trainer.train.schedulers import (
     SCHEDULERS,
     build_scheduler,
@@ -48,6 +59,7 @@ from lora_trainer.train.schedulers import (
 from lora_trainer.train.state import (
     LoadedState,
     TrainState,
+    check_state_folder,
     config_hash,
     load_state,
     save_state,
@@ -56,10 +68,12 @@ from lora_trainer.train.state import (
 __all__ = [
     "OPTIMIZER_TYPES", "SCHEDULERS",
     "CsvLogger", "EventBus", "Failed", "Finished", "JobManager", "JobState", "JobStatus", "JsonLinesLogger",
-    "LiveLoRA", "TrainingJob", "LoadedState", "LossOptions", "Progress",
+    "LiveLoRA", "TrainingJob", "LoadedState", "LossOptions", "Preflight", "Progress", "ResourceEstimate",
     "Sample", "Saved", "Started", "Step", "TensorBoardLogger", "TrainCommands", "TrainResult", "TrainState",
     "Trainer",
-    "add_noise", "build_log_subscribers", "build_optimizer", "build_scheduler", "compute_target", "config_hash",
+    "add_noise", "build_log_subscribers", "build_optimizer", "build_scheduler", "check_before_model",
+    "check_resources", "check_state_folder", "clean_leftovers", "compute_target", "config_hash",
+    "count_network_parameters", "describe_plan",
     "current_lr", "debiased_weight", "diffusion_loss", "load_state", "min_snr_weight", "offset_noise",
     "parse_optimizer_args", "pyramid_noise", "resolve_warmup_steps", "sample_noise", "sample_timesteps",
     "save_state", "snr",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.errors import BUG_NOTE, TrainingError, describe_error
+from lora_trainer.train.preflight import check_for_host
 from lora_trainer.train.events import (
     EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands,
 )
@@ -214,7 +215,7 @@ class TrainingJob:
     def _run(self) -> None:
         try:
             config = self._resolved_config()
-            checked = self.preflight or run_preflight(config, self.host)
+            checked = self.preflight or check_for_host(config, self.host)
             self._set(total_steps=checked.plan.total_steps, total_epochs=checked.plan.total_epochs,
                       plan=checked.plan_note, message=f"loading the model; {checked.plan_note}")
             title = f"Train LoRA {config.save.output_name}"
@@ -348,23 +349,6 @@ def with_output_dir(config, host):
     return update_config(config, {"output_dir": str(host.lora_dir())})
 
 
-def run_preflight(config, host):
-    """`check_before_model` for a host: the device a standalone host was asked for, and the checkpoint files of a
-    host that loads them (`loads_checkpoint`), are checked too.
-
-    Args:
-        config (TrainConfig): the run's config (with output_dir set).
-        host (Host): the host.
-
-    Returns:
-        Preflight: the result.
-    """
-    from lora_trainer.train.preflight import check_before_model
-
-    return check_before_model(config, getattr(host, "requested_device", None),
-                              loads_checkpoint=bool(getattr(host, "loads_checkpoint", False)))
-
-
 _HANDLERS = {
     Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
     Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
@@ -398,7 +382,7 @@ class JobManager:
                 starts, so the caller never reports a start that fails at once).
         """
         config = with_output_dir(config, self.host)
-        checked = run_preflight(config, self.host) if self.current is None else None
+        checked = check_for_host(config, self.host) if self.current is None else None
         with self._lock:
             running = self.current
             if running is not None:

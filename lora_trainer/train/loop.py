@@ -23,7 +23,8 @@ from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
 from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
 from lora_trainer.train.optimizers import build_optimizer, current_lr
-from lora_trainer.train.preflight import Preflight, check_before_model, check_resources, describe_plan
+from lora_trainer.train.preflight import Preflight, check_before_model, describe_plan
+from lora_trainer.train.resources import check_resources
 from lora_trainer.train.preparation import (
     TextSource, build_network, param_groups, plan_steps, prepare_data, seed_everything,
 )
