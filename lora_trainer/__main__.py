@@ -15,6 +15,8 @@ import traceback
 from lora_trainer.cli import COMMANDS
 from lora_trainer.errors import BUG_NOTE, describe_error
 
+EXIT_INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return importlib.import_module(COMMANDS[args.command]).run(args)
+    except KeyboardInterrupt:  # Ctrl+C outside training (loading, scanning): no traceback for a wish to stop
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # the one place a command's error is shown: once, with a fix or as a bug
         return report_error(exc)
 
