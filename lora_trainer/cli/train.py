@@ -50,12 +50,13 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
     Returns:
         int: 0.
     """
+    from lora_trainer.train.preflight import check_before_model
+
+    checked = check_before_model(config, device, loads_checkpoint=True)  # before torch and the model are loaded
     from lora_trainer.cli.progress_bar import TrainingProgressBar
     from lora_trainer.host.standalone import StandaloneHost
     from lora_trainer.train import EventBus, Trainer, TrainCommands
-    from lora_trainer.train.preflight import check_before_model
 
-    checked = check_before_model(config, device, loads_checkpoint=True)
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
     adapter = host.load(config)

@@ -67,28 +67,29 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
     if n.network_weights:
         check_safetensors("network_weights", n.network_weights)
     folder = check_output(config)
+    from lora_trainer.data.folders import scan_dataset
+
+    index = scan_dataset(config.dataset)  # all of the above runs before torch is imported (a fraction of a second)
     cleaned = clean_leftovers(folder, s.output_name)
     if s.resume:
         from lora_trainer.train.state import check_state_folder
 
         check_state_folder(s.resume)
         cleaned += clean_leftovers(Path(s.resume).parent, Path(s.resume).name.removesuffix("-state"))
-    index, plan, note = _dataset_plan(config)
+    plan, note = _plan(config, index)
     logger.info("%s", note)
     return Preflight(folder, index, plan, note, cleaned)
 
 
-def _dataset_plan(config):
-    from lora_trainer.data.folders import scan_dataset
+def _plan(config, index):
     from lora_trainer.data.loader import TrainDataset
     from lora_trainer.train.preparation import plan_steps, refuse_unreadable_captions
 
-    index = scan_dataset(config.dataset)
     refuse_unreadable_captions(index)
     batches = TrainDataset(index, config.dataset).batches_per_epoch()
     t = config.training
     plan = plan_steps(batches, config.optimizer.gradient_accumulation_steps, t.max_train_steps, t.max_train_epochs)
-    return index, plan, describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+    return plan, describe_plan(plan, t.max_train_steps, t.max_train_epochs)
 
 
 def describe_plan(plan, max_train_steps: int | None, max_train_epochs: int | None) -> str:
