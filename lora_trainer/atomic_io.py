@@ -6,6 +6,7 @@ A new file gets the umask's default permissions and a replaced file keeps its ow
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -58,6 +59,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -66,6 +70,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
     else:
         dirs_to_sync.add(path.parent)
     return path
+
+
+def _write_error(path: Path, err: OSError) -> FileWriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free disk space (or choose a folder on another disk) and save again"
+    else:
+        fix = "Check the disk and the folder's permissions, then save again"
+    error = FileWriteError(f"{path}: cannot be written ({err.strerror or err}); the file on disk is unchanged. {fix}.")
+    error.errno = err.errno  # callers may still test for ENOSPC; the message stays ours
+    return error
 
 
 def temp_files(folder: str | os.PathLike, target_prefix: str = "") -> list[Path]:

@@ -264,3 +264,22 @@ def test_image_corrupt_past_its_header_is_skipped_while_caching(tiny_sd1, adapte
     assert f"{bad}: image data cannot be decoded" in caplog.text and "(skipped)" in caplog.text
     batch = dataset.load_batch(dataset.epoch_batches(1, 0)[0], 0, 1, 0)
     assert batch.latents.shape[0] == 2
+
+
+# -- a disk that fills up during a save ---------------------------------------------------------------------------------
+def test_full_disk_during_a_save_names_the_file_and_keeps_the_old_one(tmp_path):
+    from lora_trainer.atomic_io import FileWriteError, atomic_write_bytes, temp_files
+
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=64k")
+    try:
+        target = disk / "t.safetensors"
+        atomic_write_bytes(target, b"old")
+        with pytest.raises(FileWriteError) as info:
+            atomic_write_bytes(target, b"x" * 200_000)
+        assert info.value.errno == errno.ENOSPC
+        assert describe_error(info.value).message.startswith(f"{target}: cannot be written (No space left")
+        assert "Free disk space" in str(info.value)
+        assert target.read_bytes() == b"old" and temp_files(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
