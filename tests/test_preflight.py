@@ -283,3 +283,20 @@ def test_full_disk_during_a_save_names_the_file_and_keeps_the_old_one(tmp_path):
         assert target.read_bytes() == b"old" and temp_files(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_image_corrupt_past_its_header_is_left_out_of_its_batch_without_caching(tiny_sd1, adapter, tmp_path, caplog):
+    from lora_trainer.data.folders import scan_dataset
+    from lora_trainer.data.loader import TrainDataset
+
+    data = write_square_dataset(tmp_path / "data", folder="1_sq", count=3)
+    bad = data / "1_sq" / "002.png"
+    corrupt_png_data(bad)
+    config = _config(tiny_sd1, data, tmp_path / "out", train_batch_size=3, cache_latents=False)
+    dataset = TrainDataset(scan_dataset(config.dataset), config.dataset, adapter.model_id, adapter.encode_images)
+
+    batch = dataset.load_batch(dataset.epoch_batches(1, 0)[0], 0, 1, 0)
+
+    assert sorted(batch.paths) == [str(data / "1_sq" / "000.png"), str(data / "1_sq" / "001.png")]
+    assert batch.latents.shape[0] == len(batch.captions) == len(batch.loss_weights) == batch.size_cond.shape[0] == 2
+    assert f"{bad}: image data cannot be decoded" in caplog.text
