@@ -83,6 +83,23 @@ def test_describe_error_separates_mistakes_from_bugs(tmp_path):
     assert not bug.expected and bug.exit_code == EXIT_BUG and "ValueError" in bug.message
 
 
+def test_cli_shows_a_bug_with_its_traceback_and_a_mistake_without():
+    import io
+
+    from lora_trainer.__main__ import report_error
+
+    try:
+        None.split()  # a real bug: AttributeError with a traceback
+    except AttributeError as exc:
+        stream = io.StringIO()
+        assert report_error(exc, stream) == EXIT_BUG
+    shown = stream.getvalue()
+    assert "Traceback" in shown and "This is a bug in lora_trainer" in shown
+    stream = io.StringIO()
+    assert report_error(ConfigError("network_dim: 0 is not positive. Use 1 or more."), stream) == EXIT_CONFIG
+    assert stream.getvalue() == "error: network_dim: 0 is not positive. Use 1 or more.\n"
+
+
 # -- output folder and name --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["a\0b", "sub/name", "..", ""])
 def test_output_name_that_is_no_file_name_is_refused(name):
