@@ -1,12 +1,21 @@
-"""`python -m lora_trainer <command> ...`: see `lora_trainer.cli.COMMANDS`."""
+"""`python -m lora_trainer <command> ...`: see `lora_trainer.cli.COMMANDS`.
+
+Every command's error goes through `lora_trainer.errors.describe_error`: an expected failure prints one
+`error: <file or key>: <what is wrong>. <fix>` line on stderr (exit 1, or 2 for a config value); a bug prints its
+traceback and a line saying it is a bug (exit 70).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from lora_trainer.cli import COMMANDS
+from lora_trainer.errors import BUG_NOTE, describe_error
+
+EXIT_INTERRUPTED = 130  # the shell's code for a program ended by Ctrl+C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +32,33 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_parser(name, help=f"see `{name} --help`", add_help=False)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return importlib.import_module(COMMANDS[args.command]).run(args)
+    try:
+        return importlib.import_module(COMMANDS[args.command]).run(args)
+    except KeyboardInterrupt:  # Ctrl+C outside training (loading, scanning): no traceback for a wish to stop
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the one place a command's error is shown: once, with a fix or as a bug
+        return report_error(exc)
+
+
+def report_error(exc: BaseException, stream=None) -> int:
+    """Print an error as the CLI shows it.
+
+    Args:
+        exc (BaseException): the error.
+        stream (file, optional): where to print, defaults to sys.stderr.
+
+    Returns:
+        int: the exit code.
+    """
+    stream = stream or sys.stderr
+    report = describe_error(exc)
+    if not report.expected:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=stream)
+        print(f"error: {report.message}\n{BUG_NOTE}", file=stream)
+    else:
+        print(f"error: {report.message}", file=stream)
+    return report.exit_code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ A new file gets the umask's default permissions and a replaced file keeps its ow
 """
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
 import secrets
@@ -15,6 +17,9 @@ from pathlib import Path
 from lora_trainer.errors import LoraTrainerError
 
 logger = logging.getLogger(__name__)
+
+
+TEMP_SUFFIX = ".tmp"
 
 
 class FileWriteError(LoraTrainerError, OSError):
@@ -38,7 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
     path = Path(path)
     if mode is None and path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as err:
@@ -54,6 +59,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -62,6 +70,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
     else:
         dirs_to_sync.add(path.parent)
     return path
+
+
+def _write_error(path: Path, err: OSError) -> FileWriteError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free disk space (or choose a folder on another disk) and save again"
+    else:
+        fix = "Check the disk and the folder's permissions, then save again"
+    error = FileWriteError(f"{path}: cannot be written ({err.strerror or err}); the file on disk is unchanged. {fix}.")
+    error.errno = err.errno  # callers may still test for ENOSPC; the message stays ours
+    return error
+
+
+def temp_files(folder: str | os.PathLike, target_prefix: str = "") -> list[Path]:
+    """Temporary files `atomic_write_bytes` left in `folder` when its process was killed mid-write.
+
+    Args:
+        folder (str | PathLike): the folder to look in (a missing folder has none).
+        target_prefix (str, optional): only temp files of targets whose name starts with this, defaults to all.
+
+    Returns:
+        list[Path]: the files, sorted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{glob.escape(target_prefix)}*.????????{TEMP_SUFFIX}"
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
 
 
 def fsync_dirs(folders) -> None:

@@ -57,8 +57,8 @@ def test_train_refuses_a_caption_that_is_not_utf8(tiny_sd1, tmp_path, capsys):
 
     assert main(["train", "--config", str(config), "--device", "cpu"]) == 1
 
-    out = capsys.readouterr().out
-    assert "001.txt" in out and "re-save it as UTF-8" in out
+    err = capsys.readouterr().err
+    assert "001.txt" in err and "re-save it as UTF-8" in err and err.count("error:") == 1
     assert not (tmp_path / "out" / "cli_lora.safetensors").exists()
 
 
@@ -68,8 +68,8 @@ def test_train_names_a_bad_key_and_value(tmp_path, capsys):
 
     assert main(["train", "--config", str(config)]) == 2
 
-    out = capsys.readouterr().out
-    assert "optimizer_type" in out and "AdamQ" in out and "AdamW" in out
+    err = capsys.readouterr().err
+    assert "optimizer_type" in err and "AdamQ" in err and "AdamW" in err
 
 
 def test_demo_writes_lora_loss_plot_and_grid(tmp_path):

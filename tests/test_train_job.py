@@ -214,3 +214,20 @@ def test_live_lora_binds_to_a_reloaded_model(tiny_sd1, dataset, host, tmp_path):
     assert not torch.allclose(got, base)
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.equal(predict(reloaded), base)
+
+
+def test_status_says_which_of_epochs_and_steps_wins(tiny_sd1, dataset, host, tmp_path):
+    config = _config(tiny_sd1, dataset, tmp_path, max_train_steps=50, max_train_epochs=1)
+    status = TrainingJob(config, host).run()
+    assert status.state is JobState.FINISHED and status.step == status.total_steps == 4
+    assert "4 steps (max_train_epochs = 1 wins over max_train_steps = 50" in status.plan
+
+
+def test_a_bug_is_reported_as_a_bug(tiny_sd1, dataset, tmp_path):
+    class BrokenHost(StandaloneHost):
+        def load(self, config):
+            raise TypeError("unexpected None")
+
+    status = TrainingJob(_config(tiny_sd1, dataset, tmp_path), BrokenHost(tmp_path, device="cpu")).run()
+    assert status.state is JobState.FAILED
+    assert "TypeError: unexpected None" in status.message and "This is a bug" in status.message

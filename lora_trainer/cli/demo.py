@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_trainer.errors import ConfigError
+
 DEMO_CONFIG = """\
 # Written by `python -m lora_trainer demo`: repeat the run with `python -m lora_trainer train --config {config}`.
 pretrained_model_name_or_path = "{checkpoint}"
@@ -55,6 +57,8 @@ def run(args) -> int:
     from lora_trainer.testing.datasets import write_square_dataset
     from lora_trainer.testing.tiny_models import build_tiny_model
 
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: must be at least 1. Use e.g. --steps 150 (the default).")
     out = args.out.resolve()
     print(f"building a tiny SD1 checkpoint in {out / 'model'}")
     tiny = build_tiny_model("sd1", out / "model", seed=0)

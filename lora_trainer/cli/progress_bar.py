@@ -9,7 +9,8 @@ from lora_trainer.progress import format_seconds
 
 
 class TrainingProgressBar:
-    """Event subscriber: one tqdm bar over the training steps, messages for saves and the end."""
+    """Event subscriber: one tqdm bar over the training steps, messages for saves. A failure is not
+    printed here: the entry point prints it once."""
 
     def __init__(self, stream=sys.stderr):
         self._stream = stream
@@ -29,8 +30,6 @@ class TrainingProgressBar:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            if kind == "Failed":
-                self._write(f"error: {event.message}")
 
     def _write(self, message: str) -> None:
         if self._bar is not None:

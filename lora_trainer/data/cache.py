@@ -18,6 +18,7 @@ from lora_trainer.data.buckets import Placement, fit_to_bucket
 from lora_trainer.data.images import image_to_tensor, load_image
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.atomic_io import atomic_write_bytes
+from lora_trainer.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,14 @@ class LatentRequest:
 
 @dataclass(frozen=True)
 class CacheReport:
-    """What cache_all did: `encoded` new latents, `from_disk` loaded, `in_memory` already there, `cancelled`."""
+    """What cache_all did: `encoded` new latents, `from_disk` loaded, `in_memory` already there, `cancelled`, and
+    `skipped` images whose data could not be decoded (each logged as at scan time)."""
 
     encoded: int
     from_disk: int
     in_memory: int
     cancelled: bool = False
+    skipped: tuple[str, ...] = ()
 
 
 def file_sha256(path: str) -> str:
@@ -204,23 +207,41 @@ class LatentCache:
         for key, request in todo.items():
             by_bucket.setdefault(request.placement.bucket, []).append((key, request))
         tracker = ProgressTracker(len(todo))
-        encoded = 0
+        encoded, skipped = 0, []
         for bucket, entries in sorted(by_bucket.items()):
             for start in range(0, len(entries), max(1, int(batch_size))):
                 if cancel is not None and cancel.cancelled:
-                    return CacheReport(encoded, from_disk, in_memory, cancelled=True)
+                    return CacheReport(encoded, from_disk, in_memory, cancelled=True, skipped=tuple(skipped))
                 chunk = entries[start:start + max(1, int(batch_size))]
-                pixels = torch.stack([request_pixels(r) for _, r in chunk])
-                with torch.no_grad():
-                    latents = _check_latents(encode_images(pixels), len(chunk), bucket)
-                for (key, request), latent in zip(chunk, latents):
-                    self.put(request, latent.clone(), key)
-                encoded += len(chunk)
+                readable, pixels = _read_pixels(chunk, skipped)
+                if readable:
+                    with torch.no_grad():
+                        latents = _check_latents(encode_images(torch.stack(pixels)), len(readable), bucket)
+                    for (key, request), latent in zip(readable, latents):
+                        self.put(request, latent.clone(), key)
+                    encoded += len(readable)
                 info = tracker.update(len(chunk))
                 if progress is not None:
                     progress(info)
         logger.info("latents: %d encoded, %d from disk, %d already in memory", encoded, from_disk, in_memory)
-        return CacheReport(encoded, from_disk, in_memory)
+        return CacheReport(encoded, from_disk, in_memory, skipped=tuple(dict.fromkeys(skipped)))
+
+
+def _read_pixels(chunk, skipped: list[str]) -> tuple[list, list[torch.Tensor]]:
+    """The pixels of each (key, request) in `chunk`; an image whose data cannot be decoded (a header that opens,
+    then corrupt data) is skipped with the scan's warning and its path added to `skipped`."""
+    readable, pixels = [], []
+    for key, request in chunk:
+        if request.path in skipped:
+            continue
+        try:
+            pixels.append(request_pixels(request))
+        except DatasetError as exc:
+            logger.warning("%s (skipped)", exc)
+            skipped.append(request.path)
+            continue
+        readable.append((key, request))
+    return readable, pixels
 
 
 class TextEncoderCache:

@@ -18,7 +18,7 @@ from lora_trainer.data.buckets import Bucketer, BucketSettings, bucket_info
 from lora_trainer.data.cache import CacheReport, LatentCache, LatentRequest, request_pixels
 from lora_trainer.data.captions import CaptionOptions, is_fixed, process_caption
 from lora_trainer.data.folders import DatasetIndex
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,28 @@ class Batch:
 def _rng(*parts) -> random.Random:
     # str seeds are hashed with sha512 by `random`: stable across processes and Python's hash randomisation
     return random.Random(":".join(str(p) for p in ("lora_trainer",) + parts))
+
+
+def _readable_pixels(requests: list[LatentRequest]) -> tuple[list[int], list[torch.Tensor]]:
+    """Pixels of the images that decode; one corrupt past its header (the scan cannot see it) is skipped with the
+    scan's warning, as latent caching does. A batch with no readable image stops the run (named)."""
+    keep, pixels = [], []
+    for position, request in enumerate(requests):
+        try:
+            pixels.append(request_pixels(request))
+        except DatasetError as exc:
+            logger.warning("%s (skipped)", exc)
+            continue
+        keep.append(position)
+    if not keep:
+        raise DatasetError(f"{requests[0].path}: no image of this batch can be decoded. Replace or remove the "
+                           "damaged images (see the warnings above) and start again.")
+    return keep, pixels
+
+
+def _subset(batch: Batch, keep: list[int]) -> Batch:
+    return Batch(batch.latents, batch.pixels, [batch.captions[i] for i in keep], batch.size_cond[keep],
+                 batch.loss_weights[keep], [batch.paths[i] for i in keep], [batch.flips[i] for i in keep])
 
 
 class TrainDataset:
@@ -198,17 +220,20 @@ class TrainDataset:
         captions = [process_caption(self.items[i].caption, self.caption_options, rng, epoch=epoch) for i in plan.items]
         requests = self._requests(plan)
         latents = pixels = None
+        keep = list(range(len(requests)))
         if self.cache is not None:
             found = [self.cache.get(r) for r in requests]
             if all(latent is not None for latent in found):
                 latents = torch.stack(found)
         else:
-            pixels = torch.stack([request_pixels(r) for r in requests])
+            keep, read = _readable_pixels(requests)
+            pixels = torch.stack(read)
         weights = [self.prior_loss_weight if self.items[i].is_reg else 1.0 for i in plan.items]
-        return Batch(
+        batch = Batch(
             latents, pixels, captions, self._size_cond(plan), torch.tensor(weights, dtype=torch.float32),
             [self.items[i].path for i in plan.items], list(plan.flips),
         )
+        return batch if len(keep) == len(requests) else _subset(batch, keep)
 
     def _encode(self, plan: BatchPlan, batch: Batch) -> Batch:
         """The model part of load_batch (caller's thread): encode pixels, or fill cache misses."""
@@ -295,13 +320,24 @@ class TrainDataset:
             cancel (CancelToken, optional): checked between batches.
 
         Returns:
-            CacheReport: what was encoded or found.
+            CacheReport: what was encoded or found; images that cannot be decoded are skipped (warned, left out of
+            the epochs).
         """
         if self.cache is None:
             raise ConfigError("cache_latents: is off for this dataset. Set cache_latents = true to cache latents.")
         if self.encode_images is None:
             raise ConfigError("cache_latents: no image encoder was given. Pass the model adapter's encode_images.")
-        return self.cache.cache_all(self.latent_requests(), self.encode_images, batch_size, progress, cancel)
+        report = self.cache.cache_all(self.latent_requests(), self.encode_images, batch_size, progress, cancel)
+        if report.skipped:
+            self._drop(set(report.skipped))
+        return report
+
+    def _drop(self, paths: set[str]) -> None:
+        """Leave out images found unreadable after the scan (before training starts, so every epoch agrees)."""
+        keep = [i for i, item in enumerate(self.items) if item.path not in paths]
+        self.items = [self.items[i] for i in keep]
+        self.placements = [self.placements[i] for i in keep]
+        logger.warning("%d image(s) left out of training: their data cannot be decoded", len(paths))
 
     def fixed_captions(self) -> list[str] | None:
         """The processed captions when they never change (text-encoder outputs may then be cached), else None."""

@@ -46,6 +46,7 @@ class StandaloneHost:
     """
 
     name = "standalone"
+    loads_checkpoint = True  # the model comes from the config's checkpoint (and vae) files
 
     def __init__(self, lora_dir: str | Path, device: str | None = None):
         self._lora_dir = Path(lora_dir)
@@ -53,6 +54,11 @@ class StandaloneHost:
         self._lock = threading.Lock()
         self._cached_key: tuple | None = None
         self._cached = None
+
+    @property
+    def requested_device(self) -> str | None:
+        """The device asked for at construction (None: CUDA when available), checked before a run."""
+        return self._device
 
     @property
     def device(self) -> str:
@@ -83,8 +89,11 @@ class StandaloneHost:
         path = Path(path).expanduser().resolve()
         stat = path.stat() if path.is_file() else None
         stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
+        vae = str(Path(m.vae).expanduser().resolve()) if m.vae else None
+        vae_stat = Path(vae).stat() if vae and Path(vae).is_file() else None
+        vae_stamp = (vae_stat.st_mtime_ns, vae_stat.st_size) if vae_stat else None
         return (str(path), stamp, bool(m.v_parameterization), m.diffusers_config_dir, m.tokenizer_dir,
-                str(self._dtype(config)))
+                str(self._dtype(config)), vae, vae_stamp)
 
     def load(self, config):
         """The adapter for `config`'s checkpoint, loaded once and reused while the file and options are the same.
@@ -108,7 +117,7 @@ class StandaloneHost:
         logger.info("loading %s on %s", key[0], self.device)
         adapter = load_checkpoint_adapter(key[0], v_parameterization=bool(m.v_parameterization),
                                           config_dir=m.diffusers_config_dir, tokenizer_dir=m.tokenizer_dir,
-                                          device=self.device, dtype=self._dtype(config))
+                                          device=self.device, dtype=self._dtype(config), vae=key[6])
         self._cached, self._cached_key = adapter, key
         return adapter
 

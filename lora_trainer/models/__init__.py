@@ -17,6 +17,7 @@ from lora_trainer.models.loading import (
     file_id,
     load_checkpoint_adapter,
     load_tokenizers,
+    load_vae,
 )
 from lora_trainer.models.naming import (
     SD_LAYOUT,
@@ -65,6 +66,7 @@ __all__ = [
     "layout_for",
     "load_checkpoint_adapter",
     "load_tokenizers",
+    "load_vae",
     "te_targets",
     "tokenize_chunks",
     "unet_targets",

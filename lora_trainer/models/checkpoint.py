@@ -40,7 +40,38 @@ def _pickle_refused(path: Path, err: Exception) -> ModelLoadError:
     )
 
 
+def check_can_read(path: Path) -> None:
+    """Open a checkpoint file to tell "not found" and "permission denied" from a bad file, with the right fix.
+
+    Args:
+        path (Path): the file.
+
+    Raises:
+        FileNotFoundError: missing. ModelLoadError: permission denied or an I/O error.
+    """
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint file not found. Check the path (and the models folder).") from None
+    except PermissionError as err:
+        raise ModelLoadError(f"{path}: permission denied. Make the file readable (chmod a+r) or copy it somewhere "
+                             "you may read.") from err
+    except IsADirectoryError as err:
+        raise ModelLoadError(f"{path}: is a folder. Give the checkpoint file itself.") from err
+    except OSError as err:
+        raise ModelLoadError(f"{path}: cannot be read ({err.strerror}). Check the disk, then copy the file again."
+                             ) from err
+
+
+def _invalid_safetensors(path: Path, err: Exception) -> ModelLoadError:
+    check_can_read(path)  # a file that cannot be opened gets its real cause and fix
+    return ModelLoadError(f"{path}: not a valid safetensors file ({err}). The file is damaged or incomplete: "
+                          "download or save it again.")
+
+
 def _read_pickle(path: Path) -> dict:
+    check_can_read(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -69,8 +100,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ModelLoadError: unknown suffix, unreadable file, or a pickle that needs more than tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found. Check the path (and the models folder).")
+    check_can_read(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
@@ -79,7 +109,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as err:
-            raise ModelLoadError(f"{path}: not a valid safetensors file ({err}). Re-download or re-save it.") from err
+            raise _invalid_safetensors(path, err) from err
     if suffix not in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"{path}: unknown checkpoint type {suffix!r}. Use a .safetensors file (or .ckpt/.pt/.pth/.bin)."
@@ -114,7 +144,7 @@ class SafetensorsFile(Mapping):
             with safe_open(str(self.path), framework="pt", device="cpu") as handle:
                 self._keys = list(handle.keys())
         except (SafetensorError, OSError) as err:
-            raise ModelLoadError(f"{self.path}: not a valid safetensors file ({err}). Re-download or re-save it.") from err
+            raise _invalid_safetensors(self.path, err) from err
 
     def subset(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """The tensors whose keys start with one of `prefixes`, read into memory (the file is closed after)."""

@@ -1,6 +1,7 @@
 """Load a single-file SD1/SD2/SDXL checkpoint into a DiffusersAdapter, offline, with local diffusers configs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -125,9 +126,51 @@ def _load_components(state_dict, architecture: str, config_dir: Path, dtype: tor
     return {"unet": unet, "vae": vae, "text_encoders": text_encoders}
 
 
+def load_vae(path: str | Path, config_dir: Path, dtype: torch.dtype = torch.float32):
+    """An external VAE (the `vae` key): a single-file VAE in the original layout (`encoder.down.0...`, with or
+    without a `first_stage_model.` prefix, so a full checkpoint works too) or in diffusers' layout.
+
+    Args:
+        path (str | Path): `.safetensors` (or a weights-only `.ckpt`/`.pt`) file.
+        config_dir (Path): the diffusers config folder whose `vae/config.json` gives the sizes.
+        dtype (torch.dtype, optional): weight dtype, defaults to torch.float32.
+
+    Returns:
+        AutoencoderKL: the VAE.
+
+    Raises:
+        ModelLoadError: unreadable file, or weights that do not fit the model's VAE (named, with the fix).
+    """
+    from diffusers import AutoencoderKL
+
+    from lora_trainer.models.checkpoint import read_state_dict
+
+    path = Path(path)
+    try:
+        state_dict = read_state_dict(path)
+    except (FileNotFoundError, ModelLoadError) as exc:
+        raise ModelLoadError(f"vae: {exc}") from exc
+    prefix = VAE_PREFIXES[0]
+    if any(key.startswith(prefix) for key in state_dict):
+        state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    try:
+        if any(key.startswith("encoder.down_blocks.") for key in state_dict):  # diffusers layout
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir), subfolder="vae"))
+            vae.load_state_dict(state_dict)
+            vae.to(dtype)
+        else:
+            vae = AutoencoderKL.from_single_file(state_dict, config=str(config_dir), subfolder="vae",
+                                                 local_files_only=True, torch_dtype=dtype)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"vae: {path} does not fit this model's VAE ({type(exc).__name__}: {str(exc)[:300]}). "
+                             "Use a VAE made for this architecture (SD1/SD2 or SDXL), or unset vae.") from exc
+    logger.info("vae: loaded %s", path.name)
+    return vae
+
+
 def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = False, config_dir: str | Path | None = None,
                             tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                            dtype: torch.dtype = torch.float32) -> DiffusersAdapter:
+                            dtype: torch.dtype = torch.float32, vae: str | Path | None = None) -> DiffusersAdapter:
     """Load an original single-file checkpoint (`.safetensors`, `.ckpt`) as a DiffusersAdapter, offline.
 
     Args:
@@ -138,9 +181,12 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
         tokenizer_dir (str | Path, optional): tokenizer folder (see load_tokenizers), defaults to None.
         device (str | torch.device, optional): where to put the models, defaults to "cpu".
         dtype (torch.dtype, optional): weight dtype, defaults to torch.float32.
+        vae (str | Path, optional): an external VAE file replacing the checkpoint's own (see `load_vae`),
+            defaults to None.
 
     Returns:
-        DiffusersAdapter: frozen (requires_grad False), eval-mode models; `model_id` = short file hash.
+        DiffusersAdapter: frozen (requires_grad False), eval-mode models; `model_id` = short file hash (of the
+        checkpoint and the external VAE, so cached latents follow the VAE).
 
     Raises:
         ModelLoadError: the file is missing or unreadable, the architecture is unknown, or the weights do not fit
@@ -165,6 +211,8 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
                              f"({type(exc).__name__}: {exc}). Pass the matching diffusers_config_dir, or check "
                              "the file is a complete SD1/SD2/SDXL checkpoint.") from exc
     del state_dict
+    if vae is not None:
+        parts["vae"] = load_vae(vae, configs, dtype)
     tokenizers = load_tokenizers(architecture, configs, Path(tokenizer_dir) if tokenizer_dir is not None else None)
     for module in [parts["unet"], parts["vae"], *parts["text_encoders"]]:
         module.requires_grad_(False)
@@ -172,10 +220,13 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
         module.to(device)
     logger.info("loaded %s checkpoint %s (%s)", architecture, path.name, dtype)
     file_hash = checkpoint_hash(path)
+    model_id = file_hash.sha256[:12]
+    if vae is not None:
+        model_id = hashlib.sha256(f"{file_hash.sha256}|{checkpoint_hash(vae).sha256}".encode()).hexdigest()[:12]
     adapter = DiffusersAdapter(
         unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"], tokenizers=tokenizers,
         scheduler_config=_scheduler_config(configs), architecture=architecture,
-        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=file_hash.sha256[:12],
+        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=model_id,
     )
     adapter.checkpoint_sha256 = file_hash.sha256  # kohya's ss_new_sd_model_hash, as the WebUI host sets it
     return adapter

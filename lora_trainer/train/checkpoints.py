@@ -46,22 +46,6 @@ def save_dtype(save_precision: str | None) -> torch.dtype:
         raise ConfigError(f"save_precision: {save_precision!r} is not fp16, bf16 or float. Use one of those.") from None
 
 
-def output_dir(config) -> Path:
-    """The output folder from `config.save.output_dir` (created).
-
-    Args:
-        config (TrainConfig): the run's config.
-
-    Returns:
-        Path: the folder.
-    """
-    if not config.save.output_dir:
-        raise ConfigError("output_dir: not set. Set output_dir to the folder where LoRA files should go.")
-    path = Path(config.save.output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def check_finite(network_sd: dict[str, torch.Tensor], step: int) -> None:
     """Refuse to save weights that hold NaN or inf (the last good file stays).
 

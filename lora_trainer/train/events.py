@@ -22,11 +22,13 @@ class Started:
         total_steps (int): optimizer steps of the whole run.
         total_epochs (int): epochs of the whole run.
         start_step (int): the step a resumed run starts from, defaults to 0.
+        plan (str): how the step count was chosen (e.g. max_train_epochs winning over max_train_steps).
     """
 
     total_steps: int
     total_epochs: int
     start_step: int = 0
+    plan: str = ""
 
 
 @dataclass(frozen=True)

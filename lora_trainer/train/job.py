@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.errors import LoraTrainerError, TrainingError
+from lora_trainer.errors import BUG_NOTE, TrainingError, describe_error
+from lora_trainer.train.preflight import check_for_host
 from lora_trainer.train.events import (
     EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands,
 )
 
 logger = logging.getLogger(__name__)
 
-# Errors whose message is written for the user (names the file or key and the fix): shown as they are.
-_USER_ERRORS = (LoraTrainerError, ValueError, FileNotFoundError, OSError)
 _STAGES = {"cache_latents": "caching latents", "cache_text": "caching text-encoder outputs"}
 
 
@@ -62,6 +61,7 @@ class JobStatus:
         it_per_s (float, optional): steps per second.
         eta_s (float, optional): seconds left.
         message (str): what is happening, or the error (state failed).
+        plan (str): how many steps the run takes and which key decided it (max_train_epochs or max_train_steps).
         lora_path (str, optional): the final LoRA file (None while running or when stopped without saving).
         saved (list[str]): every LoRA file written, in order.
         losses (list[tuple[int, float]]): (step, loss) of every step.
@@ -81,6 +81,7 @@ class JobStatus:
     it_per_s: float | None = None
     eta_s: float | None = None
     message: str = ""
+    plan: str = ""
     lora_path: str | None = None
     saved: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -122,7 +123,8 @@ def _finite(value: Any) -> bool:
 
 
 def error_message(exc: BaseException) -> str:
-    """The text a user sees for an error: our errors' own message, else the type and message.
+    """The text a user sees for an error (`describe_error`): an expected failure's message, or a bug's type and
+    message with a line saying it is a bug (its traceback is in the log).
 
     Args:
         exc (BaseException): the error.
@@ -130,10 +132,10 @@ def error_message(exc: BaseException) -> str:
     Returns:
         str: the message.
     """
-    text = str(exc).strip().strip("'\"")
-    if isinstance(exc, _USER_ERRORS) and text:
-        return text
-    return f"training failed: {type(exc).__name__}: {text}" if text else f"training failed: {type(exc).__name__}"
+    report = describe_error(exc)
+    if report.expected:
+        return report.message
+    return f"training failed: {report.message}. {BUG_NOTE.replace('above', 'in the log')}"
 
 
 class TrainingJob:
@@ -142,11 +144,14 @@ class TrainingJob:
     Args:
         config (TrainConfig): the run's config; an unset `output_dir` becomes `host.lora_dir()`.
         host (Host): where the model comes from (the WebUI, or `StandaloneHost`).
+        preflight (Preflight, optional): `check_before_model` already run by the caller, defaults to None: the job
+            runs it before the model loads.
     """
 
-    def __init__(self, config, host):
+    def __init__(self, config, host, preflight=None):
         self.config = config
         self.host = host
+        self.preflight = preflight
         self.commands = TrainCommands()
         self._status = JobStatus()
         self._lock = threading.Lock()
@@ -229,7 +234,7 @@ class TrainingJob:
                 raise TrainingError("training job: already started. Start a new job for another run.")
             self._status.state = JobState.PREPARING
             self._status.started_at = time.time()
-            self._status.message = "loading the model"
+            self._status.message = "checking the config, files and dataset"
 
     def _set(self, **values) -> None:
         with self._lock:
@@ -240,13 +245,19 @@ class TrainingJob:
     def _run(self) -> None:
         try:
             config = self._resolved_config()
+            checked = self.preflight or check_for_host(config, self.host)
+            self._set(total_steps=checked.plan.total_steps, total_epochs=checked.plan.total_epochs,
+                      plan=checked.plan_note, message=f"loading the model; {checked.plan_note}")
             title = f"Train LoRA {config.save.output_name}"
             with self.host.prepare_model(config) as adapter, \
-                    self.host.job(title, int(config.training.max_train_steps or 0)) as handle:
+                    self.host.job(title, checked.plan.total_steps) as handle:
                 self._handle = handle
-                self._train(config, adapter)
-        except BaseException as exc:  # every error becomes a failed status the UI shows; logged with traceback
-            logger.exception("training job failed")
+                self._train(config, adapter, checked)
+        except BaseException as exc:  # every error becomes a failed status the UI shows
+            if describe_error(exc).expected:
+                logger.error("training job failed: %s", error_message(exc))
+            else:
+                logger.exception("training job failed")
             self._set(state=JobState.FAILED, message=error_message(exc), finished_at=time.time())
             if not isinstance(exc, Exception):
                 raise
@@ -255,20 +266,15 @@ class TrainingJob:
             self._done.set()
 
     def _resolved_config(self):
-        from lora_trainer.config import update_config
+        self.config = with_output_dir(self.config, self.host)
+        return self.config
 
-        config = self.config
-        if not config.save.output_dir:
-            config = update_config(config, {"output_dir": str(self.host.lora_dir())})
-            self.config = config
-        return config
-
-    def _train(self, config, adapter) -> None:
+    def _train(self, config, adapter, checked) -> None:
         from lora_trainer.train.loop import Trainer
 
         bus = EventBus()
         bus.subscribe(self._on_event)
-        trainer = Trainer(config, adapter, bus, self.commands)
+        trainer = Trainer(config, adapter, bus, self.commands, preflight=checked)
         result = trainer.run()
         self._keep_network(trainer, config)
         if result.lora_path or self._status.saved:
@@ -313,7 +319,8 @@ class TrainingJob:
     def _on_started(self, event: Started) -> None:
         self._set(state=JobState.RUNNING if not self.commands.stop_requested else JobState.STOPPING,
                   total_steps=event.total_steps, total_epochs=event.total_epochs, step=event.start_step,
-                  message=f"training from step {event.start_step}" if event.start_step else "training")
+                  message=(f"training from step {event.start_step}" if event.start_step else "training")
+                  + (f"; {event.plan}" if event.plan else ""), plan=event.plan)
 
     def _on_progress(self, event: Progress) -> None:
         self._set(message=f"{_STAGES.get(event.stage, event.stage)} {event.done}/{event.total}")
@@ -355,6 +362,23 @@ class TrainingJob:
         self._set(lora_path=event.path)
 
 
+def with_output_dir(config, host):
+    """`config` with an unset `output_dir` set to the host's LoRA folder.
+
+    Args:
+        config (TrainConfig): the run's config.
+        host (Host): the host.
+
+    Returns:
+        TrainConfig: the config to train.
+    """
+    from lora_trainer.config import update_config
+
+    if config.save.output_dir:
+        return config
+    return update_config(config, {"output_dir": str(host.lora_dir())})
+
+
 _HANDLERS = {
     Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
     Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
@@ -384,8 +408,11 @@ class JobManager:
             TrainingJob: the started job.
 
         Raises:
-            TrainingError: a job is still running.
+            TrainingError: a job is still running. Any error of `check_before_model` (raised before the job
+                starts, so the caller never reports a start that fails at once).
         """
+        config = with_output_dir(config, self.host)
+        checked = check_for_host(config, self.host) if self.current is None else None
         with self._lock:
             running = self.current
             if running is not None:
@@ -394,7 +421,7 @@ class JobManager:
                     f"training: a job is already {status.state.value} (step {status.step}/{status.total_steps}). "
                     "Stop it or wait until it ends, then start again."
                 )
-            job = TrainingJob(config, self.host)
+            job = TrainingJob(config, self.host, preflight=checked)
             self._last = job
             job.start()
             return job

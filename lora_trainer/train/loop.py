@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lora_trainer.errors import LoraTrainerError, TrainingError
+from lora_trainer.errors import OUT_OF_MEMORY_FIX, LoraTrainerError, TrainingError, describe_error, is_out_of_memory
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
 from lora_trainer.train.events import EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands
@@ -23,6 +23,8 @@ from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
 from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
 from lora_trainer.train.optimizers import build_optimizer, current_lr
+from lora_trainer.train.preflight import Preflight, check_before_model, describe_plan
+from lora_trainer.train.resources import check_resources
 from lora_trainer.train.preparation import (
     TextSource, build_network, param_groups, plan_steps, prepare_data, seed_everything,
 )
@@ -32,10 +34,7 @@ from lora_trainer.train.state import TrainState, capture_rng, config_hash, load_
 
 logger = logging.getLogger(__name__)
 
-OOM_MESSAGE = (
-    "training: the GPU ran out of memory. Lower train_batch_size or resolution, set gradient_checkpointing = true, "
-    "set cache_latents = true (and cache_text_encoder_outputs), or use mixed_precision = \"fp16\"/\"bf16\"."
-)
+OOM_MESSAGE = f"training: ran out of memory. {OUT_OF_MEMORY_FIX}"
 
 
 @dataclass
@@ -73,13 +72,17 @@ class Trainer:
         adapter (ModelAdapter): the model; left as it was found when `run` returns or raises.
         events (EventBus, optional): receives Progress/Started/Step/Sample/Saved/Finished/Failed.
         commands (TrainCommands, optional): stop / stop-and-save requests, read between steps.
+        preflight (Preflight, optional): the result of `check_before_model` when the caller ran it before loading
+            the model; run here otherwise.
     """
 
-    def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None):
+    def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None,
+                 preflight: Preflight | None = None):
         self.config = config
         self.adapter = adapter
         self.events = events or EventBus()
         self.commands = commands or TrainCommands()
+        self.preflight = preflight
         self._last_saved: str | None = None
 
     def run(self) -> TrainResult:
@@ -98,12 +101,12 @@ class Trainer:
         except LoraTrainerError as error:
             self.events.emit(Failed(str(error)))
             raise
-        except torch.cuda.OutOfMemoryError as exc:
-            error = TrainingError(OOM_MESSAGE)
-            self.events.emit(Failed(str(error)))
-            raise error from exc
-        except Exception as exc:  # reported to subscribers (a UI waits for an ending), then raised unchanged
-            self.events.emit(Failed(f"training failed: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # reported to subscribers (a UI waits for an ending), then raised
+            if is_out_of_memory(exc):
+                error = TrainingError(OOM_MESSAGE)
+                self.events.emit(Failed(str(error)))
+                raise error from exc
+            self.events.emit(Failed(describe_error(exc).message))
             raise
         finally:
             for writer in log_writers:
@@ -112,14 +115,16 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------------
     def _run(self) -> TrainResult:
         cfg = self.config
-        self.folder = checkpoints.output_dir(cfg)
+        checked = self.preflight or check_before_model(cfg)
+        self.folder = checked.output_dir
         resumed = load_state(cfg.save.resume) if cfg.save.resume else None
         seed = resumed.train_state.seed if resumed and resumed.train_state.seed is not None else cfg.training.seed
         self.seed = seed_everything(seed)
         self.started_at = time.time()
+        check_resources(cfg, self.adapter, checked.plan, self.folder)
         self.network = build_network(cfg, self.adapter)
         train_te = bool(self.network.te_names())
-        self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands)
+        self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands, index=checked.index)
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            offload_vae=self.data.dataset.cache is not None,
@@ -173,8 +178,11 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, pos: _Position) -> TrainResult:
-        plan = self.plan
-        self.events.emit(Started(plan.total_steps, plan.total_epochs, pos.global_step))
+        plan, t = self.plan, self.config.training
+        note = describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+        if self.preflight is None or self.preflight.plan != plan:
+            logger.info("%s", note)
+        self.events.emit(Started(plan.total_steps, plan.total_epochs, pos.global_step, note))
         self.tracker = ProgressTracker(plan.total_steps, done=pos.global_step)
         while pos.global_step < plan.total_steps:
             for group in self._step_groups(pos.epoch, pos.step_in_epoch):

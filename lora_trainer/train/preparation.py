@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lora_trainer.errors import ConfigError, DatasetError, TrainingError
+from lora_trainer.errors import ConfigError, DatasetError, TrainingError, is_out_of_memory
 from lora_trainer.train.events import EventBus, Progress
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,19 @@ def _progress(events: EventBus, stage: str):
     return report
 
 
-def prepare_data(config, adapter, events: EventBus, train_te: bool, cancel=None) -> TrainData:
+def refuse_unreadable_captions(index) -> None:
+    """Stop on captions that cannot be read as UTF-8: a guessed caption trains the wrong words silently (kohya
+    stops here too).
+
+    Args:
+        index (DatasetIndex): the scanned dataset.
+    """
+    if index.unreadable_captions:
+        raise DatasetError("; ".join(index.unreadable_captions[:5]) + (
+            f" (and {len(index.unreadable_captions) - 5} more)" if len(index.unreadable_captions) > 5 else ""))
+
+
+def prepare_data(config, adapter, events: EventBus, train_te: bool, cancel=None, index=None) -> TrainData:
     """Scan the dataset, cache latents (cache_latents), and cache text-encoder outputs when captions are fixed and
     the text encoder is not trained. Caching reports `Progress` events.
 
@@ -101,6 +113,8 @@ def prepare_data(config, adapter, events: EventBus, train_te: bool, cancel=None)
         events (EventBus): where progress goes.
         train_te (bool): text-encoder LoRA modules are trained (no text cache then).
         cancel (CancelToken, optional): stops caching early.
+        index (DatasetIndex, optional): the dataset already scanned (by the checks before the model), defaults to
+            None: scanned here.
 
     Returns:
         TrainData: index, dataset, text cache (or None).
@@ -109,13 +123,8 @@ def prepare_data(config, adapter, events: EventBus, train_te: bool, cancel=None)
     from lora_trainer.data.folders import scan_dataset
     from lora_trainer.data.loader import TrainDataset
 
-    index = scan_dataset(config.dataset)
-    for problem in index.problems:
-        logger.warning("dataset: %s", problem)
-    if index.unreadable_captions:
-        # A guessed caption trains the wrong words silently; kohya stops here too.
-        raise DatasetError("; ".join(index.unreadable_captions[:5]) + (
-            f" (and {len(index.unreadable_captions) - 5} more)" if len(index.unreadable_captions) > 5 else ""))
+    index = index if index is not None else scan_dataset(config.dataset)  # the scan logs its own problems
+    refuse_unreadable_captions(index)
     dataset = TrainDataset(index, config.dataset, adapter.model_id, adapter.encode_images)
     if dataset.cache is not None:
         dataset.cache_latents(batch_size=config.dataset.train_batch_size, progress=_progress(events, "cache_latents"),
@@ -167,7 +176,15 @@ def build_network(config, adapter):
     from lora_trainer.networks import LoRANetwork, NetworkSettings, load_lora
 
     include_conv = NetworkSettings.from_config(config.network).wants_conv
-    network = LoRANetwork.create(adapter.lora_targets(include_conv), config.network)
+    try:
+        network = LoRANetwork.create(adapter.lora_targets(include_conv), config.network)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        n = config.network
+        raise TrainingError(f"network_dim: creating the network (rank {n.network_dim}"
+                            + (f", conv_dim {n.conv_dim}" if n.conv_dim else "") + ") ran out of memory. Lower "
+                            "network_dim / conv_dim (e.g. 16 or 32).") from exc
     if config.network.network_weights:
         state_dict, _ = load_lora(config.network.network_weights)
         report = network.load_kohya(state_dict)

@@ -9,6 +9,7 @@ temporary folder that is then renamed into place, so a crash never leaves a half
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -200,14 +201,18 @@ def _load_pt(path: Path) -> Any:
         ) from exc
 
 
-def load_state(path: str | Path) -> LoadedState:
-    """Read a state folder written by `save_state`.
+def check_state_folder(path: str | Path) -> TrainState:
+    """Check a resume folder without loading its tensors: every file present and readable, `train_state.json`
+    valid. Cheap enough to run before the model loads.
 
     Args:
         path (str | Path): the state folder (the `resume` key).
 
     Returns:
-        LoadedState: the parts, still on the CPU.
+        TrainState: where the saved run stands.
+
+    Raises:
+        TrainingError: a file is missing, unreadable or corrupt (named, with the fix).
     """
     path = Path(path)
     missing = [name for name in _FILES if not (path / name).is_file()]
@@ -216,16 +221,86 @@ def load_state(path: str | Path) -> LoadedState:
             f"resume: {path} is not a resume state folder (missing {', '.join(missing) or 'the folder'}). "
             "Point resume at a '<output_name>-state' folder written with save_state = true."
         )
-    raw = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    raw.pop("format", None)
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    train_state = TrainState(**{k: v for k, v in raw.items() if k in known})
+    for name in _FILES:
+        try:
+            with open(path / name, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise TrainingError(f"resume: {path / name} cannot be read ({exc.strerror}). Fix its permissions, "
+                                "or start without resume.") from exc
+    return _read_train_state(path / "train_state.json")
+
+
+def _read_train_state(file: Path) -> TrainState:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"holds a {type(raw).__name__}, not an object")
+        raw.pop("format", None)
+        known = {f.name for f in dataclasses.fields(TrainState)}
+        return TrainState(**{k: v for k, v in raw.items() if k in known})
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TrainingError(
+            f"resume: {file} is corrupt ({str(exc)[:200]}). Resume from another saved state (an earlier "
+            "'-state' folder), or start without resume."
+        ) from exc
+
+
+def _load_network(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error type, or OSError
+        raise TrainingError(f"resume: {file} is not a valid safetensors file ({str(exc)[:200]}). Resume from "
+                            "another saved state, or start without resume.") from exc
+
+
+def load_state(path: str | Path) -> LoadedState:
+    """Read a state folder written by `save_state`.
+
+    Args:
+        path (str | Path): the state folder (the `resume` key).
+
+    Returns:
+        LoadedState: the parts, still on the CPU.
+
+    Raises:
+        TrainingError: a file is missing or corrupt (named, with the fix).
+    """
+    path = Path(path)
+    train_state = check_state_folder(path)
     scaler_path = path / "scaler.pt"
     return LoadedState(
         train_state=train_state,
-        network=load_file(str(path / "network.safetensors")),
+        network=_load_network(path / "network.safetensors"),
         optimizer=_load_pt(path / "optimizer.pt"),
         scheduler=_load_pt(path / "scheduler.pt"),
         scaler=_load_pt(scaler_path) if scaler_path.is_file() else None,
         rng=_load_pt(path / "rng.pt"),
     )
+
+
+def state_leftovers(folder: str | Path, output_name: str = "") -> tuple[list[Path], list[Path]]:
+    """What a `save_state` killed mid-way leaves in `folder`.
+
+    Args:
+        folder (str | Path): the output folder.
+        output_name (str, optional): only the states of this name (and its epoch/step saves), defaults to all.
+
+    Returns:
+        tuple[list[Path], list[Path]]: (half-written temp folders, safe to delete; `.<name>-state.old` folders
+        whose `<name>-state` is missing: the last complete state, to be renamed back).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [], []
+    prefix = f".{glob.escape(output_name)}*-state."
+    partial, orphans = [], []
+    for entry in sorted(folder.glob(prefix + "*")):
+        if not entry.is_dir():
+            continue
+        if entry.name.endswith(".old"):
+            target = entry.with_name(entry.name[1:-len(".old")])
+            (partial if target.exists() else orphans).append(entry)
+        else:
+            partial.append(entry)
+    return partial, orphans

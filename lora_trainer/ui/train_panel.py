@@ -16,14 +16,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import BUG_NOTE, describe_error
 from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat
 from lora_trainer.ui import train_views as views
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (LoraTrainerError, ValueError, OSError, KeyError)
 POLL_SECONDS = 1.0
 
 
@@ -132,13 +131,20 @@ def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str) -> None:
 
 # -- handlers (thin: views and the manager do the work) ---------------------------------------------------------------
 def _guard(p: TrainPanel, fn: Callable, n_outputs: int) -> Callable:
-    """Run `fn`; a user error becomes an error message (the last output) and leaves the other outputs as they are."""
+    """Run `fn`; an error becomes an error message (the last output) and leaves the other outputs as they are. An
+    expected failure shows its message (file or key, and the fix); a bug also says so, its traceback in the log."""
     def handler(*args):
         try:
             return fn(*args)
-        except USER_ERRORS as exc:
-            logger.info("train panel: %s", exc)
-            message = p.message(str(exc).strip("'\"") or type(exc).__name__, error=True)
+        except Exception as exc:  # shown in the panel by the package's one rule (errors.describe_error)
+            report = describe_error(exc)
+            if report.expected:
+                logger.info("train panel: %s", report.message)
+                text = report.message
+            else:
+                logger.exception("train panel: internal error")
+                text = f"{report.message}. {BUG_NOTE.replace('above', 'in the log')}"
+            message = p.message(text, error=True)
             return message if n_outputs == 1 else [gr.update()] * (n_outputs - 1) + [message]
     return handler
 

@@ -283,6 +283,9 @@ def status_markdown(status) -> str:
     if state == "failed":
         return f"{head}\n\n**Error:** {status.message}"
     lines = [head, "", status.message]
+    plan = getattr(status, "plan", "")
+    if plan and plan not in status.message:
+        lines += ["", plan]
     if status.lora_path:
         lines += ["", f"LoRA: `{status.lora_path}`"]
     elif status.saved:
