@@ -204,8 +204,10 @@ IN_SUBSET = "[[datasets.subsets]] #1"
     (SUBSET + "resolution = 512\n", ConfigError, [IN_SUBSET, "resolution is a dataset key", "[[datasets]]"]),
     (SUBSET + "metadata_file = \"meta.json\"\n", ConfigError, [IN_SUBSET, "metadata_file", "not supported"]),
     (SUBSET + "conditioning_data_dir = \"cond\"\n", ConfigError, [IN_SUBSET, "conditioning_data_dir", "ControlNet"]),
-    (SUBSET + "color_aug = true\n", ConfigError, [IN_SUBSET, "color_aug = True", "Remove color_aug or set it to false"]),
-    (SUBSET + "face_crop_aug_range = [2.0, 4.0]\n", ConfigError, ["face_crop_aug_range", "Remove face_crop_aug_range."]),
+    (SUBSET + "color_aug = true\n", ConfigError,
+     [IN_SUBSET, "color_aug = True", "Remove color_aug or set it to false"]),
+    (SUBSET + "face_crop_aug_range = [2.0, 4.0]\n", ConfigError,
+     ["face_crop_aug_range", "Remove face_crop_aug_range."]),
     (SUBSET + "is_reg = true\n", ConfigError, ["every subset has is_reg = true"]),
 ])
 def test_every_error_names_file_table_key_and_fix(tmp_path, text, error, parts):
@@ -224,6 +226,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_unused_and_unknown_keys_are_reported_by_name(tmp_path):
+    _image(tmp_path / "imgs" / "a.png", 1)
     path = _write(tmp_path, "[general]\ncolor_aug = false\nprior_loss_weight = 0.5\n" + SUBSET
                   + "num_repeat = 3\ncache_info = true\n")
     found = read_dataset_config(path)
@@ -233,6 +236,9 @@ def test_unused_and_unknown_keys_are_reported_by_name(tmp_path):
     assert found.unknown_keys == ["[general] prior_loss_weight", f"[[datasets]] #1 > {IN_SUBSET} num_repeat"]
     assert "set it in the training config" in found.warnings[0] and "did you mean num_repeats" in found.warnings[1]
     assert found.subsets[0].num_repeats == 1
+    problems = scan_dataset(DatasetConfig(dataset_config=str(path))).problems
+    assert f"{path}: [general] color_aug: not used (color augmentation is not supported)." in problems
+    assert any("unknown key 'num_repeat'" in p for p in problems)
 
 
 def test_training_config_key_round_trips_and_overrides(tmp_path, two_subsets):
@@ -259,6 +265,15 @@ def test_kohya_metadata_shape(two_subsets):
                      "caption_suffix": None, "image_dir": "chars", "class_tokens": "mychar", "is_reg": False}
     assert (reg["is_reg"], reg["caption_prefix"], reg["keep_tokens"], reg["img_count"]) == (True, "photo of", 0, 3)
     assert set(entry["tag_frequency"]) == {"chars", "reg"}
+
+
+def test_json_dataset_config_is_read_as_kohya_does(tmp_path):
+    _image(tmp_path / "imgs" / "a.png", 1)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"general": {"num_repeats": 4},
+                                "datasets": [{"subsets": [{"image_dir": "imgs", "class_tokens": "thing"}]}]}))
+    index = scan_dataset(DatasetConfig(dataset_config=str(path)))
+    assert [(i.caption, i.repeats) for i in index.items] == [("thing", 4)]
 
 
 def test_no_usable_image_in_any_subset_is_an_error(tmp_path):

@@ -181,7 +181,8 @@ def _scan_root(root: str, key: str, caption_extension: str, is_reg: bool, index:
         if not match or int(match.group(1)) < 1:
             index.problems.append(f"{path}: folder name is not '<repeats>_<concept>' (skipped). {_LAYOUT_FIX}")
             continue
-        subset = SubsetSpec(path, int(match.group(1)), is_reg, match.group(2), caption_extension)
+        subset = SubsetSpec(path, num_repeats=int(match.group(1)), is_reg=is_reg, class_tokens=match.group(2),
+                            caption_extension=caption_extension)
         items = _scan_folder(subset, len(index.dirs) + len(index.reg_dirs), index)
         if not items:
             kinds = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -271,6 +272,8 @@ def scan_dataset_config(cfg) -> DatasetIndex:
     """
     description = read_dataset_config(cfg.dataset_config, cfg)
     index = DatasetIndex(problems=list(description.warnings), description=description)
+    for where, reason in description.ignored_keys.items():
+        index.problems.append(f"{description.path}: {where}: not used ({reason}).")
     for key in ("train_data_dir", "reg_data_dir"):
         if getattr(cfg, key, None):
             index.problems.append(f"{key}: not used because dataset_config is set (its subsets name the folders). "
