@@ -1,21 +1,19 @@
-"""A tiny SD1 training run from a kohya dataset config: the LoRA's metadata lists the subsets as kohya writes them."""
+"""A tiny SD1 run from a kohya dataset config (CLI, `--set dataset_config=...`): the LoRA lists the subsets."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
+from lora_trainer.__main__ import main
 from lora_trainer.config import load_toml
-from lora_trainer.models.loading import load_checkpoint_adapter
 from lora_trainer.networks import load_lora
 from lora_trainer.testing.datasets import write_square_dataset
-from lora_trainer.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_training_from_a_dataset_config_writes_kohya_subset_metadata(tiny_sd1, tmp_path):
+def test_training_from_a_dataset_config_writes_kohya_subset_metadata(tiny_sd1, tmp_path, capsys, caplog):
     write_square_dataset(tmp_path / "data", folder="squares", count=2, caption="square, red, item{i}")
     write_square_dataset(tmp_path / "data", folder="reg", count=2, caption="blue, plain", fill=(20, 20, 240))
     (tmp_path / "data" / "dataset.toml").write_text("""
@@ -36,7 +34,9 @@ batch_size = 2
     train = tmp_path / "train.toml"
     train.write_text(f"""
 pretrained_model_name_or_path = '{tiny_sd1.checkpoint}'
-dataset_config = '{tmp_path / "data" / "dataset.toml"}'
+diffusers_config_dir = '{tiny_sd1.config_dir}'
+tokenizer_dir = '{tiny_sd1.tokenizer_dir}'
+train_data_dir = '{tmp_path / "data"}'
 output_dir = '{tmp_path / "out"}'
 output_name = "ds"
 resolution = "512,512"
@@ -47,12 +47,12 @@ network_dim = 2
 network_train_unet_only = true
 save_precision = "float"
 """, encoding="utf-8")
-    config = load_toml(train).config
-    adapter = load_checkpoint_adapter(tiny_sd1.checkpoint, config_dir=tiny_sd1.config_dir,
-                                      tokenizer_dir=tiny_sd1.tokenizer_dir, device="cpu", dtype=torch.float32)
-    result = Trainer(config, adapter).run()
+    dataset_config = tmp_path / "data" / "dataset.toml"
+    assert main(["train", "--config", str(train), "--set", f"dataset_config={dataset_config}", "--device",
+                 "cpu"]) == 0
+    assert "train_data_dir: not used because dataset_config is set" in capsys.readouterr().out + caplog.text
 
-    _, meta = load_lora(result.lora_path)
+    _, meta = load_lora(tmp_path / "out" / "ds.safetensors")
     (dataset,) = json.loads(meta["ss_datasets"])
     assert (dataset["batch_size_per_device"], dataset["resolution"]) == (2, [64, 64])  # the dataset config's
     assert [(s["image_dir"], s["is_reg"], s["num_repeats"], s["img_count"]) for s in dataset["subsets"]] == [
@@ -63,4 +63,4 @@ save_precision = "float"
     assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["ss_num_batches_per_epoch"]) == ("4", "2", "4")
     assert "ss_resolution" not in meta and "ss_reg_dataset_dirs" not in meta  # kohya keeps them per dataset
     saved = load_toml(tmp_path / "out" / "ds.toml").config
-    assert saved.dataset.dataset_config == str(tmp_path / "data" / "dataset.toml")
+    assert saved.dataset.dataset_config == str(dataset_config)  # the run can be repeated from the saved config
