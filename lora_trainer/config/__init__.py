@@ -1,4 +1,7 @@
 """Training configuration: a frozen dataclass tree keyed by kohya sd-scripts names, TOML in/out, presets."""
+from lora_trainer.config.dataset_config import (
+    DatasetDescription, DatasetSpec, SubsetSpec, describe_settings, read_dataset_config,
+)
 from lora_trainer.config.kohya_keys import IGNORED_KEYS, NETWORK_ARG_FIELDS, VERSION_KEY, format_network_args
 from lora_trainer.config.presets import PRESETS, preset_config
 from lora_trainer.config.schema import (
@@ -14,8 +17,9 @@ from lora_trainer.config.values import block_lr_preset, coerce, parse_literal
 __all__ = [
     "FIELDS", "IGNORED_KEYS", "MAX_TOKEN_LENGTHS", "MIXED_PRECISIONS", "NETWORK_ALGOS", "NETWORK_ARG_FIELDS",
     "NETWORK_MODULES", "OPTIMIZERS", "PRESETS", "SAMPLERS", "SAVE_PRECISIONS", "SCHEDULERS", "VERSION_KEY",
-    "DatasetConfig", "FieldSpec", "LoadedConfig", "LoggingConfig", "ModelConfig", "NetworkConfig",
-    "OptimizerConfig", "SampleConfig", "SaveConfig", "TrainConfig", "TrainingConfig",
-    "apply_overrides", "block_lr_preset", "coerce", "config_from_dict", "field_values", "format_network_args",
-    "load_toml", "parse_literal", "preset_config", "save_toml", "to_kohya_dict", "update_config",
+    "DatasetConfig", "DatasetDescription", "DatasetSpec", "FieldSpec", "LoadedConfig", "LoggingConfig",
+    "ModelConfig", "NetworkConfig", "OptimizerConfig", "SampleConfig", "SaveConfig", "SubsetSpec", "TrainConfig",
+    "TrainingConfig", "apply_overrides", "block_lr_preset", "coerce", "config_from_dict", "describe_settings",
+    "field_values", "format_network_args", "load_toml", "parse_literal", "preset_config", "read_dataset_config",
+    "save_toml", "to_kohya_dict", "update_config",
 ]

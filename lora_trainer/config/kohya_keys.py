@@ -22,8 +22,6 @@ IGNORED_KEYS: dict[str, tuple[str, Any]] = {
     "model_train_type": ("lora-scripts GUI key; only sets sdxl when it names sdxl", ANY),
     "in_json": ("fine-tuning metadata is not supported; images and captions are read from train_data_dir "
                 "folders (<repeats>_<concept>)", ANY),
-    "dataset_config": ("kohya dataset config files are not read; set train_data_dir to the folder of "
-                       "<repeats>_<concept> subfolders", ANY),
     "dataset_repeats": ("only used with in_json; repeats come from the folder names (10_name)", 1),
     "weighted_captions": ("weighted captions are " + _NOT_SUPPORTED, False),
     "color_aug": ("color augmentation is " + _NOT_SUPPORTED, False),

@@ -116,6 +116,7 @@ class OptimizerConfig:
 class DatasetConfig:
     train_data_dir: str | None = None
     reg_data_dir: str | None = None
+    dataset_config: str | None = None         # kohya dataset TOML; replaces train_data_dir/reg_data_dir
     resolution: tuple[int, int] = (512, 512)  # (width, height)
     enable_bucket: bool = False
     min_bucket_reso: int = 256

@@ -184,14 +184,29 @@ def coerce(key: str, value: Any) -> Any:
     Raises:
         ConfigError: naming the key and value when it cannot be converted.
     """
-    type_text = FIELDS[key].type
+    return coerce_type(key, value, FIELDS[key].type, FIELDS[key].default)
+
+
+def coerce_type(key: str, value: Any, type_text: str, default: Any = None) -> Any:
+    """Convert `value` to a type named as in `FIELDS` ("int", "str | None", "tuple[int, int]", ...).
+
+    Args:
+        key: str, the key (for error messages and the per-key rules of lr weights).
+        value: a TOML value, or a string.
+        type_text: str, the annotation text.
+        default: the key's default, named when a required value is missing.
+    Returns:
+        The converted value.
+    Raises:
+        ConfigError: naming the key and value when it cannot be converted.
+    """
     optional = type_text.endswith(" | None")
     base = type_text.removesuffix(" | None")
     if value is None or (optional and isinstance(value, str) and value.strip() == ""):
         if optional:
             return None
         raise ConfigError(f"{key}: a value is required. Set {key} or remove it to use the default "
-                          f"({FIELDS[key].default!r}).")
+                          f"({default!r}).")
     if optional and base != "str" and isinstance(value, str) and value.strip().lower() in ("none", "null"):
         return None
     return _BY_KEY.get(key, _COERCERS[base])(key, value)

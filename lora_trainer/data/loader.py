@@ -17,7 +17,7 @@ import torch
 from lora_trainer.data.buckets import Bucketer, BucketSettings, bucket_info
 from lora_trainer.data.cache import CacheReport, LatentCache, LatentRequest, request_pixels
 from lora_trainer.data.captions import CaptionOptions, is_fixed, process_caption
-from lora_trainer.data.folders import DatasetIndex
+from lora_trainer.data.folders import DatasetIndex, kohya_datasets
 from lora_trainer.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -112,14 +112,15 @@ class TrainDataset:
         if callable(model_id) and not callable(encode_images):  # tolerate (index, cfg, encode_images, model_id)
             model_id, encode_images = encode_images or "", model_id
         cfg = getattr(dataset_cfg, "dataset", dataset_cfg)
+        self._index = index
         self.items = list(index.items)
+        self.description = index.description
         self.caption_options = CaptionOptions.from_config(cfg)
         self.bucket_settings = BucketSettings.from_config(cfg)
-        bucketer = Bucketer(self.bucket_settings)
-        self.placements = [bucketer.place(item.width, item.height) for item in self.items]
-        self.batch_size = max(1, int(getattr(cfg, "train_batch_size", 1) or 1))
-        self.flip_aug = bool(getattr(cfg, "flip_aug", False))
-        self.random_crop = bool(getattr(cfg, "random_crop", False))
+        self._settings_per_item(cfg)
+        self.batch_size = self.batch_sizes[0]
+        self.flip_aug = any(self.item_flip)
+        self.random_crop = any(self.item_random_crop)
         prior = getattr(cfg, "prior_loss_weight", None)
         self.prior_loss_weight = 1.0 if prior is None else float(prior)
         self.encode_images = encode_images
@@ -134,16 +135,42 @@ class TrainDataset:
                     "the crop). Turn random_crop off, or turn latent caching off."
                 )
             if to_disk and not cache_dir:
-                cache_dir = os.path.join(os.fspath(getattr(cfg, "train_data_dir", "") or "."), CACHE_FOLDER)
+                root = getattr(cfg, "train_data_dir", "")
+                if self.description:  # beside the dataset config: its subsets may live anywhere
+                    root = os.path.dirname(self.description.path)
+                cache_dir = os.path.join(os.fspath(root or "."), CACHE_FOLDER)
             self.cache = LatentCache(self.model_id, cache_dir if to_disk else None)
+
+    def _settings_per_item(self, cfg) -> None:
+        """Caption options, flip and crop per image, and buckets and batch size per dataset: a dataset config's
+        subsets and datasets set them (kohya's levels); images from folders all take the run's settings."""
+        subsets = self.description.subsets if self.description else []
+        datasets = self.description.datasets if self.description else [cfg]
+        sources = [subsets[item.subset] if subsets else cfg for item in self.items]
+        options = {id(s): CaptionOptions.from_config(s) for s in subsets or [cfg]}
+        self.item_options = [options[id(source)] for source in sources]
+        self.item_flip = [bool(getattr(source, "flip_aug", False)) for source in sources]
+        self.item_random_crop = [bool(getattr(source, "random_crop", False)) for source in sources]
+        self.batch_sizes = [max(1, int(getattr(d, "train_batch_size", 1) or 1)) for d in datasets]
+        bucketers = [Bucketer(BucketSettings.from_config(d)) for d in datasets]
+        self.dataset_bucket_settings = [b.settings for b in bucketers]
+        self.placements = [bucketers[self._dataset_of(item)].place(item.width, item.height) for item in self.items]
+
+    def _dataset_of(self, item) -> int:
+        return item.dataset if self.description else 0
 
     # --- epoch order ----------------------------------------------------------------------------------------------
 
     def _epoch_samples(self) -> list[int]:
-        """Item indexes of one epoch before shuffling: train images x repeats, then regularisation images balanced to
-        the same count as kohya does (whole repeats until enough, then one more use each in turn)."""
-        samples = [i for i, item in enumerate(self.items) if not item.is_reg for _ in range(item.repeats)]
-        reg = [i for i, item in enumerate(self.items) if item.is_reg]
+        """Item indexes of one epoch before shuffling, dataset by dataset (kohya balances each dataset alone)."""
+        return [i for number in range(len(self.batch_sizes)) for i in self._dataset_samples(number)]
+
+    def _dataset_samples(self, number: int) -> list[int]:
+        """Train images x repeats, then regularisation images balanced to the same count as kohya does (whole
+        repeats until enough, then one more use each in turn)."""
+        mine = [i for i, item in enumerate(self.items) if self._dataset_of(item) == number]
+        samples = [i for i in mine if not self.items[i].is_reg for _ in range(self.items[i].repeats)]
+        reg = [i for i in mine if self.items[i].is_reg]
         if not reg:
             return samples
         wanted, reg_samples = len(samples), []
@@ -163,10 +190,15 @@ class TrainDataset:
 
     def batches_per_epoch(self) -> int:
         """Batches per epoch (the same for every epoch)."""
-        counts: dict[tuple[int, int], int] = {}
+        counts: dict[tuple[int, tuple[int, int]], int] = {}
         for i in self._epoch_samples():
-            counts[self.placements[i].bucket] = counts.get(self.placements[i].bucket, 0) + 1
-        return sum(-(-n // self.batch_size) for n in counts.values())
+            key = self._batch_group(i)
+            counts[key] = counts.get(key, 0) + 1
+        return sum(-(-n // self.batch_sizes[key[0]]) for key, n in counts.items())
+
+    def _batch_group(self, i: int) -> tuple[int, tuple[int, int]]:
+        """Samples batch together when they share a dataset (its batch size) and a bucket."""
+        return self._dataset_of(self.items[i]), self.placements[i].bucket
 
     def epoch_batches(self, epoch: int, seed: int) -> list[BatchPlan]:
         """The batches of one epoch, shuffled within and across buckets; a pure function of (seed, epoch).
@@ -179,23 +211,23 @@ class TrainDataset:
             list[BatchPlan]: every sample of the epoch once; the last batch of a bucket may be smaller.
         """
         rng = _rng(seed, epoch)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_group: dict[tuple[int, tuple[int, int]], list[int]] = {}
         for i in self._epoch_samples():
-            by_bucket.setdefault(self.placements[i].bucket, []).append(i)
+            by_group.setdefault(self._batch_group(i), []).append(i)
         plans = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
+        for group in sorted(by_group):
+            members, size = by_group[group], self.batch_sizes[group[0]]
             rng.shuffle(members)
-            for start in range(0, len(members), self.batch_size):
-                chunk = tuple(members[start:start + self.batch_size])
-                flips = tuple(self.flip_aug and rng.random() < 0.5 for _ in chunk)
-                crops = tuple(
-                    self.placements[i].random_crop(rng) if self.random_crop else self.placements[i].center_crop()
-                    for i in chunk
-                )
-                plans.append(BatchPlan(bucket, chunk, flips, crops))
+            for start in range(0, len(members), size):
+                chunk = tuple(members[start:start + size])
+                flips = tuple(self.item_flip[i] and rng.random() < 0.5 for i in chunk)
+                crops = tuple(self._crop(i, rng) for i in chunk)
+                plans.append(BatchPlan(group[1], chunk, flips, crops))
         rng.shuffle(plans)
         return plans
+
+    def _crop(self, i: int, rng: random.Random) -> tuple[int, int]:
+        return self.placements[i].random_crop(rng) if self.item_random_crop[i] else self.placements[i].center_crop()
 
     # --- batches --------------------------------------------------------------------------------------------------
 
@@ -217,7 +249,7 @@ class TrainDataset:
     def _read(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
         """The CPU part of load_batch (safe in a worker thread): captions, cached latents or pixels; never encodes."""
         rng = _rng(seed, epoch, index, "captions")
-        captions = [process_caption(self.items[i].caption, self.caption_options, rng, epoch=epoch) for i in plan.items]
+        captions = [process_caption(self.items[i].caption, self.item_options[i], rng, epoch=epoch) for i in plan.items]
         requests = self._requests(plan)
         latents = pixels = None
         keep = list(range(len(requests)))
@@ -308,8 +340,8 @@ class TrainDataset:
 
     def latent_requests(self) -> list[LatentRequest]:
         """Every latent training can ask for (center crop; both flips with flip_aug)."""
-        flips = (False, True) if self.flip_aug else (False,)
-        return [self._request(i, self.placements[i].center_crop(), f) for i in range(len(self.items)) for f in flips]
+        return [self._request(i, self.placements[i].center_crop(), flip) for i in range(len(self.items))
+                for flip in ((False, True) if self.item_flip[i] else (False,))]
 
     def cache_latents(self, batch_size: int = 1, progress=None, cancel=None) -> CacheReport:
         """Encode every latent up front (with cache_latents on).
@@ -341,13 +373,24 @@ class TrainDataset:
 
     def fixed_captions(self) -> list[str] | None:
         """The processed captions when they never change (text-encoder outputs may then be cached), else None."""
-        if not is_fixed(self.caption_options, [item.caption for item in self.items]):
+        if not all(is_fixed(opts, [item.caption]) for opts, item in zip(self.item_options, self.items)):
             return None
         rng = random.Random(0)
-        return sorted({process_caption(item.caption, self.caption_options, rng) for item in self.items})
+        return sorted({process_caption(item.caption, opts, rng) for opts, item in zip(self.item_options, self.items)})
 
     def bucket_info(self) -> dict | None:
         """Kohya's `ss_bucket_info` (counts with repeats), or None with enable_bucket off (kohya writes none)."""
         if not self.bucket_settings.enable_bucket:
             return None
         return bucket_info(self.placements, [item.repeats for item in self.items])
+
+    def datasets_metadata(self) -> list[dict] | None:
+        """Kohya's `ss_datasets` (each dataset with its bucket info and subsets) for a dataset config, else None."""
+        if self.description is None:
+            return None
+        infos = []
+        for number, settings in enumerate(self.dataset_bucket_settings):
+            mine = [i for i, item in enumerate(self.items) if item.dataset == number]
+            infos.append(bucket_info([self.placements[i] for i in mine], [self.items[i].repeats for i in mine])
+                         if settings.enable_bucket else None)
+        return kohya_datasets(self._index, infos)

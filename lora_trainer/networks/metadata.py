@@ -24,6 +24,8 @@ class TrainingFacts:
 
     `dataset_dirs` {folder name: {"n_repeats": int, "img_count": int}}, `tag_frequency` {folder name: {tag: count}},
     `bucket_info` {"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": float} or None.
+    `datasets` is kohya's `ss_datasets` list when the run read a dataset config (None otherwise); then, as kohya,
+    the per-dataset keys (resolution, batch size, buckets, flip, shuffle, keep_tokens, reg dirs) live only there.
     `optimizer` is kohya's `ss_optimizer` text (e.g. "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.1)"); when
     None it is made from the config's optimizer_type and optimizer_args.
     """
@@ -48,6 +50,7 @@ class TrainingFacts:
     reg_dataset_dirs: dict = field(default_factory=dict)
     tag_frequency: dict = field(default_factory=dict)
     bucket_info: dict | None = None
+    datasets: list | None = None
     training_comment: str | None = None
 
 
@@ -164,16 +167,16 @@ def _dataset_keys(config, facts: TrainingFacts) -> dict:
     resolution = _get(config, "resolution", (512, 512))
     if isinstance(resolution, (int, float)):
         resolution = (int(resolution), int(resolution))
-    return {
+    if facts.datasets is not None:
+        return _shared_dataset_keys(config) | {
+            "ss_datasets": json.dumps(facts.datasets),
+            "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+            "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        }
+    return _shared_dataset_keys(config) | {
         "ss_batch_size_per_device": _get(config, "train_batch_size", 1),
         "ss_total_batch_size": facts.total_batch_size or _get(config, "train_batch_size", 1),
         "ss_resolution": str(tuple(resolution)),
-        "ss_clip_skip": _get(config, "clip_skip"),
-        "ss_max_token_length": _get(config, "max_token_length"),
-        "ss_cache_latents": bool(_get(config, "cache_latents", False)),
-        "ss_caption_dropout_rate": _get(config, "caption_dropout_rate", 0.0),
-        "ss_caption_dropout_every_n_epochs": _get(config, "caption_dropout_every_n_epochs", 0),
-        "ss_caption_tag_dropout_rate": _get(config, "caption_tag_dropout_rate", 0.0),
         "ss_shuffle_caption": bool(_get(config, "shuffle_caption", False)),
         "ss_keep_tokens": _get(config, "keep_tokens", 0),
         "ss_flip_aug": bool(_get(config, "flip_aug", False)),
@@ -182,11 +185,23 @@ def _dataset_keys(config, facts: TrainingFacts) -> dict:
         "ss_bucket_no_upscale": bool(_get(config, "bucket_no_upscale", False)),
         "ss_min_bucket_reso": _get(config, "min_bucket_reso"),
         "ss_max_bucket_reso": _get(config, "max_bucket_reso"),
-        "ss_prior_loss_weight": _get(config, "prior_loss_weight", 1.0),
         "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
         "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_bucket_info": json.dumps(facts.bucket_info),
+    }
+
+
+def _shared_dataset_keys(config) -> dict:
+    """Dataset keys kohya writes for every run (with or without a dataset config)."""
+    return {
+        "ss_clip_skip": _get(config, "clip_skip"),
+        "ss_max_token_length": _get(config, "max_token_length"),
+        "ss_cache_latents": bool(_get(config, "cache_latents", False)),
+        "ss_caption_dropout_rate": _get(config, "caption_dropout_rate", 0.0),
+        "ss_caption_dropout_every_n_epochs": _get(config, "caption_dropout_every_n_epochs", 0),
+        "ss_caption_tag_dropout_rate": _get(config, "caption_tag_dropout_rate", 0.0),
+        "ss_prior_loss_weight": _get(config, "prior_loss_weight", 1.0),
     }
 
 

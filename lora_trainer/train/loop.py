@@ -292,7 +292,7 @@ class Trainer:
             sd_model_name=Path(cfg.model.pretrained_model_name_or_path or self.adapter.model_id).name,
             new_sd_model_hash=getattr(self.adapter, "checkpoint_sha256", None),
             dataset_dirs=index.dirs, reg_dataset_dirs=index.reg_dirs, tag_frequency=index.tag_frequency,
-            bucket_info=self.data.dataset.bucket_info(),
+            bucket_info=self.data.dataset.bucket_info(), datasets=self.data.dataset.datasets_metadata(),
         )
         return build_metadata(cfg, facts, self.adapter.architecture)
 
