@@ -122,7 +122,7 @@ def available_memory(device) -> int | None:
     return None
 
 
-def check_resources(config, adapter, plan, folder: Path) -> ResourceEstimate:
+def check_resources(config, adapter, plan, folder: Path, free_memory: int | None = None) -> ResourceEstimate:
     """Refuse a network that does not fit in memory, or saves that do not fit on the disk, before any step.
 
     Args:
@@ -130,6 +130,7 @@ def check_resources(config, adapter, plan, folder: Path) -> ResourceEstimate:
         adapter (ModelAdapter): the loaded model (targets and device).
         plan (StepPlan): steps and epochs.
         folder (Path): the output folder.
+        free_memory (int, optional): bytes free on the device; measured when None (the default).
 
     Returns:
         ResourceEstimate: what was checked.
@@ -139,7 +140,7 @@ def check_resources(config, adapter, plan, folder: Path) -> ResourceEstimate:
     include_conv = NetworkSettings.from_config(config.network).wants_conv
     parameters = count_network_parameters(adapter.lora_targets(include_conv), config.network)
     estimate = estimate_resources(config, parameters, plan)
-    free = available_memory(adapter.device)
+    free = available_memory(adapter.device) if free_memory is None else free_memory
     n = config.network
     if free is not None and estimate.training_bytes > free:
         raise TrainingError(
