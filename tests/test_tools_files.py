@@ -207,17 +207,20 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
-def test_cli_commands(sd1_files, tmp_path):
+def test_cli_commands(sd1_files, tmp_path, capsys):
+    from lora_trainer.__main__ import main
+
     merged = tmp_path / "m.safetensors"
-    done = _cli("merge", f"{sd1_files['a']}:0.7", f"{sd1_files['b']}:-0.4", "--out", merged)
+    done = _cli("merge", f"{sd1_files['a']}:0.7", f"{sd1_files['b']}:-0.4", "--out", merged)  # the real entry point
     assert done.returncode == 0, done.stdout + done.stderr
     assert "retained (Frobenius) overall: 1.000000" in done.stdout
-    done = _cli("lbw", sd1_files["a"], "--weights", "OUTD", "--out", tmp_path / "o.safetensors")
-    assert done.returncode == 0 and "OUT03" in done.stdout, done.stdout + done.stderr
-    done = _cli("resize", merged, "--dynamic", "sv_fro:0.9", "--rank", "4", "--out", tmp_path / "r.safetensors")
-    assert done.returncode == 0 and "largest relative error" in done.stdout, done.stdout + done.stderr
-    done = _cli("inspect", tmp_path / "r.safetensors", "--json")
-    assert done.returncode == 0 and '"keys_ok": true' in done.stdout
-    done = _cli("lbw", sd1_files["a"], "--weights", "1,0,1", "--out", tmp_path / "bad.safetensors")
-    assert done.returncode == 2 and "17 or 26" in done.stdout
+    assert main(["lbw", str(sd1_files["a"]), "--weights", "OUTD", "--out", str(tmp_path / "o.safetensors")]) == 0
+    assert "OUT03" in capsys.readouterr().out
+    assert main(["resize", str(merged), "--dynamic", "sv_fro:0.9", "--rank", "4", "--out",
+                 str(tmp_path / "r.safetensors")]) == 0
+    assert "largest relative error" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "r.safetensors"), "--json"]) == 0
+    assert '"keys_ok": true' in capsys.readouterr().out
+    assert main(["lbw", str(sd1_files["a"]), "--weights", "1,0,1", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "17 or 26" in capsys.readouterr().out
     assert not (tmp_path / "bad.safetensors").exists()
