@@ -128,7 +128,7 @@ def merge_state_dict(inputs: list[MergeInput], rank: int | None = None, conv_ran
             up, down = stacked
             state.update(lora_tensors(name, up, down, up.shape[1], shape, dtype))
             result.ranks[name] = up.shape[1]
-            result.report.modules[name] = _stored_error(name, state, parts, up.shape[1])
+            result.report.modules[name] = _stored_error(name, state, up, down)
             continue
         decomposition = svd_of_matrix(_exact_delta(name, parts)) if stacked is None else svd_of_product(*stacked)
         wanted = conv_rank if (len(shape) == 4 and shape[2:] != (1, 1) and conv_rank) else rank
@@ -141,14 +141,24 @@ def merge_state_dict(inputs: list[MergeInput], rank: int | None = None, conv_ran
     return state, result
 
 
-def _stored_error(name: str, state: dict, parts, rank: int) -> ModuleEnergy:
-    """Energy figures of an exact merge as stored (the only loss is the output dtype's rounding)."""
-    exact = _exact_delta(name, parts)
-    up = state[f"{name}.lora_up.weight"].float().reshape(exact.shape[0], -1)
-    down = state[f"{name}.lora_down.weight"].float().reshape(rank, -1)
-    stored = (up @ down).reshape(exact.shape)
-    return ModuleEnergy(rank, rank, float(exact.double().square().sum()),
-                        float((stored - exact).double().square().sum()))
+def _product_norm_sq(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left @ right||_F^2 from the two small Gram matrices (never forms the product)."""
+    left, right = left.double(), right.double()
+    return max(0.0, float(((left.T @ left) * (right @ right.T)).sum()))
+
+
+def _stored_error(name: str, state: dict, up: torch.Tensor, down: torch.Tensor) -> ModuleEnergy:
+    """Energy figures of an exact merge as stored: the only loss is the output dtype's rounding.
+
+    `up @ down` is the exact sum (the ratios are folded into `up`); the stored product differs only by rounding,
+    and both norms come from Gram matrices of the stacked factors, so no full delta is built.
+    """
+    rank = up.shape[1]
+    stored_up = state[f"{name}.lora_up.weight"].reshape(up.shape[0], rank)
+    stored_down = state[f"{name}.lora_down.weight"].reshape(rank, -1)
+    difference = _product_norm_sq(torch.cat([up, -stored_up.to(up.dtype)], 1),
+                                  torch.cat([down, stored_down.to(down.dtype)], 0))
+    return ModuleEnergy(rank, rank, _product_norm_sq(up, down), difference)
 
 
 def merge_loras(inputs: list[MergeInput], out, rank: int | None = None, conv_rank: int | None = None,
