@@ -5,8 +5,9 @@ Cases:
     tiny_sdxl   LoRA/LoCon-free rank-8 LoRAs on the tiny SDXL model's targets (lora_trainer.testing)
     full_sd1    rank-32 fp16 LoRAs with random weights on every kohya target of full-size SD1 (264 modules)
 
-Every job runs in its own process; the time is the job's own wall time (file reading included, interpreter start
-excluded), the peak RSS the child's ru_maxrss (wait4). "retained" is the share of the Frobenius norm of the exact
+Every job runs in its own process; "job s" is the job's own wall time (file reading and writing included),
+"proc s" the whole process (interpreter start and imports included, as kohya's figure is), the peak RSS the
+child's ru_maxrss (wait4). "retained" is the share of the Frobenius norm of the exact
 result kept by the output, measured with our reader on the written file, so ours and kohya's are measured the
 same way. Nothing here asserts a timing; numbers depend on the machine's load.
 
@@ -119,7 +120,7 @@ def drive(cases: list[str], rank: int, folder: Path) -> None:
     kohya = bool(os.environ.get("SD_SCRIPTS_DIR") and os.environ.get("SD_SCRIPTS_PYTHON"))
     print(f"kohya comparison: {'on' if kohya else 'off (set SD_SCRIPTS_DIR and SD_SCRIPTS_PYTHON)'}; "
           f"load average {os.getloadavg()[0]:.1f}; cpu count {os.cpu_count()}")
-    print(f"{'case':10s} {'job':12s} {'ours s':>8s} {'RSS MiB':>8s} {'retained':>9s}"
+    print(f"{'case':10s} {'job':12s} {'job s':>8s} {'proc s':>8s} {'RSS MiB':>8s} {'retained':>9s}"
           + (f" {'kohya s':>8s} {'RSS MiB':>8s} {'retained':>9s} {'speedup':>8s}" if kohya else ""))
     for case in cases:
         a, b = folder / f"{case}_a.safetensors", folder / f"{case}_b.safetensors"
@@ -130,18 +131,18 @@ def drive(cases: list[str], rank: int, folder: Path) -> None:
             _tiny_sdxl_loras(folder, [a, b])
         for job in ("merge_exact", "merge_svd", "resize", "resize_fro"):
             out = folder / f"{case}_{job}.safetensors"
-            _, rss, output = _measure([sys.executable, __file__, "--job", job, "--a", str(a), "--b", str(b),
+            wall, rss, output = _measure([sys.executable, __file__, "--job", job, "--a", str(a), "--b", str(b),
                                        "--out", str(out), "--rank", str(rank)], env)
             seconds = json.loads(output.strip().splitlines()[-1])["seconds"]
             ratio_b = 0.5 if job.startswith("merge") else 0.0
             kept = retained(out, a, b if ratio_b else None, ratio_b)
-            row = f"{case:10s} {job:12s} {seconds:8.2f} {rss:8.0f} {kept:9.5f}"
+            row = f"{case:10s} {job:12s} {seconds:8.2f} {wall:8.2f} {rss:8.0f} {kept:9.5f}"
             command = _kohya_command(job, a, b, folder / f"{case}_{job}_kohya.safetensors", rank) if kohya else None
             if command and case == "full_sd1":
                 k_seconds, k_rss, _ = _measure([os.environ["SD_SCRIPTS_PYTHON"], *command],
                                                {**os.environ, "PYTHONPATH": os.environ["SD_SCRIPTS_DIR"]})
                 k_kept = retained(folder / f"{case}_{job}_kohya.safetensors", a, b if ratio_b else None, ratio_b)
-                row += f" {k_seconds:8.2f} {k_rss:8.0f} {k_kept:9.5f} {k_seconds / seconds:7.1f}x"
+                row += f" {k_seconds:8.2f} {k_rss:8.0f} {k_kept:9.5f} {k_seconds / wall:7.1f}x"
             print(row, flush=True)
 
 

@@ -264,8 +264,9 @@ def _module_algorithm(name: str, tensors: dict, label: str) -> str:
     return algo
 
 
-def _flat_shape(out: int, in_flat: int, kernel: tuple, name: str, label: str) -> tuple:
+def _flat_shape(out: int, in_flat: int, kernel_of, name: str, label: str) -> tuple:
     """A delta stored as `[out, in * kh * kw]`: the target shape from the architecture's kernel size."""
+    kernel = kernel_of(name)
     size = math.prod(kernel) if kernel else 1
     if not kernel:
         return (out, in_flat)
@@ -275,7 +276,7 @@ def _flat_shape(out: int, in_flat: int, kernel: tuple, name: str, label: str) ->
     return (out, in_flat // size, *kernel)
 
 
-def _target_shape(name: str, algo: str, t: dict, kernel: tuple, label: str) -> tuple:
+def _target_shape(name: str, algo: str, t: dict, kernel_of, label: str) -> tuple:
     if algo == "lora":
         up, down = t["lora_up.weight"], t["lora_down.weight"]
         mid = t.get("lora_mid.weight")
@@ -284,7 +285,7 @@ def _target_shape(name: str, algo: str, t: dict, kernel: tuple, label: str) -> t
     if algo == "loha":
         if "hada_t1" in t:
             return (int(t["hada_w1_a"].shape[1]), int(t["hada_w1_b"].shape[1]), *t["hada_t1"].shape[2:])
-        return _flat_shape(int(t["hada_w1_a"].shape[0]), int(t["hada_w1_b"].shape[1]), kernel, name, label)
+        return _flat_shape(int(t["hada_w1_a"].shape[0]), int(t["hada_w1_b"].shape[1]), kernel_of, name, label)
     if algo == "lokr":
         w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
         if "lokr_w2" in t:
@@ -294,7 +295,7 @@ def _target_shape(name: str, algo: str, t: dict, kernel: tuple, label: str) -> t
         else:
             w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
         out, inp = int(w1[0] * w2[0]), int(w1[1] * w2[1])
-        return (out, inp, *w2[2:]) if len(w2) == 4 else _flat_shape(out, inp, kernel, name, label)
+        return (out, inp, *w2[2:]) if len(w2) == 4 else _flat_shape(out, inp, kernel_of, name, label)
     return tuple(t["diff"].shape)
 
 
@@ -322,13 +323,16 @@ def lora_from_state_dict(sd: dict, metadata: dict | None = None, path=None,
                            "Only kohya-style LoRA files can be read; convert diffusers-format files first.")
     algos = {name: _module_algorithm(name, tensors, label) for name, tensors in groups.items()}
     arch = architecture or detect_lora_architecture(groups, metadata, label)
-    table = architecture_modules(arch)
+
+    def kernel_of(name: str) -> tuple:  # only flattened LoHa/LoKr conv deltas need the (slower) module table
+        return architecture_modules(arch).kernel(name)
+
     modules = {}
     for name, tensors in groups.items():
         weights = {k: v for k, v in tensors.items() if k not in _COMMON}
         alpha, scale = tensors.get("alpha"), tensors.get("scale")
         modules[name] = LoraModuleWeights(
-            name, algos[name], weights, _target_shape(name, algos[name], weights, table.kernel(name), label),
+            name, algos[name], weights, _target_shape(name, algos[name], weights, kernel_of, label),
             alpha=float(alpha.float().reshape(-1)[0]) if alpha is not None else None,
             scale_key=float(scale.float().reshape(-1)[0]) if scale is not None else None,
             dora_scale=tensors.get("dora_scale"),
