@@ -27,7 +27,8 @@ def run(args) -> int:
     print(f"{report.path}: {report.architecture} {report.algorithm}, {report.modules} modules "
           f"({report.unet_modules} UNet, {report.te_modules} text encoder, {report.conv_modules} 3x3 conv)")
     print(f"ranks: {rank_summary(report)}")
-    print(f"alphas: {', '.join(f'{a:g}' if a is not None else 'none' for a in sorted(set(report.alphas.values()), key=lambda a: a or 0))}")
+    alphas = sorted(set(report.alphas.values()), key=lambda a: a or 0)
+    print("alphas: " + ", ".join(f"{a:g}" if a is not None else "none" for a in alphas))
     for slot, block in report.by_block.items():
         print(f"  {slot:9s} {block.modules:4d} modules  ranks {block.ranks}")
     for key, value in report.metadata.items():

@@ -107,7 +107,8 @@ def architecture_modules(architecture: str) -> ArchitectureModules:
     return ArchitectureModules(architecture, shapes, frozenset(lora), frozenset(locon))
 
 
-_SDXL_NAME_RE = re.compile(r"^lora_te[12]_|^lora_unet_(input_blocks|middle_block|output_blocks|label_emb|add_embedding)_"
+_SDXL_NAME_RE = re.compile(r"^lora_te[12]_"
+                           r"|^lora_unet_(input_blocks|middle_block|output_blocks|label_emb|add_embedding)_"
                            r"|^lora_unet_up_blocks_0_attentions_|_transformer_blocks_[1-9]")
 _TE_LAYER_RE = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_")
 

@@ -71,7 +71,8 @@ def lora_tensors(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float, 
     conv = len(shape) == 4
     up = up.reshape(shape[0], rank, 1, 1) if conv else up.reshape(shape[0], rank)
     down = down.reshape(rank, *shape[1:])
-    return {f"{name}.lora_up.weight": up.to(dtype).contiguous(), f"{name}.lora_down.weight": down.to(dtype).contiguous(),
+    return {f"{name}.lora_up.weight": up.to(dtype).contiguous(),
+            f"{name}.lora_down.weight": down.to(dtype).contiguous(),
             f"{name}.alpha": torch.tensor(float(alpha), dtype=torch.float32)}
 
 
