@@ -69,3 +69,18 @@ def test_architecture_detection_from_names_shapes_and_metadata():
         lora_from_state_dict({"unet.down_blocks.0.lora.down.weight": _rand(4, 4)})
     with pytest.raises(NetworkError, match="lacks"):
         lora_from_state_dict({f"{LINEAR}.lora_down.weight": _rand(4, 320)})
+
+
+def test_block_weights_scale_one_lokr_factor_and_keep_dora():
+    from lora_trainer.tools import expand_vector, weighted_state_dict
+
+    w1a, w1b, w2 = _rand(4, 2), _rand(2, 4, seed=1), _rand(80, 80, seed=2)
+    lora = lora_from_state_dict({f"{LINEAR}.lokr_w1_a": w1a, f"{LINEAR}.lokr_w1_b": w1b, f"{LINEAR}.lokr_w2": w2,
+                                 f"{LINEAR}.alpha": torch.tensor(1.0), f"{LINEAR}.dora_scale": torch.ones(1, 320)})
+    vector = [1.0] * 26
+    vector[2] = -0.5  # IN01 holds down_blocks_0_attentions_0
+    state, result = weighted_state_dict(lora, expand_vector(vector, "sd1"))
+    weighted = lora_from_state_dict(state)
+    torch.testing.assert_close(weighted.delta(LINEAR), lora.delta(LINEAR) * -0.5)
+    assert torch.equal(state[f"{LINEAR}.lokr_w2"], w2) and f"{LINEAR}.dora_scale" in state
+    assert result.by_block["IN01"] == (1, -0.5)
