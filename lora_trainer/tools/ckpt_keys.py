@@ -36,7 +36,9 @@ class LoraTarget:
         rows (tuple[int, int] | None): row range inside a fused `in_proj_weight`, None for the whole tensor.
         shape (tuple[int, ...]): the shape the module's delta has (the row range's shape for fused parts).
         component (str): "unet", "te", "te1" or "te2".
-        conv_block (bool): a UNet resnet/down/upsampler layer (kohya targets these only with conv_dim set).
+        kind (str): "attention" (kohya's plain LoRA targets, text encoders included), "conv_block" (UNet
+            resnet / down- / upsampler layers: kohya's LoCon targets) or "other" (conv_in, conv_out, time and
+            label embeddings: only full-network LyCORIS files name them).
     """
 
     name: str
@@ -44,7 +46,7 @@ class LoraTarget:
     rows: tuple[int, int] | None
     shape: tuple[int, ...]
     component: str
-    conv_block: bool = False
+    kind: str = "attention"
 
 
 def _family_by_context(infos: Mapping[str, TensorInfo]) -> str | None:
@@ -98,12 +100,12 @@ def _unet_target(key: str, info: TensorInfo, arch: str) -> LoraTarget | None:
     except ValueError:
         return None
     if ".attentions." in diffusers_path:
-        conv_block = False
+        kind = "attention"
     elif re.search(r"\.(resnets|downsamplers|upsamplers)\.", diffusers_path):
-        conv_block = True
+        kind = "conv_block"
     else:
-        return None  # conv_in, conv_out, time / label embeddings: kohya never targets them
-    return LoraTarget(kohya_unet_name(module, arch, "compvis"), key, None, info.shape, "unet", conv_block)
+        kind = "other"  # conv_in, conv_out, time / label embeddings: kohya never targets them
+    return LoraTarget(kohya_unet_name(module, arch, "compvis"), key, None, info.shape, "unet", kind)
 
 
 def _te_prefixes(arch: str) -> tuple[tuple[str, str, bool], ...]:
@@ -147,8 +149,8 @@ def lora_targets(infos: Mapping[str, TensorInfo], arch: str) -> dict[str, LoraTa
         arch (str): "sd1", "sd2" or "sdxl" (see `checkpoint_family`).
 
     Returns:
-        dict[str, LoraTarget]: UNet attention layers, UNet resnet/sampler layers (`conv_block=True`) and text
-        encoder attention/MLP layers, in file order.
+        dict[str, LoraTarget]: every UNet Linear/Conv2d weight (see `LoraTarget.kind`) and the text encoders'
+        attention/MLP layers, in file order.
     """
     targets: dict[str, LoraTarget] = {}
     te_prefixes = _te_prefixes(arch)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .blocks import SD_SLOTS, SDXL_SLOTS
 from .ckpt_keys import checkpoint_family
 from .output_path import check_output
 from .recipe import recipe_metadata
@@ -33,8 +34,6 @@ from .tensor_stream import TensorInfo, TensorReader, output_dtype, write_safeten
 logger = logging.getLogger(__name__)
 
 MODES = ("sum", "add-diff")
-SD_SLOTS = ("BASE", *[f"IN{i:02d}" for i in range(12)], "M00", *[f"OUT{i:02d}" for i in range(12)])
-SDXL_SLOTS = ("BASE", *[f"IN{i:02d}" for i in range(9)], "M00", *[f"OUT{i:02d}" for i in range(9)])
 _UNET = "model.diffusion_model."
 
 
@@ -235,5 +234,5 @@ def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str |
     return result
 
 
-__all__ = ["MODES", "MergeResult", "SDXL_SLOTS", "SD_SLOTS", "block_alphas", "merge_checkpoints", "merge_slot",
+__all__ = ["MODES", "MergeResult", "block_alphas", "merge_checkpoints", "merge_slot",
            "merge_slots"]
