@@ -7,4 +7,8 @@ COMMANDS = {
     "tag": "lora_trainer.cli.tag",
     "tags": "lora_trainer.cli.tags",
     "ui": "lora_trainer.cli.ui",
+    "bake": "lora_trainer.cli.bake",
+    "extract": "lora_trainer.cli.extract",
+    "ckpt-merge": "lora_trainer.cli.ckpt_merge",
+    "prune": "lora_trainer.cli.prune",
 }
