@@ -187,3 +187,25 @@ def test_cli_bake_extract_merge_prune(tiny_sd1, locons, tmp_path, capsys):
     assert main(["extract", ckpt, ckpt, "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "nothing to extract" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_sdxl_lora_with_diffusers_unet_names_bakes_the_same(locons, tmp_path):
+    from lora_trainer.networks import save_lora
+    from lora_trainer.tools.ckpt_keys import lora_targets
+    from lora_trainer.tools.tensor_stream import TensorReader
+
+    tiny, _, lora_path = locons("sdxl")
+    with TensorReader(tiny.checkpoint) as reader:
+        spelling = {t.name: alias for alias, t in lora_targets(reader.infos, "sdxl", aliases=True).items()
+                    if alias != t.name}
+    sd, meta = load_lora(lora_path)
+    renamed = {}
+    for key, value in sd.items():
+        name, _, suffix = key.partition(".")
+        renamed[f"{spelling.get(name, name)}.{suffix}"] = value
+    assert any(key.startswith("lora_unet_down_blocks_1_attentions_0_") for key in renamed)
+    other = save_lora(tmp_path / "diffusers_names.safetensors", renamed, meta)
+    first = bake_loras(tiny.checkpoint, [LoraToBake(lora_path)], tmp_path / "a.safetensors", hash_inputs=False)
+    second = bake_loras(tiny.checkpoint, [LoraToBake(other)], tmp_path / "b.safetensors", hash_inputs=False)
+    a, b = load_file(str(first.path)), load_file(str(second.path))
+    assert first.modules == second.modules and all(torch.equal(a[k], b[k]) for k in a)

@@ -155,7 +155,7 @@ def bake_loras(checkpoint: str | Path, loras: list[LoraToBake], out: str | Path,
     out = check_output(out, [checkpoint, *(spec.path for spec in loras)], overwrite)
     with TensorReader(checkpoint) as reader:
         arch = checkpoint_family(reader.infos, str(checkpoint))
-        by_key = _collect(loras, lora_targets(reader.infos, arch), arch, checkpoint)
+        by_key = _collect(loras, lora_targets(reader.infos, arch, aliases=True), arch, checkpoint)
         result = BakeResult(out, arch, modules=sum(len(v) for v in by_key.values()), weights_changed=len(by_key))
         result.recipe = {"type": "lora_trainer bake", "model": checkpoint.name, "precision": precision,
                          "loras": [{"name": spec.path.name, "ratio": spec.ratio,

@@ -108,6 +108,11 @@ def _unet_target(key: str, info: TensorInfo, arch: str) -> LoraTarget | None:
     return LoraTarget(kohya_unet_name(module, arch, "compvis"), key, None, info.shape, "unet", kind)
 
 
+def _diffusers_spelling(key: str) -> str:
+    module = key[len(UNET_PREFIX):-len(".weight")]
+    return kohya_unet_name(compvis_to_diffusers_unet(module, layout_for("sdxl")), "sd1", "diffusers")
+
+
 def _te_prefixes(arch: str) -> tuple[tuple[str, str, bool], ...]:
     """(checkpoint prefix, kohya prefix, OpenCLIP layout) per text encoder."""
     if arch == "sd1":
@@ -141,12 +146,15 @@ def _open_clip_targets(key: str, info: TensorInfo, prefix: str, kohya: str) -> l
     return [LoraTarget(base + OPEN_CLIP_PARTS[module], key, None, info.shape, component)]
 
 
-def lora_targets(infos: Mapping[str, TensorInfo], arch: str) -> dict[str, LoraTarget]:
+def lora_targets(infos: Mapping[str, TensorInfo], arch: str, aliases: bool = False) -> dict[str, LoraTarget]:
     """Every weight a kohya LoRA/LoCon module can target in this checkpoint, by kohya module name.
 
     Args:
         infos (Mapping[str, TensorInfo]): the checkpoint header.
         arch (str): "sd1", "sd2" or "sdxl" (see `checkpoint_family`).
+        aliases (bool, optional): also list SDXL UNet modules under their diffusers-path spelling (which some
+            trainers write and the WebUI converts), mapped to the same targets (whose `name` stays the compvis
+            spelling). Defaults to False.
 
     Returns:
         dict[str, LoraTarget]: every UNet Linear/Conv2d weight (see `LoraTarget.kind`) and the text encoders'
@@ -159,6 +167,8 @@ def lora_targets(infos: Mapping[str, TensorInfo], arch: str) -> dict[str, LoraTa
         if key.startswith(UNET_PREFIX) and key.endswith(".weight") and len(info.shape) in (2, 4):
             target = _unet_target(key, info, arch)
             found = [target] if target is not None else []
+            if target is not None and aliases and arch == "sdxl":
+                targets[_diffusers_spelling(key)] = target  # the target keeps its canonical name
         for prefix, kohya, open_clip in te_prefixes:
             if key.startswith(prefix) and len(info.shape) == 2:
                 found = (_open_clip_targets if open_clip else _clip_l_targets)(key, info, prefix, kohya)
