@@ -135,8 +135,10 @@ def test_svd_factors_cap_the_rank_and_clamp():
     assert not torch.equal(up, exact_up)
 
 
-def test_bad_inputs_are_refused_by_name(locons, tiny_sd1, tmp_path):
+def test_bad_inputs_are_refused_by_name(locons, tiny_sd1, tiny_sdxl, tmp_path):
     _, _, sdxl_lora = locons("sdxl")
+    with pytest.raises(ValueError, match="a sd1 checkpoint, but .* is sdxl"):
+        extract_lora(tiny_sdxl.checkpoint, tiny_sd1.checkpoint, tmp_path / "x.safetensors")
     with pytest.raises(NetworkError, match="sdxl LoRA"):
         bake_loras(tiny_sd1.checkpoint, [LoraToBake(sdxl_lora)], tmp_path / "x.safetensors")
     _, _, sd1_lora = locons("sd1")

@@ -79,10 +79,13 @@ class _Contribution:
     factor: float
 
 
+def _squeezed(shape: tuple) -> tuple:
+    return tuple(shape[:2]) if tuple(shape[2:]) in ((), (1, 1)) else tuple(shape)
+
+
 def _fits(module_shape: tuple, target: LoraTarget) -> bool:
     """Same shape, or a Linear delta for a 1x1 conv weight (or the reverse): SD1 stores proj_in/out as 1x1 convs."""
-    squeeze = lambda shape: tuple(shape[:2]) if tuple(shape[2:]) in ((), (1, 1)) else tuple(shape)  # noqa: E731
-    return tuple(module_shape) == tuple(target.shape) or squeeze(module_shape) == squeeze(target.shape)
+    return _squeezed(module_shape) == _squeezed(target.shape)
 
 
 def _check_architecture(lora: LoraFile, arch: str, checkpoint: Path) -> None:

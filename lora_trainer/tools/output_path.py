@@ -22,7 +22,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path], overwrite: bool 
         suffix (str, optional): the required suffix, defaults to ".safetensors".
 
     Returns:
-        Path: the output path; its folder is created when missing.
+        Path: the output path (its folder is created by the writer, once the job has started writing).
 
     Raises:
         ValueError: `..` in the path, wrong suffix, output equal to an input, or an existing file without
@@ -41,7 +41,6 @@ def check_output(out: str | Path, inputs: Iterable[str | Path], overwrite: bool 
         raise ValueError(f"{out}: the file exists. Choose another name or allow overwriting (--overwrite).")
     if path.is_dir():
         raise ValueError(f"{out}: is a folder. Give a file name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -182,7 +182,7 @@ def atomic_stream(path: str | Path):
     """Open a temporary file beside `path` for writing; on success fsync it and rename it over `path`.
 
     Args:
-        path (str | Path): the target; its folder must exist. An existing target keeps its permissions.
+        path (str | Path): the target; a missing folder is created. An existing target keeps its permissions.
 
     Yields:
         BinaryIO: the open temporary file.
@@ -195,6 +195,7 @@ def atomic_stream(path: str | Path):
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(tmp, "xb")
     except OSError as err:
         raise FileWriteError(f"{path}: cannot create a file in {path.parent} ({err.strerror}). Check that the "
@@ -229,7 +230,7 @@ def write_safetensors(path: str | Path, infos: list[TensorInfo], tensor_for: Cal
     """Write a `.safetensors` file tensor by tensor, atomically.
 
     Args:
-        path (str | Path): the target file (its folder must exist).
+        path (str | Path): the target file (a missing folder is created).
         infos (list[TensorInfo]): every tensor's key, dtype and shape, in file order (the header is built first).
         tensor_for (Callable[[TensorInfo], torch.Tensor]): called once per info, in order; must return a tensor of
             exactly that dtype and shape (it may be freed right after).
