@@ -199,9 +199,9 @@ def test_merge_refuses_mismatches_and_never_touches_inputs(sd1_models, tiny_sdxl
         merge_checkpoints(a, bad, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="sdxl checkpoint"):
         merge_checkpoints(a, tiny_sdxl.checkpoint, tmp_path / "x.safetensors")
-    with pytest.raises(ValueError, match="also an input"):
+    with pytest.raises(ValueError, match="one of the inputs"):
         merge_checkpoints(a, b, a)
-    with pytest.raises(ValueError, match=r"'\.\.'"):
+    with pytest.raises(ValueError, match="may not contain"):
         merge_checkpoints(a, b, tmp_path / "sub" / ".." / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists() and checkpoint_hash(a).sha256 == before
 

@@ -41,7 +41,7 @@ FAMILY_NAMES = {"sd": "SD1/SD2", "sdxl": "SDXL"}
 # extension leaves them at weight 1.
 UNBLOCKED_UNET_PARTS = ("time_embedding", "time_embed", "add_embedding", "label_emb", "conv_out", "conv_norm_out",
                         "out")
-_UNBLOCKED_RE = re.compile(r"^lora_unet_(" + "|".join(UNBLOCKED_UNET_PARTS) + r")_")
+_UNBLOCKED_RE = re.compile(r"^lora_unet_(" + "|".join(UNBLOCKED_UNET_PARTS) + r")(_|$)")
 _CONV_IN_RE = re.compile(r"^lora_unet_conv_in($|_)")
 
 

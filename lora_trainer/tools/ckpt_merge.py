@@ -90,7 +90,7 @@ def block_alphas(values: list[float], family: str) -> dict[str, float]:
 
 
 @dataclass
-class MergeResult:
+class CheckpointMergeResult:
     """What a checkpoint merge wrote.
 
     Attributes:
@@ -132,7 +132,7 @@ def _check_inputs(readers: dict[str, TensorReader]) -> str:
 
 
 def _plan(readers: dict[str, TensorReader], mode: str, precision: str | None,
-          result: MergeResult) -> list[tuple[TensorInfo, str]]:
+          result: CheckpointMergeResult) -> list[tuple[TensorInfo, str]]:
     """(output info, source) per key, source = "merge", "A" or "B"."""
     a, b, c = readers["A"], readers["B"], readers.get("C")
     plan = []
@@ -167,7 +167,7 @@ def _merge_tensor(key: str, readers: dict[str, TensorReader], mode: str, m: floa
 def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str | Path | None = None,
                       mode: str = "sum", alpha: float = 0.5, block_alpha: list[float] | None = None,
                       precision: str | None = None, overwrite: bool = False, hash_inputs: bool = True,
-                      progress: Callable[[int, int], None] | None = None) -> MergeResult:
+                      progress: Callable[[int, int], None] | None = None) -> CheckpointMergeResult:
     """Merge two (sum) or three (add difference) checkpoints into a new `.safetensors` file, one tensor at a time.
 
     Args:
@@ -184,7 +184,7 @@ def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str |
         progress (Callable[[int, int], None], optional): called with (done, total) keys.
 
     Returns:
-        MergeResult: counts of merged and copied keys, the recipe, the time taken.
+        CheckpointMergeResult: counts of merged and copied keys, the recipe, the time taken.
 
     Raises:
         ValueError: bad mode, alpha vector or output path, different architectures, or a shape mismatch (named).
@@ -201,7 +201,7 @@ def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str |
         readers = {name: stack.enter_context(TensorReader(path)) for name, path in zip("ABC", inputs)}
         family = _check_inputs(readers)
         alphas = block_alphas(block_alpha, family) if block_alpha is not None else None
-        result = MergeResult(out, family)
+        result = CheckpointMergeResult(out, family)
         plan = _plan(readers, mode, precision, result)
         result.recipe = {"type": "lora_trainer ckpt-merge", "mode": mode, "family": family,
                          "primary_model": inputs[0].name, "secondary_model": inputs[1].name,
@@ -234,5 +234,5 @@ def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str |
     return result
 
 
-__all__ = ["MODES", "MergeResult", "block_alphas", "merge_checkpoints", "merge_slot",
+__all__ = ["MODES", "CheckpointMergeResult", "block_alphas", "merge_checkpoints", "merge_slot",
            "merge_slots"]

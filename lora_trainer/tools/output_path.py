@@ -1,46 +1,38 @@
-"""Checks on the file a checkpoint tool writes, made before any work starts."""
+"""Checks on the file a checkpoint tool writes, made before any work starts (the LoRA tools' rules plus two that
+matter for multi-GiB outputs: no silent replacement, and no output that is an input under another name)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
 
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return a.samefile(b)
-    return a.resolve() == b.resolve()
+from .output import check_output as check_lora_output
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path], overwrite: bool = False,
-                 suffix: str = ".safetensors") -> Path:
+def check_output(out: str | Path, inputs: Iterable[str | Path], overwrite: bool = False) -> Path:
     """Refuse an output that would overwrite an input, climb out of its folder or silently replace a file.
 
     Args:
-        out (str | Path): the output file.
+        out (str | Path): the output `.safetensors` file.
         inputs (Iterable[str | Path]): the files the job reads (never modified).
         overwrite (bool, optional): allow replacing an existing output file, defaults to False.
-        suffix (str, optional): the required suffix, defaults to ".safetensors".
 
     Returns:
         Path: the output path (its folder is created by the writer, once the job has started writing).
 
     Raises:
-        ValueError: `..` in the path, wrong suffix, output equal to an input, or an existing file without
-            `overwrite`.
+        ValueError: `..` in the path, not `.safetensors`, output equal to an input (also through a link), or an
+            existing file without `overwrite`.
     """
-    path = Path(out)
-    if ".." in path.parts:
-        raise ValueError(f"{out}: '..' in an output name is not allowed. Give a name or a path without '..'.")
-    if path.suffix.lower() != suffix:
-        raise ValueError(f"{out}: the output must be a {suffix} file. Change the name to end in {suffix}.")
+    inputs = [Path(p) for p in inputs]
+    path = check_lora_output(out, inputs)
     for source in inputs:
-        if _same_file(path, Path(source)):
-            raise ValueError(f"{out}: the output is also an input ({source}); inputs are never modified. Choose "
-                             "another output name.")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{out}: the file exists. Choose another name or allow overwriting (--overwrite).")
+        if path.exists() and source.exists() and path.samefile(source):
+            raise ValueError(f"{out}: the output is one of the inputs ({source}) under another name. Inputs are "
+                             "never modified; choose another output name.")
     if path.is_dir():
         raise ValueError(f"{out}: is a folder. Give a file name.")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{out}: the file exists. Choose another name or allow overwriting (--overwrite).")
     return path
 
 
