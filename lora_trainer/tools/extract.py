@@ -24,6 +24,7 @@ from ..networks.files import save_lora
 from ..networks.metadata import base_model_version
 from .architectures import architecture_modules
 from .ckpt_keys import LoraTarget, checkpoint_family, lora_targets, open_clip_trained_layers
+from .output import lora_tensors
 from .output_path import check_output
 from .tensor_stream import PRECISIONS, TensorReader
 
@@ -229,10 +230,7 @@ def _extract_modules(readers, targets: dict[str, LoraTarget], result: ExtractRes
             continue
         is_kxk = diff.ndim == 4 and tuple(diff.shape[2:]) != (1, 1)
         up, down = svd_factors(diff.to(device), conv_dim if is_kxk else dim, clamp_quantile)
-        rank = down.shape[0]
-        state_dict[f"{target.name}.lora_up.weight"] = up.to("cpu", dtype)
-        state_dict[f"{target.name}.lora_down.weight"] = down.to("cpu", dtype)
-        state_dict[f"{target.name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+        state_dict.update(lora_tensors(target.name, up.cpu(), down.cpu(), down.shape[0], target.shape, dtype))
         result.modules += 1
         if progress is not None:
             progress(done, len(chosen))
