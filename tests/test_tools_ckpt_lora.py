@@ -15,6 +15,7 @@ from lora_trainer.testing.lora_files import random_lora, tiny_targets
 from lora_trainer.tools.bake import LoraToBake, bake_loras, parse_lora_spec
 from lora_trainer.tools.blocks import slot_of, slots
 from lora_trainer.tools.extract import NothingToExtract, extract_lora, svd_factors
+from lora_trainer.tools.inspect_lora import inspect_lora
 from lora_trainer.tools.lora_file import read_lora
 
 ARCHS = ["sd1", "sd2", "sdxl"]
@@ -59,6 +60,8 @@ def test_bake_then_full_rank_extract_recovers_the_delta(arch, locons, tmp_path, 
     state_dict, metadata = load_lora(extracted.path)
     network = LoRANetwork.from_kohya(targets, state_dict, strict=True)
     assert len(network.loras) == len(source.modules)
+    report = inspect_lora(extracted.path)
+    assert report.keys_ok and report.outside_kohya_targets == [] and report.architecture == arch
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_v2"] == str(arch == "sd2")
     assert metadata["ss_base_model_version"].startswith("sdxl" if arch == "sdxl" else "sd_v")
     assert checkpoint_hash(tiny.checkpoint).sha256 == before
