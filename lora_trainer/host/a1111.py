@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -155,6 +156,16 @@ class A1111Host:
     def lora_dir(self) -> Path:
         shared, _ = _webui()
         return self._lora_dir or Path(shared.cmd_opts.lora_dir)
+
+    def checkpoint_dir(self) -> Path:
+        """The WebUI's Stable-diffusion folder (`--ckpt-dir`, else models/Stable-diffusion)."""
+        shared, _ = _webui()
+        return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(shared.models_path, "Stable-diffusion"))
+
+    def webui_dir(self) -> Path:
+        """The WebUI's data folder (holds `extensions/`, where LoRA Block Weight keeps its presets)."""
+        shared, _ = _webui()
+        return Path(getattr(shared, "data_path", None) or Path(shared.models_path).parent)
 
     def refresh_loras(self) -> None:
         networks = lora_extension()

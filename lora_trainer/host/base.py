@@ -42,6 +42,9 @@ class Host(Protocol):
     def lora_dir(self) -> Path:
         """Where finished LoRAs go by default (the WebUI: its Lora folder)."""
 
+    def checkpoint_dir(self) -> Path | None:
+        """Where checkpoints are (the WebUI: its Stable-diffusion folder); the tools read and write them there."""
+
     def refresh_loras(self) -> None:
         """Make a newly written LoRA visible to the host (the WebUI: reload its Lora list)."""
 

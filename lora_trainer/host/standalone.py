@@ -43,13 +43,15 @@ class StandaloneHost:
     Args:
         lora_dir (str | Path): where LoRAs go when the config sets no `output_dir`.
         device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available, else CPU.
+        checkpoint_dir (str | Path, optional): folder of checkpoints for the tools, defaults to None (none).
     """
 
     name = "standalone"
     loads_checkpoint = True  # the model comes from the config's checkpoint (and vae) files
 
-    def __init__(self, lora_dir: str | Path, device: str | None = None):
+    def __init__(self, lora_dir: str | Path, device: str | None = None, checkpoint_dir: str | Path | None = None):
         self._lora_dir = Path(lora_dir)
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._device = device
         self._lock = threading.Lock()
         self._cached_key: tuple | None = None
@@ -151,6 +153,10 @@ class StandaloneHost:
     def lora_dir(self) -> Path:
         """Where LoRAs go by default."""
         return self._lora_dir
+
+    def checkpoint_dir(self) -> Path | None:
+        """The checkpoint folder given at construction (None: none given)."""
+        return self._checkpoint_dir
 
     def refresh_loras(self) -> None:
         """Nothing to refresh outside the WebUI."""
