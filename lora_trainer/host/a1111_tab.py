@@ -43,6 +43,14 @@ class WebUIExtension:
         self.host = A1111Host()
         self.manager = WebUIJobManager(self.host)
         self.api = TrainApi(self.manager, check_file=self.host.check_file, folder_policy=self.folder_policy)
+        self.tools_api = self._tools_api()
+
+    def _tools_api(self):
+        """The LoRA tools' routes, on the same host folders and folder rule as the Tools panel."""
+        from lora_trainer.host.tools_api import ToolsApi
+        from lora_trainer.ui.tools_ckpt_actions import Tools
+
+        return ToolsApi(Tools(self.host), folder_policy=self.folder_policy)
 
     def tagger_dir(self) -> str:
         shared = webui_shared()
@@ -95,3 +103,9 @@ class WebUIExtension:
     def app_started(self, _demo, app) -> None:
         """`on_app_started`: the start/stop/status routes, behind `--api-auth` when the WebUI has it."""
         self.api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth", None)))
+        self._register_tools(app)
+
+    def _register_tools(self, app) -> None:
+        """The tool routes (`tools_api.py`), behind the same `--api-auth`."""
+        self.tools_api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth",
+                                                                           None)))
