@@ -1,5 +1,5 @@
-"""`python -m lora_trainer ui [--port N] [--dataset DIR] [--tagger-dir DIR] [--lora-dir DIR] [--device D]`: the
-whole tab (Dataset and Train panels) in a browser, training with the standalone host.
+"""`python -m lora_trainer ui [--port N] [--dataset DIR] [--tagger-dir DIR] [--lora-dir DIR] [--checkpoint-dir DIR]
+[--device D]`: the whole tab (Dataset, Train and Tools panels) in a browser, with the standalone host.
 
 Serves on 127.0.0.1 only (the panel reads and writes files on this machine). Exit status: 0 after Ctrl-C, 2 when
 gradio is missing or the port is taken.
@@ -14,14 +14,16 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("ui", help="open the Dataset (tagger + tag editor) and Train panels in a browser",
-                       description="Serve the Dataset and Train panels on http://127.0.0.1:PORT.")
+    p = sub.add_parser("ui", help="open the Dataset (tagger + tag editor), Train and Tools panels in a browser",
+                       description="Serve the Dataset, Train and Tools panels on http://127.0.0.1:PORT.")
     p.add_argument("--port", type=int, default=7870, help="port on 127.0.0.1 (default: 7870)")
     p.add_argument("--dataset", type=Path, help="dataset folder to fill in (holds 10_concept folders)")
     p.add_argument("--tagger-dir", type=Path, help="folder of WD14 tagger model folders (model.onnx + "
                    "selected_tags.csv each)")
     p.add_argument("--lora-dir", type=Path, default=Path("output"),
                    help="where LoRAs go when the Train panel sets no output folder (default: ./output)")
+    p.add_argument("--checkpoint-dir", type=Path, help="folder of checkpoints the Tools panel lists and writes "
+                   "(bake, checkpoint merge, prune; extract reads there)")
     p.add_argument("--device", help="device to train on, e.g. cuda or cpu (default: cuda when available)")
 
 
@@ -37,7 +39,8 @@ def run(args) -> int:
     dataset = str(args.dataset.resolve()) if args.dataset else None
     tagger_dir = str(args.tagger_dir.resolve()) if args.tagger_dir else None
     lora_dir = args.lora_dir.resolve()
-    app = create_app(StandaloneHost(lora_dir, device=args.device), dataset, tagger_dir)
+    checkpoint_dir = args.checkpoint_dir.resolve() if args.checkpoint_dir else None
+    app = create_app(StandaloneHost(lora_dir, device=args.device, checkpoint_dir=checkpoint_dir), dataset, tagger_dir)
     print(f"LoRA trainer (Dataset and Train panels) on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     try:
         app.launch(server_name="127.0.0.1", server_port=args.port, inbrowser=False, prevent_thread_lock=True,

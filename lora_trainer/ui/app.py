@@ -13,6 +13,7 @@ import gradio as gr
 from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import STYLE_CSS, DatasetPanel, build_dataset_panel
+from lora_trainer.ui.tools_panel import build_tools_panel
 from lora_trainer.ui.train_panel import TrainPanel, build_train_panel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
             dataset = build_dataset_panel(dataset_dir, tagger_dir)
         with gr.Tab("Train", elem_id="lt-tab-train"):
             train = build_train_panel(host, manager, dataset_dir)
+        with gr.Tab("Tools", elem_id="lt-tab-tools"):
+            build_tools_panel(host)
     _share_folder(dataset, train)
     return TrainerTab(dataset, train)
 
