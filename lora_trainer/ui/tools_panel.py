@@ -249,15 +249,6 @@ def _block_alpha(text: str | None) -> list[float] | None:
 
 
 # -- handlers ---------------------------------------------------------------------------------------------------------
-def _preview_fn(p: ToolsPanel, builder: Callable[..., Job]) -> Callable:
-    def preview(*values):
-        try:
-            return views.report_markdown(builder(p.tools, False, *values)(None).to_dict())
-        except Exception as exc:  # shown in the panel (errors.describe_error)
-            return _error_text(exc)
-    return preview
-
-
 def _start(p: ToolsPanel) -> ToolProgress | None:
     with p.lock:
         if p.running is not None:
@@ -266,11 +257,12 @@ def _start(p: ToolsPanel) -> ToolProgress | None:
         return p.running
 
 
-def _run_fn(p: ToolsPanel, title: str, builder: Callable[..., Job]) -> Callable:
-    """A generator event: the job in a worker thread, its progress twice a second, then its report."""
+def _run_fn(p: ToolsPanel, title: str, make: Callable[..., Job]) -> Callable:
+    """A generator event: the job `make(*values)` in a worker thread, its progress twice a second, then its report
+    (previews too: an SVD preview or an inspect can take seconds, and gradio 3 drops a silent event)."""
     def run(*values):
         try:
-            job = builder(p.tools, True, *values)
+            job = make(*values)
         except Exception as exc:  # a value the form cannot turn into a job
             yield _error_text(exc)
             return
@@ -315,21 +307,18 @@ def _wire(p: ToolsPanel) -> None:
     c["refresh"].click(refresh, outputs=lists, show_progress="hidden")
     for tool, (title, names, builder) in JOBS.items():
         inputs = [c[name] for name in names] + [c[f"{tool}_out"], c[f"{tool}_overwrite"]]
-        c[f"{tool}_preview"].click(_preview_fn(p, builder), inputs=inputs, outputs=[c["result"]])
-        c[f"{tool}_run"].click(_run_fn(p, title, builder), inputs=inputs, outputs=[c["result"]]).then(
-            refresh, outputs=lists, show_progress="hidden")
+        preview = _run_fn(p, title, lambda *values, b=builder: b(p.tools, False, *values))
+        run = _run_fn(p, title, lambda *values, b=builder: b(p.tools, True, *values))
+        c[f"{tool}_preview"].click(preview, inputs=inputs, outputs=[c["result"]])
+        c[f"{tool}_run"].click(run, inputs=inputs, outputs=[c["result"]]).then(refresh, outputs=lists,
+                                                                               show_progress="hidden")
     for tool in ("merge", "bake"):
         c[f"{tool}_add"].click(views.add_line, inputs=[c[f"{tool}_list"], c[f"{tool}_add_file"],
                                                         c[f"{tool}_add_ratio"]], outputs=[c[f"{tool}_list"]])
     c["lbw_preset"].change(lambda name: name, inputs=[c["lbw_preset"]], outputs=[c["lbw_weights"]],
                            show_progress="hidden")
 
-    def inspect(file):
-        try:
-            return views.report_markdown(p.tools.inspect(file).to_dict())
-        except Exception as exc:  # shown in the panel
-            return _error_text(exc)
-
+    inspect = _run_fn(p, "Inspect", lambda file: lambda _progress: p.tools.inspect(file))
     c["inspect_run"].click(inspect, inputs=[c["inspect_file"]], outputs=[c["result"]])
 
     def cancel():

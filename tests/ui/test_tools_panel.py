@@ -1,0 +1,172 @@
+"""The Tools panel in a real headless Chromium: `python -m lora_trainer ui` with a Lora and a checkpoint folder
+(tiny SD1 model, two tiny LoRAs). A preset is previewed and applied, two files are merged with ratios, the merged
+file is picked from the refreshed list and inspected, a LoRA is baked into the checkpoint, and a bad request is
+shown as an error in the page with nothing written."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from lora_trainer.testing.lora_files import random_lora, tiny_targets
+from lora_trainer.tools import inspect_lora
+
+expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _interruptible() -> None:
+    """Let Ctrl-C reach the server even when the test runs in a background job (whose SIGINT is ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def server(chromium_path, tiny_sd1, tmp_path_factory):
+    """`python -m lora_trainer ui --lora-dir L --checkpoint-dir C` over two LoRAs and the tiny SD1 checkpoint."""
+    work = tmp_path_factory.mktemp("tools_panel")
+    loras, checkpoints = work / "Lora", work / "Stable-diffusion"
+    loras.mkdir()
+    checkpoints.mkdir()
+    targets = tiny_targets(tiny_sd1)
+    random_lora(targets, loras / "a.safetensors", seed=1)
+    random_lora(targets, loras / "b.safetensors", seed=2, dim=2)
+    shutil.copy(tiny_sd1.checkpoint, checkpoints / "base.safetensors")
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = work / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
+                                 str(loras), "--checkpoint-dir", str(checkpoints), "--device", "cpu"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_interruptible)  # noqa: PLW1509 (one signal call)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+    yield url, loras, checkpoints, log
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(15000)
+    page = context.new_page()
+    page.goto(server[0])
+    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Tools\s*$")).first.click()
+    page.wait_for_selector("#lt-tl-lbw-preview")
+    yield page
+    context.close()
+
+
+def _fill(page, elem_id: str, text) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
+                 f"#{elem_id} input:not([type])").first.fill(str(text))
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
+
+
+def _value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
+
+
+def _section(page, title: str) -> None:
+    page.locator("#lt-tl-tabs button", has_text=re.compile(rf"^\s*{title}\s*$")).first.click()
+
+
+def _result(page):
+    return page.locator("#lt-tl-result").first
+
+
+def test_preset_merge_and_inspect(page, server):
+    _, loras, _, _ = server
+    _choose(page, "lt-tl-lbw-file", "a.safetensors")
+    _choose(page, "lt-tl-lbw-preset", "OUTD")
+    expect(page.locator("#lt-tl-lbw-weights textarea, #lt-tl-lbw-weights input").first).to_have_value("OUTD")
+    page.click("#lt-tl-lbw-preview")
+    expect(_result(page)).to_contain_text("preview, nothing written")
+    table = _result(page).inner_text()
+    assert re.search(r"OUT03\s+12\s+1", table) and re.search(r"IN01\s+12\s+0", table), table
+    assert not (loras / "a_outd.safetensors").exists()
+    _fill(page, "lt-tl-lbw-out", "a_outd.safetensors")
+    page.click("#lt-tl-lbw-run")
+    expect(_result(page)).to_contain_text(": written", timeout=30_000)
+    assert inspect_lora(loras / "a_outd.safetensors").keys_ok
+
+    _section(page, "Merge")
+    _choose(page, "lt-tl-merge-add-file", "a.safetensors")
+    _fill(page, "lt-tl-merge-add-ratio", "0.7")
+    page.click("#lt-tl-merge-add")
+    expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7")
+    _choose(page, "lt-tl-merge-add-file", "b.safetensors")
+    _fill(page, "lt-tl-merge-add-ratio", "-0.4")
+    page.click("#lt-tl-merge-add")
+    expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7\nb.safetensors:-0.4")
+    page.click("#lt-tl-merge-preview")
+    expect(_result(page)).to_contain_text("exact merge of 2 sd1 LoRAs")
+    assert re.search(r"Retained Frobenius norm: 1\.0000", _result(page).inner_text())
+    _fill(page, "lt-tl-merge-out", "merged.safetensors")
+    page.click("#lt-tl-merge-run")
+    expect(_result(page)).to_contain_text(": written", timeout=30_000)
+    assert sorted(set(inspect_lora(loras / "merged.safetensors").ranks.values())) == [6]
+
+    _section(page, "Inspect")   # the merged file is in the list: refreshed after the run
+    _choose(page, "lt-tl-inspect-file", "merged.safetensors")
+    page.click("#lt-tl-inspect-run")
+    expect(_result(page)).to_contain_text("sd1 lora, 264 modules", timeout=60_000)
+    expect(_result(page)).to_contain_text("every key maps onto the architecture")
+    shots = os.environ.get("LT_SCREENSHOT_DIR")
+    if shots:
+        page.screenshot(path=os.path.join(shots, "tools_panel.png"), full_page=True)
+
+
+def test_bake_writes_a_checkpoint_and_errors_show_in_the_page(page, server):
+    _, loras, checkpoints, _ = server
+    _section(page, "Bake")
+    _choose(page, "lt-tl-bake-checkpoint", "base.safetensors")
+    _choose(page, "lt-tl-bake-add-file", "a.safetensors")
+    page.click("#lt-tl-bake-add")
+    page.click("#lt-tl-bake-preview")
+    expect(_result(page)).to_contain_text("(sd1, 1131 tensors")
+    page.click("#lt-tl-bake-run")                       # no name for the new file
+    expect(_result(page)).to_contain_text("Error: new file: no name given")
+    _fill(page, "lt-tl-bake-out", "baked.safetensors")
+    page.click("#lt-tl-bake-run")
+    expect(_result(page)).to_contain_text("weights in", timeout=60_000)
+    assert (checkpoints / "baked.safetensors").is_file()
+    page.click("#lt-tl-bake-run")                       # the same name again: refused, the file kept
+    expect(_result(page)).to_contain_text("the file exists")
+    _section(page, "Prune")
+    _choose(page, "lt-tl-prune-checkpoint", "baked.safetensors")  # listed after the run
+    page.click("#lt-tl-prune-preview")
+    expect(_result(page)).to_contain_text("keeps 1131 tensors, drops 0")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["baked.safetensors", "base.safetensors"]
