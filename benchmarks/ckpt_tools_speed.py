@@ -7,7 +7,7 @@ Models:
 Per model: a random LoRA of rank --dim on kohya's plain targets (UNet attention + text encoder) is made from the
 checkpoint's header, then each job runs in its own process through the library call the CLI uses:
     bake      A + LoRA (ratio 1)        -> B (the "tuned" model)
-    extract   B - A at rank --dim       -> LoRA
+    extract   B - A at rank --dim       -> LoRA (full SVDs, as kohya; then `--fast` randomized SVDs)
     merge     A*(1-0.5) + B*0.5         -> M
     prune     M to fp16 (no EMA to drop here: it measures a pure streamed rewrite)
 "peak RSS" is the child's ru_maxrss (wait4), "RSS/file" divides it by the size of one input checkpoint (target for
@@ -97,8 +97,10 @@ def run_job(spec: dict) -> dict:
     elif job == "bake":
         result = {"modules": bake_loras(spec["a"], [LoraToBake(Path(spec["lora"]))], spec["out"],
                                         hash_inputs=False).modules}
-    elif job == "extract":
-        result = {"modules": extract_lora(spec["b"], spec["a"], spec["out"], dim=spec["dim"]).modules}
+    elif job in ("extract", "extract-fast"):
+        extracted = extract_lora(spec["b"], spec["a"], spec["out"], dim=spec["dim"], fast=job == "extract-fast")
+        energy = extracted.retained_energy.values()
+        result = {"modules": extracted.modules, "retained_min": min(energy), "retained_mean": sum(energy) / len(energy)}
     elif job == "merge":
         result = {"merged": merge_checkpoints(spec["a"], spec["b"], spec["out"], alpha=0.5, hash_inputs=False).merged}
     elif job == "prune":
@@ -145,13 +147,16 @@ def bench_model(name: str, args, work: Path, env: dict) -> list[tuple]:
     rows = []
     jobs = [("bake", {"a": str(a), "lora": str(lora), "out": str(b)}),
             ("extract", {"a": str(a), "b": str(b), "dim": args.dim, "out": str(folder / "extracted.safetensors")}),
+            ("extract-fast", {"a": str(a), "b": str(b), "dim": args.dim, "out": str(folder / "fast.safetensors")}),
             ("merge", {"a": str(a), "b": str(b), "out": str(m)}),
             ("prune", {"a": str(m), "out": str(folder / "pruned.safetensors")})]
     for job, spec in jobs:
         result, wall, rss = child({"job": job, **spec}, work, env)
         rows.append((name, job, wall, result["seconds"], rss, rss / size_gb))
-        print(f"  {job:8s} wall {wall:7.1f} s  (in the job {result['seconds']:7.1f} s)  peak RSS {rss:5.2f} GiB  "
-              f"RSS/file {rss / size_gb:5.2f}", flush=True)
+        energy = f"  retained energy min {result['retained_min']:.4f} mean {result['retained_mean']:.4f}" \
+            if "retained_min" in result else ""
+        print(f"  {job:12s} wall {wall:7.1f} s  (in the job {result['seconds']:7.1f} s)  peak RSS {rss:5.2f} GiB  "
+              f"RSS/file {rss / size_gb:5.2f}{energy}", flush=True)
     if name == "full_sd1":
         theirs = kohya_extract(a, b, folder / "kohya_extracted.safetensors", args.dim, work)
         if theirs is not None:
@@ -171,9 +176,9 @@ def drive(args) -> int:
     with tempfile.TemporaryDirectory(prefix="ckpt_tools_speed_") as tmp:
         for name in args.models:
             rows += bench_model(name, args, Path(tmp), env)
-    print("\nmodel      job       wall s   job s  peak GiB  RSS/file")
+    print("\nmodel      job           wall s   job s  peak GiB  RSS/file")
     for name, job, wall, seconds, rss, ratio in rows:
-        print(f"{name:10s} {job:8s} {wall:7.1f} {seconds:7.1f} {rss:9.2f} {ratio:9.2f}")
+        print(f"{name:10s} {job:12s} {wall:7.1f} {seconds:7.1f} {rss:9.2f} {ratio:9.2f}")
     return 0
 
 

@@ -127,12 +127,17 @@ def test_extract_leaves_an_identical_text_encoder_out(tiny_sd1, tmp_path):
 def test_svd_factors_cap_the_rank_and_clamp():
     generator = torch.Generator().manual_seed(0)
     conv = torch.randn(6, 3, 3, 3, generator=generator)
-    up, down = svd_factors(conv, 100, clamp_quantile=1.0)
-    assert up.shape == (6, 6, 1, 1) and down.shape == (6, 3, 3, 3)
+    full = svd_factors(conv, 100, clamp_quantile=1.0)
+    up, down = full.up, full.down
+    assert up.shape == (6, 6, 1, 1) and down.shape == (6, 3, 3, 3) and abs(full.retained - 1) < 1e-6
     assert torch.allclose((up.reshape(6, 6) @ down.reshape(6, -1)).reshape(conv.shape), conv, atol=1e-5)
-    exact_up, exact_down = svd_factors(conv, 2, clamp_quantile=1.0)
+    exact = svd_factors(conv, 2, clamp_quantile=1.0)
+    exact_up, exact_down = exact.up, exact.down
+    s = torch.linalg.svdvals(conv.reshape(6, -1))
+    assert abs(exact.retained - float(s[:2].pow(2).sum() / s.pow(2).sum())) < 1e-6
     limit = torch.quantile(torch.cat([exact_up.flatten(), exact_down.flatten()]), 0.9)
-    up, down = svd_factors(conv, 2, clamp_quantile=0.9)
+    clamped = svd_factors(conv, 2, clamp_quantile=0.9)
+    up, down = clamped.up, clamped.down
     assert up.shape == (6, 2, 1, 1) and down.shape == (2, 3, 3, 3)
     assert torch.allclose(up, exact_up.clamp(-limit, limit)) and torch.allclose(down, exact_down.clamp(-limit, limit))
     assert not torch.equal(up, exact_up)
@@ -214,3 +219,16 @@ def test_sdxl_lora_with_diffusers_unet_names_bakes_the_same(locons, tmp_path):
     second = bake_loras(tiny.checkpoint, [LoraToBake(other)], tmp_path / "b.safetensors", hash_inputs=False)
     a, b = load_file(str(first.path)), load_file(str(second.path))
     assert first.modules == second.modules and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fast_svd_is_near_the_exact_one_at_low_rank():
+    generator = torch.Generator().manual_seed(0)
+    # a fine-tune-like difference: decaying spectrum plus noise
+    left, right = torch.randn(320, 64, generator=generator), torch.randn(64, 768, generator=generator)
+    delta = (left * torch.logspace(0, -3, 64)) @ right + 1e-4 * torch.randn(320, 768, generator=generator)
+    exact = svd_factors(delta, 8, clamp_quantile=1.0)
+    fast = svd_factors(delta, 8, clamp_quantile=1.0, fast=True)
+    assert fast.up.shape == exact.up.shape and fast.down.shape == exact.down.shape
+    assert fast.retained <= exact.retained + 1e-6 and exact.retained - fast.retained < 1e-3
+    errors = [float((f.up @ f.down - delta).norm()) for f in (fast, exact)]
+    assert errors[0] < 1.01 * errors[1]

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
                    "out (default: 0.01)")
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16", help="default: fp16")
     p.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda (default: cpu)")
+    p.add_argument("--fast", action="store_true", help="randomized truncated SVDs: much faster at low rank, "
+                   "near-optimal (the retained energy is printed)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
 
 
@@ -33,12 +35,13 @@ def run(args) -> int:
     def job(progress):
         return extract_lora(args.tuned, args.base, args.out, dim=args.dim, conv_dim=args.conv_dim,
                             clamp_quantile=args.clamp_quantile, min_diff=args.min_diff, precision=args.precision,
-                            overwrite=args.overwrite, device=args.device, progress=progress)
+                            overwrite=args.overwrite, device=args.device, fast=args.fast, progress=progress)
 
     result, status = run_job(job, "extract", unit="module")
     if result is not None:
         skipped = ", ".join(result.skipped_text_encoders) or "none"
         print(f"wrote {result.path}: {result.modules} {result.architecture} modules in {result.seconds:.1f} s "
               f"(text encoders left out as identical: {skipped}; identical UNet layers: "
-              f"{len(result.identical_modules)})")
+              f"{len(result.identical_modules)}); energy retained per module: min {result.min_retained:.4f}, "
+              f"mean {sum(result.retained_energy.values()) / max(1, len(result.retained_energy)):.4f}")
     return status

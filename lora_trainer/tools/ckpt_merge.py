@@ -164,6 +164,13 @@ def _merge_tensor(key: str, readers: dict[str, TensorReader], mode: str, m: floa
     return a.float() + (b.float() - c.float()) * m
 
 
+def _recipe(mode: str, family: str, inputs: list[Path], alpha: float, alphas: dict | None,
+            precision: str | None) -> dict:
+    return {"type": "lora_trainer ckpt-merge", "mode": mode, "family": family, "primary_model": inputs[0].name,
+            "secondary_model": inputs[1].name, "tertiary_model": inputs[2].name if len(inputs) > 2 else None,
+            "alpha": None if alphas else alpha, "block_alpha": alphas, "precision": precision}
+
+
 def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str | Path | None = None,
                       mode: str = "sum", alpha: float = 0.5, block_alpha: list[float] | None = None,
                       precision: str | None = None, overwrite: bool = False, hash_inputs: bool = True,
@@ -203,10 +210,7 @@ def merge_checkpoints(a: str | Path, b: str | Path, out: str | Path, *, c: str |
         alphas = block_alphas(block_alpha, family) if block_alpha is not None else None
         result = CheckpointMergeResult(out, family)
         plan = _plan(readers, mode, precision, result)
-        result.recipe = {"type": "lora_trainer ckpt-merge", "mode": mode, "family": family,
-                         "primary_model": inputs[0].name, "secondary_model": inputs[1].name,
-                         "tertiary_model": inputs[2].name if c is not None else None,
-                         "alpha": None if alphas else alpha, "block_alpha": alphas, "precision": precision}
+        result.recipe = _recipe(mode, family, inputs, alpha, alphas, precision)
         metadata = recipe_metadata(readers["A"].metadata, result.recipe,
                                    [(r.path, r.metadata) for r in readers.values()], hash_inputs)
         sources = {info.key: source for info, source in plan}

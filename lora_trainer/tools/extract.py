@@ -6,6 +6,8 @@ clamped to the `clamp_quantile` quantile of their joined values (0.99; 1 turns c
 1). A text encoder is left out when no weight differs by more than `min_diff` (per encoder here; kohya decides for
 all at once). UNet layers whose difference is exactly zero are left out too, and when nothing differs at all the
 extraction is refused and no file is written. Both files are read one tensor at a time; no model is loaded.
+`fast=True` replaces the full SVD by a randomized truncated one (much cheaper at low rank); the energy each module
+keeps is reported either way.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class ExtractResult:
         skipped_text_encoders (list[str]): encoders ("te", "te1", "te2") left out as identical (<= min_diff).
         identical_modules (list[str]): UNet modules left out because their difference is exactly zero.
         te_max_diff (dict[str, float]): largest absolute weight difference per text encoder.
+        retained_energy (dict[str, float]): per module, the share of the difference's energy the rank keeps.
         seconds (float): wall time.
     """
 
@@ -55,7 +58,13 @@ class ExtractResult:
     skipped_text_encoders: list[str] = field(default_factory=list)
     identical_modules: list[str] = field(default_factory=list)
     te_max_diff: dict[str, float] = field(default_factory=dict)
+    retained_energy: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+    @property
+    def min_retained(self) -> float:
+        """The smallest per-module retained energy (1.0 when nothing was extracted)."""
+        return min(self.retained_energy.values(), default=1.0)
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -69,31 +78,58 @@ def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return lo_val + (hi_val - lo_val) * (position - low)
 
 
-def svd_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
-    """kohya-style LoRA factors of a weight difference.
+@dataclass(frozen=True)
+class Factorization:
+    """LoRA factors of one weight difference.
+
+    Attributes:
+        up (torch.Tensor): `lora_up`, `[out, r]` or `[out, r, 1, 1]`.
+        down (torch.Tensor): `lora_down`, `[r, in]` or `[r, in, kh, kw]`.
+        retained (float): share of the difference's energy (squared Frobenius norm) the rank-r factors keep,
+            before clamping (1.0 at full rank).
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    retained: float
+
+
+def _top_singular(matrix: torch.Tensor, rank: int, fast: bool):
+    if fast and 2 * rank < min(matrix.shape):
+        # randomized range finder (Halko et al. 2011) with power iterations: near-optimal for decaying spectra
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 10, min(matrix.shape)), niter=4)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def svd_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99, fast: bool = False) -> Factorization:
+    """kohya-style LoRA factors of a weight difference: `up = U_r * S_r`, `down = V_r^T`.
 
     Args:
         delta (torch.Tensor): `[out, in]` or `[out, in, kh, kw]`, float32.
         rank (int): wanted rank (capped at the layer's size).
         clamp_quantile (float, optional): clamp both factors to this quantile of their joined values; >= 1 keeps
             them exact. Defaults to 0.99.
+        fast (bool, optional): a randomized truncated SVD (`torch.svd_lowrank`, 4 power iterations) instead of
+            the full one when the rank is below half the layer size; defaults to False (exact, as kohya).
 
     Returns:
-        tuple[torch.Tensor, torch.Tensor]: (`lora_up` `[out, r]` or `[out, r, 1, 1]`, `lora_down` `[r, in]` or
-        `[r, in, kh, kw]`) with `up @ down ~= delta`.
+        Factorization: factors with `up @ down ~= delta`, and the energy they retain.
     """
     out_dim = delta.shape[0]
     matrix = delta.reshape(out_dim, -1)
     rank = max(1, min(rank, *matrix.shape))
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    up = u[:, :rank] * s[:rank]
-    down = vh[:rank]
+    u, s, vh = _top_singular(matrix, rank, fast)
+    total = float(matrix.pow(2).sum())
+    retained = float(s.pow(2).sum()) / total if total > 0 else 1.0
+    up, down = u * s, vh
     if clamp_quantile < 1:
         limit = _quantile(torch.cat([up.reshape(-1), down.reshape(-1)]), clamp_quantile)
         up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
     if delta.ndim == 4:
-        return up.reshape(out_dim, rank, 1, 1).contiguous(), down.reshape(rank, *delta.shape[1:]).contiguous()
-    return up.contiguous(), down.contiguous()
+        up, down = up.reshape(out_dim, rank, 1, 1), down.reshape(rank, *delta.shape[1:])
+    return Factorization(up.contiguous(), down.contiguous(), min(retained, 1.0))
 
 
 def _select_targets(targets: dict[str, LoraTarget], arch: str, conv_dim: int | None) -> dict[str, LoraTarget]:
@@ -146,7 +182,7 @@ def _check_names(names, arch: str, out: Path) -> None:
 
 def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, dim: int = 4, conv_dim: int | None = None,
                  clamp_quantile: float = 0.99, min_diff: float = 0.01, precision: str = "fp16",
-                 overwrite: bool = False, device: str = "cpu",
+                 overwrite: bool = False, device: str = "cpu", fast: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Extract `tuned - base` as a kohya LoRA (LoCon with `conv_dim`).
 
@@ -162,6 +198,7 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, dim: i
         precision (str, optional): "fp16", "bf16" or "fp32" for the saved tensors, defaults to "fp16".
         overwrite (bool, optional): replace an existing output, defaults to False.
         device (str, optional): where the SVDs run ("cpu", "cuda"), defaults to "cpu".
+        fast (bool, optional): randomized truncated SVDs (see `svd_factors`), defaults to False.
         progress (Callable[[int, int], None], optional): called with (done, total) modules.
 
     Returns:
@@ -193,12 +230,12 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, dim: i
                                  "the same layout.")
         result = ExtractResult(out, arch)
         state_dict = _extract_modules(readers, targets, result, dim, conv_dim, clamp_quantile, min_diff,
-                                      PRECISIONS[precision], device, progress)
+                                      PRECISIONS[precision], device, fast, progress)
     if not state_dict:
         raise NothingToExtract(f"{tuned}: holds the same weights as {base} on every LoRA target (text encoders "
                                f"differ by at most {min_diff}); there is nothing to extract and no file was written.")
     recipe = {"type": "lora_trainer extract", "tuned": tuned.name, "base": base.name, "dim": dim,
-              "conv_dim": conv_dim, "clamp_quantile": clamp_quantile, "min_diff": min_diff,
+              "conv_dim": conv_dim, "clamp_quantile": clamp_quantile, "min_diff": min_diff, "fast_svd": fast,
               "skipped_text_encoders": result.skipped_text_encoders}
     _check_names({key.split(".")[0] for key in state_dict}, arch, out)
     save_lora(out, state_dict, _metadata(arch, dim, conv_dim, recipe, out))
@@ -209,7 +246,7 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, dim: i
 
 
 def _extract_modules(readers, targets: dict[str, LoraTarget], result: ExtractResult, dim: int, conv_dim: int | None,
-                     clamp_quantile: float, min_diff: float, dtype: torch.dtype, device: str,
+                     clamp_quantile: float, min_diff: float, dtype: torch.dtype, device: str, fast: bool,
                      progress) -> dict[str, torch.Tensor]:
     by_component: dict[str, list[LoraTarget]] = {}
     for target in targets.values():
@@ -229,12 +266,14 @@ def _extract_modules(readers, targets: dict[str, LoraTarget], result: ExtractRes
             result.identical_modules.append(target.name)
             continue
         is_kxk = diff.ndim == 4 and tuple(diff.shape[2:]) != (1, 1)
-        up, down = svd_factors(diff.to(device), conv_dim if is_kxk else dim, clamp_quantile)
-        state_dict.update(lora_tensors(target.name, up.cpu(), down.cpu(), down.shape[0], target.shape, dtype))
+        factors = svd_factors(diff.to(device), conv_dim if is_kxk else dim, clamp_quantile, fast)
+        state_dict.update(lora_tensors(target.name, factors.up.cpu(), factors.down.cpu(), factors.down.shape[0],
+                                       target.shape, dtype))
+        result.retained_energy[target.name] = factors.retained
         result.modules += 1
         if progress is not None:
             progress(done, len(chosen))
     return state_dict
 
 
-__all__ = ["ExtractResult", "NothingToExtract", "extract_lora", "svd_factors"]
+__all__ = ["ExtractResult", "Factorization", "NothingToExtract", "extract_lora", "svd_factors"]
