@@ -20,6 +20,7 @@ from lora_trainer.testing.lora_files import random_lora, tiny_targets
 from lora_trainer.tools import inspect_lora
 from lora_trainer.ui.tools_actions import ToolCancelled, ToolProgress
 from lora_trainer.ui.tools_ckpt_actions import Tools
+from lora_trainer.ui.tools_views import TITLES, report_markdown
 
 
 class CountingHost(StandaloneHost):
@@ -66,7 +67,12 @@ def _client(host, policy=None) -> TestClient:
 def _post(client, tool, body, status=200):
     response = client.post(f"{PREFIX}/{tool}", json=body)
     assert response.status_code == status, response.text
-    return response.json()
+    answer = response.json()
+    if status == 200:  # the panel shows the same report: every figure it reads is there
+        text = report_markdown(answer)
+        head = text.split("\n")[0]
+        assert head.startswith(f"**{TITLES[tool]}") and (": written**" in head) == bool(answer["written"])
+    return answer
 
 
 def test_previews_report_and_write_nothing(host, folders):
@@ -125,6 +131,7 @@ def test_checkpoint_jobs_write_into_the_checkpoint_folder(host, folders):
     extract = _post(client, "extract", {"tuned": "baked.safetensors", "base": "base.safetensors", "dim": 4,
                                         "precision": "fp32", "out": "extracted.safetensors"})
     assert extract["written"] == str(loras / "extracted.safetensors") and extract["modules"] > 0
+    assert 0 < extract["retained_min"] <= 1 and set(extract["retained_by_block"]) >= {"BASE", "M00"}
     merged = _post(client, "ckpt-merge", {"a": "base.safetensors", "b": "baked.safetensors", "alpha": 1.0,
                                           "out": "merged.safetensors"})
     assert merged["merged"] > 0

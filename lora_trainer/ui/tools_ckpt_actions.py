@@ -24,6 +24,13 @@ def _header(path: Path) -> dict:
                 "tensors": len(reader.infos), "bytes": path.stat().st_size}
 
 
+def _mean_by_block(shares: dict[str, float]) -> dict[str, float]:
+    """The mean of per-module shares in each block slot."""
+    from lora_trainer.tools.blocks import group_by_slot
+
+    return {slot: sum(shares[n] for n in names) / len(names) for slot, names in group_by_slot(shares).items()}
+
+
 def _dtype_size(dtype, precision: str | None) -> int:
     from lora_trainer.tools.tensor_stream import output_dtype
 
@@ -99,7 +106,8 @@ class Tools(LoraTools):
 
         Returns:
             ToolReport: both checkpoints' headers, the LoRA targets by component and the ranks; after writing,
-            modules written, text encoders left out.
+            modules written, text encoders left out, the energy of the difference the rank keeps (smallest per
+            module, mean per block).
         """
         from lora_trainer.tools.ckpt_keys import lora_targets
         from lora_trainer.tools.extract import extract_lora
@@ -118,7 +126,8 @@ class Tools(LoraTools):
             min_diff=min_diff, precision=precision, overwrite=overwrite, progress=step), progress)
         self._wrote_lora(result.path)
         summary.update(modules=result.modules, skipped_text_encoders=result.skipped_text_encoders,
-                       identical_modules=len(result.identical_modules), seconds=round(result.seconds, 3))
+                       identical_modules=len(result.identical_modules), seconds=round(result.seconds, 3),
+                       retained_min=result.min_retained, retained_by_block=_mean_by_block(result.retained_energy))
         return ToolReport("extract", str(result.path), summary)
 
     def ckpt_merge(self, a: str, b: str, out: str | None = None, c: str | None = None, mode: str = "sum",

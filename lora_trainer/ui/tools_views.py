@@ -72,7 +72,10 @@ def _extract(r: dict) -> list[str]:
     if "modules" in r:
         skipped = ", ".join(r["skipped_text_encoders"]) or "none"
         lines.append(f"{r['modules']} modules written ({r['identical_modules']} identical left out; text encoders "
-                     f"left out: {skipped}) in {r['seconds']:.1f} s.")
+                     f"left out: {skipped}) in {r['seconds']:.1f} s; smallest share of a module's difference kept "
+                     f"{r['retained_min']:.4f}.")
+        lines.append(_table(("Block", "Mean share kept"), [(slot, f"{share:.4f}") for slot, share in
+                                                           r["retained_by_block"].items()]))
     return lines
 
 
