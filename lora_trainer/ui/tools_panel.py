@@ -40,6 +40,7 @@ class ToolsPanel:
         lora_lists (list): Dropdowns listing the Lora folder (refreshed together).
         checkpoint_lists (list): Dropdowns listing the Stable-diffusion folder.
         running (ToolProgress, optional): the job running now (one at a time).
+        lock (threading.Lock): guards `running`.
     """
 
     tools: Tools

@@ -151,3 +151,71 @@ def test_interrupt_stops_and_saves_and_generation_waits_for_the_run(webui, datas
     assert status["state"] == "stopped" and status["lora_path"], status
     assert 2 <= status["step"] < 400
     assert Path(status["lora_path"]).is_file()
+
+
+# --- LoRA tools through their routes: the files they make load in the WebUI --------------------------------------
+
+@pytest.fixture(scope="module")
+def tool_loras(webui, tiny):
+    """Two random LoRAs (ranks 4 and 2) on the tiny SD1 model, in the WebUI's Lora folder (removed with the rest)."""
+    from lora_trainer.testing.lora_files import random_lora, tiny_targets
+
+    targets = tiny_targets(tiny["sd1"])
+    folder = Path(A1111_DIR) / "models" / "Lora"
+    names = [f"lt_test_sd1_{STAMP}_ta", f"lt_test_sd1_{STAMP}_tb"]
+    for seed, (name, dim) in enumerate(zip(names, (4, 2))):
+        random_lora(targets, folder / f"{name}.safetensors", dim=dim, alpha=dim, seed=seed + 1)
+    return names
+
+
+def test_merged_and_block_weighted_loras_from_the_api_load_and_render(webui, tool_loras):
+    webui.use_checkpoint(webui.titles["sd1"])
+    a, b = tool_loras
+    base = webui.txt2img("box, red")
+    lines_before = len(webui.log_lines())
+    preview = webui.tool("merge", {"loras": {f"{a}.safetensors": 0.7, f"{b}.safetensors": -0.4}, "rank": 2})
+    assert preview["written"] is None and preview["ranks"] == [2]
+    merged = webui.tool("merge", {"loras": {f"{a}.safetensors": 0.7, f"{b}.safetensors": -0.4},
+                                  "out": f"{a}_merged.safetensors"})
+    weighted = webui.tool("lbw", {"file": f"{a}.safetensors", "weights": "OUTD", "out": f"{a}_outd.safetensors"})
+    assert merged["mode"] == "exact" and merged["retained_overall"] > 0.999999
+    assert Path(merged["written"]).parent == Path(A1111_DIR) / "models" / "Lora"
+    assert webui.loaded_weights_lines(lines_before) == [], "the tools must not reload or unload the model"
+    assert {f"{a}_merged", f"{a}_outd"} <= webui.lora_names(), "the new files are listed without a manual refresh"
+    assert abs(webui.txt2img("box, red") - base).mean() == 0, "the loaded model must be untouched by the tools"
+    images = {name: webui.txt2img(f"box, red <lora:{name}:1>") for name in (a, f"{a}_merged", f"{a}_outd")}
+    diffs = {name: abs(image - base).mean() for name, image in images.items()}
+    print(f"tools: mean |pixel diff| from the base image {diffs}")
+    assert all(diff > 1.0 for diff in diffs.values()), diffs
+    assert abs(images[f"{a}_outd"] - images[a]).mean() > 0.5, "OUTD must change what the LoRA does"
+    new_lines = webui.log_lines()[lines_before:]
+    assert unmatched_lines(new_lines) == []
+    assert not [line for line in new_lines if "Error" in line and "lora" in line.lower()], new_lines[-20:]
+
+
+def test_a_baked_checkpoint_loads_and_renders_as_the_lora_does(webui, tiny, tool_loras):
+    webui.use_checkpoint(webui.titles["sd1"])
+    a = tool_loras[0]
+    base = webui.txt2img("box, red")
+    with_lora = webui.txt2img(f"box, red <lora:{a}:1>")
+    lines_before = len(webui.log_lines())
+    baked_name = f"lt_test_sd1_{STAMP}_baked.safetensors"
+    baked_path = Path(A1111_DIR) / "models" / "Stable-diffusion" / baked_name
+    try:
+        report = webui.tool("bake", {"checkpoint": webui.titles["sd1"], "loras": {f"{a}.safetensors": 1.0},
+                                     "out": baked_name})
+        assert Path(report["written"]) == baked_path and report["weights_changed"] > 0
+        assert webui.loaded_weights_lines(lines_before) == [], "baking must not reload or unload the model"
+        assert abs(webui.txt2img("box, red") - base).mean() == 0
+        webui.installation.install_yaml(tiny["sd1"], baked_name)
+        webui.call("/sdapi/v1/refresh-checkpoints", {})
+        webui.use_checkpoint(baked_name)
+        baked = webui.txt2img("box, red")
+        print(f"bake: mean |pixel diff| baked vs base {abs(baked - base).mean():.2f}, baked vs base + "
+              f"<lora:1> {abs(baked - with_lora).mean():.3f}")
+        assert abs(baked - base).mean() > 1.0
+        assert abs(baked - with_lora).mean() < 0.5, "the baked checkpoint must render as the LoRA at 1 does"
+    finally:
+        webui.use_checkpoint(webui.titles["sd1"])
+        baked_path.unlink(missing_ok=True)
+        webui.call("/sdapi/v1/refresh-checkpoints", {})

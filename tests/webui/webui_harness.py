@@ -90,6 +90,18 @@ class WebUI:
             time.sleep(0.5)
         raise TimeoutError(f"training did not end within {timeout} s: {status}")
 
+    def tool(self, name: str, body: dict, timeout: float = 600) -> dict:
+        """Run one of our LoRA tools through its route (`/lora_trainer/v1/tools/<name>`); returns its report."""
+        return self.call(f"/lora_trainer/v1/tools/{name}", body, timeout)
+
+    def lora_names(self) -> set[str]:
+        return {entry["name"] for entry in self.call("/sdapi/v1/loras")}
+
+    def loaded_weights_lines(self, since: int) -> list[str]:
+        """Log lines since line `since` that show the WebUI (re)loading or unloading a model."""
+        marks = ("Loading weights", "Model loaded in", "Unloading", "Reusing loaded model")
+        return [line for line in self.log_lines()[since:] if any(mark in line for mark in marks)]
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -127,6 +139,11 @@ class Installation:
         self.link(Path(model.checkpoint), folder / f"{title}.safetensors")
         self.link(Path(model.yaml), folder / f"{title}.yaml")
         return f"{title}.safetensors"
+
+    def install_yaml(self, model, checkpoint_name: str) -> None:
+        """Link a tiny model's yaml beside a checkpoint written into the WebUI's folder (e.g. by our bake)."""
+        folder = self.dir / "models" / "Stable-diffusion"
+        self.link(Path(model.yaml), folder / f"{Path(checkpoint_name).stem}.yaml")
 
     def install_openclip_preload(self, config_folder: Path) -> None:
         self.write(self.dir / "extensions" / PRELOAD_NAME / "preload.py", PRELOAD.format(folder=str(config_folder)))
