@@ -2,7 +2,8 @@
 done by `lora_trainer.tagging` and the other packages.
 
 `build_tab(host)` places the whole tab (Dataset, Train and Tools panels) inside a host's `gr.Blocks`;
-`build_dataset_panel`, `build_train_panel` and `build_tools_panel` place one panel; `create_app` is the standalone app (`python -m lora_trainer ui`).
+`build_dataset_panel`, `build_train_panel` and `build_tools_panel` place one panel; `create_app` is the standalone
+app (`python -m lora_trainer ui`).
 gradio is imported on first use of one of these names, so the actions (`dataset_actions`, `train_views`) import
 without it (so do the tools' jobs, `Tools`, which the API routes share).
 """
