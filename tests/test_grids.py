@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_trainer.config import NetworkConfig
+from lora_trainer.errors import NetworkError
 from lora_trainer.grids import (
     CellLimitExceeded, FileSnapshot, GridSettings, LiveSnapshot, RenderSettings, adapter_renderer, check_cell_limit,
     estimate_grid, measure_speed, plan_grid, run_grid, seed_axis, snapshot_axis, strength_axis,
@@ -94,8 +95,11 @@ def test_text_encoder_lora_changes_the_image(sd1, single_thread):
     assert not np.array_equal(_pixels(_cell(result, 0.0)), _pixels(_cell(result, 1.0)))
 
 
-def test_sdxl_strength_zero_and_in_memory_vs_file(tiny_sdxl, tmp_path, single_thread):
+def test_sdxl_strength_zero_and_in_memory_vs_file(tiny_sdxl, sd1, tmp_path, single_thread):
     adapter = _load(tiny_sdxl)
+    sd1_file = random_live_lora(sd1).save(tmp_path / "made_for_sd1.safetensors")
+    with pytest.raises(NetworkError, match="made_for_sd1.safetensors: does not fit the loaded sdxl model"):
+        FileSnapshot(sd1_file).apply(adapter, 1.0)
     live = random_live_lora(adapter, seed=3)
     saved = live.save(tmp_path / "xl.safetensors", dtype=torch.float32)
     settings = GridSettings(SETTINGS.prompt, RenderSettings(width=32, height=32, steps=1))

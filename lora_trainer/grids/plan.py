@@ -6,7 +6,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from PIL import Image
 
@@ -123,7 +123,7 @@ class GridPlan:
     def describe(self) -> dict:
         """The plan as plain data (PNG text, API answers)."""
         return {"prompt": self.settings.prompt, "negative_prompt": self.settings.negative_prompt,
-                **{k: v for k, v in self.settings.render.__dict__.items() if k != "lora_state"},
+                **{k: v for k, v in asdict(self.settings.render).items() if k != "lora_state"},
                 "axes": {name: {"kind": a.kind, "labels": list(a.labels)} for name, a in zip("xyz", self.axes)}}
 
 
@@ -201,7 +201,7 @@ def measure_speed(render: Render, settings: GridSettings, probe_steps: int = 4) 
     """
     timings = []
     for steps in (1, 1 + probe_steps):
-        probe = RenderSettings(**{**settings.render.__dict__, "steps": steps, "lora_state": "speed probe"})
+        probe = replace(settings.render, steps=steps, lora_state="speed probe")
         start = time.perf_counter()
         render(settings.prompt, settings.negative_prompt, 0, probe)
         timings.append(time.perf_counter() - start)

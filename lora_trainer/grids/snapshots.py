@@ -80,12 +80,17 @@ class FileSnapshot:
 
     def _network_for(self, adapter):
         if self._network is None or self._bound_to is not adapter:
+            from lora_trainer.errors import NetworkError
             from lora_trainer.networks import LoRANetwork, load_lora
 
             state_dict, _ = load_lora(self.path)
             # conv targets included: LoCon files carry ResNet conv keys, plain LoRA files simply use fewer
             targets = adapter.lora_targets(include_conv=True)
-            network = LoRANetwork.from_kohya(targets, state_dict, strict=True)
+            try:
+                network = LoRANetwork.from_kohya(targets, state_dict, strict=True)
+            except NetworkError as exc:
+                raise NetworkError(f"{self.path}: does not fit the loaded {adapter.architecture} model: {exc} "
+                                   "Pick a LoRA trained on this model's architecture.") from exc
             network.requires_grad_(False)
             self._network = network.to(device=adapter.device)  # float32 weights: the module casts per call
             self._bound_to = adapter

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.models.sampling import resolve_sampler
+from lora_trainer.models.sampling import scheduler_for
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ class Sampler:
         if (self.every_steps or self.every_epochs) and not self.prompts:
             logger.warning("sample_every_n_* is set but sample_prompts is not; no samples are rendered")
         self.sampler = sample.sample_sampler or "ddim"
-        for name in [self.sampler] + [p.sampler for p in self.prompts if p.sampler]:
-            resolve_sampler(name)  # an unknown name fails now, not at the first sample
+        if self.prompts:  # an unknown or unusable sampler fails now, not at the first sample
+            for name in {self.sampler, *(p.sampler for p in self.prompts if p.sampler)}:
+                scheduler_for(adapter, name)
         self.adapter = adapter
         self.seed = seed
         self.size = tuple(config.dataset.resolution)
