@@ -112,6 +112,7 @@ def test_cli_grid_saves_beside_the_lora(tiny_sd1, tmp_path, capsys):
     assert data["files"] == ["sq-000001.safetensors", "sq.safetensors"]
     assert [data["axes"][a]["labels"] for a in "xyz"] == [["Strength: 0", "Strength: 1"], ["epoch 1", "sq"],
                                                           ["Seed: 1", "Seed: 2"]]
+    assert data["axes"]["x"]["values"] == [0.0, 1.0] and data["axes"]["z"]["values"] == [1, 2]
     assert text[PNG_PARAMETERS_KEY].startswith("square, red\nSteps: 2, Sampler: DPM++ 2M Karras")
     sub_width = 32 * 3 // 4 + 2 * 32
     assert image.width == 2 * sub_width and image.height > 2 * 32

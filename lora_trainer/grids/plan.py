@@ -124,7 +124,9 @@ class GridPlan:
         """The plan as plain data (PNG text, API answers)."""
         return {"prompt": self.settings.prompt, "negative_prompt": self.settings.negative_prompt,
                 **{k: v for k, v in asdict(self.settings.render).items() if k != "lora_state"},
-                "axes": {name: {"kind": a.kind, "labels": list(a.labels)} for name, a in zip("xyz", self.axes)}}
+                "axes": {name: {"kind": a.kind, "labels": list(a.labels),
+                                **({} if a.kind == "snapshot" else {"values": list(a.values)})}
+                         for name, a in zip("xyz", self.axes)}}
 
 
 def plan_grid(settings: GridSettings, strengths: Axis, snapshots: Axis, seeds: Axis,
