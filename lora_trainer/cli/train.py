@@ -75,7 +75,7 @@ def _train_in_group(config, device: str | None, extra_subscribers) -> int:
         if not group.is_main:
             logging.getLogger("lora_trainer").setLevel(logging.WARNING)  # one copy of each info line
         with group.main_first():
-            checked = check_before_model(config, device, loads_checkpoint=True)
+            checked = check_before_model(config, device, loads_checkpoint=True, processes=group.world_size)
         return _train_checked(config, device, checked, extra_subscribers if group.is_main else (), group)
     finally:
         group.close()

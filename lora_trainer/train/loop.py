@@ -121,7 +121,7 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------------
     def _run(self) -> TrainResult:
         cfg = self.config
-        checked = self.preflight or check_before_model(cfg)
+        checked = self.preflight or check_before_model(cfg, processes=self.group.world_size)
         self.folder = checked.output_dir
         resumed = load_state(cfg.save.resume) if cfg.save.resume else None
         seed = resumed.train_state.seed if resumed and resumed.train_state.seed is not None else cfg.training.seed
