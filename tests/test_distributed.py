@@ -92,6 +92,9 @@ def test_two_processes_train_the_lora_of_one_process_at_the_same_total_batch(run
 def test_only_the_first_process_writes_and_prints(runs):
     root, launched = runs
     assert launched.stdout.count("finished after 3 steps") == 1
+    # the plan counts steps of the global batch, said once (the other process logs warnings only)
+    said = launched.stdout + launched.stderr
+    assert said.count("2 processes x train_batch_size 2 = 4 images per batch") == 1, said[-3000:]
     written = sorted(p.name for p in (root / "two").iterdir())
     assert written == sorted(p.name for p in (root / "one").iterdir())
     assert {"dp.safetensors", "dp-state", "dp-step00000002.safetensors", "logs"} <= set(written)

@@ -7,7 +7,24 @@ no-op), so the loop never branches on the process count; `TorchProcessGroup` ans
 Launchers set `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`; `join_process_group` reads
 them (the `env://` rendezvous), so `accelerate launch --multi_gpu --num_processes N`, `torchrun --nproc_per_node N`
 and a plain `python -m lora_trainer train` (one process) all run the same code. CUDA processes use NCCL, CPU
-processes gloo.
+processes gloo. (`accelerate launch --cpu` alone starts one process; `--multi_gpu` is its multi-process launcher,
+and with `--device cpu` or without CUDA the processes join over gloo.) The WebUI never joins a group.
+
+What N processes compute (kohya's meaning of the keys):
+- `train_batch_size` is per process: a step trains on N x train_batch_size images. The epoch is planned in global
+  batches of N x train_batch_size from one bucket (`TrainDataset.processes`); each process takes its contiguous
+  share (`process_share`). So an epoch has about 1/N of the steps, `max_train_steps` still counts optimizer steps,
+  and N processes at batch B run exactly the steps of one process at batch N x B. (kohya's data loader gives each
+  process whole batches, possibly from different buckets; ours splits one batch so the two runs are the same.)
+- Each process weights its loss by its share of the global batch and the gradients are summed, so the step is
+  the one-process step of the whole batch. Noise and timesteps are drawn for the whole global batch from a
+  generator seeded by (seed, epoch, batch), captions likewise, so every sample sees the same randomness in any
+  process count. Differences left: float rounding (sums in another order; Adam magnifies it in near-zero
+  gradients), the VAE's latent sample when `cache_latents` is off (each process encodes its own share), and
+  network/rank/module dropout masks (drawn per process).
+- Only the main process writes LoRA files, resume states, logs and samples; the others wait at a barrier. A
+  state records its steps per epoch and process count, so it resumes under another process count at the same
+  point of its epoch (exactly the same run when the total batch is the same).
 """
 from __future__ import annotations
 

@@ -263,9 +263,10 @@ class Trainer:
         t, device, ac = self.config.training, self.adapter.device, self.adapter.alphas_cumprod
         latents = batch.latents.to(device=device, dtype=torch.float32)
         whole = latents.new_empty((total, *latents.shape[1:]))
+        mine = slice(share.start, share.start + len(latents))  # shorter than `share` when an image was unreadable
         noise = sample_noise(whole, generator, t.noise_offset, t.multires_noise_iterations,
-                             t.multires_noise_discount)[share]
-        timesteps = sample_timesteps(total, t.min_timestep, t.max_timestep, generator, device)[share]
+                             t.multires_noise_discount)[mine]
+        timesteps = sample_timesteps(total, t.min_timestep, t.max_timestep, generator, device)[mine]
         noisy = add_noise(latents, noise, timesteps, ac)
         cond = self.text(batch.captions)
         pred = self.adapter.predict(noisy, timesteps, cond, batch.size_cond.to(device))
