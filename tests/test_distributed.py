@@ -132,3 +132,19 @@ def test_one_process_group_asks_nothing_of_the_others():
     values = torch.tensor([1.5, 2.0])
     assert group.is_main and group.world_size == 1
     assert torch.equal(group.sum_values(values), values) and group.any(True) and not group.any(False)
+
+
+def test_a_state_resumes_at_the_same_point_of_its_epoch_under_another_total_batch(runs, caplog):
+    root, _ = runs
+    out = root / "other_batch"
+    text = (root / "two.toml").read_text(encoding="utf-8").replace(str(root / "two"), str(out))
+    config = root / "other_batch.toml"  # one process at batch 2: an epoch of 4 steps instead of 2
+    config.write_text(text + f'resume = "{root / "two" / "dp-step00000002-state"}"\n', encoding="utf-8")
+
+    with caplog.at_level("INFO", logger="lora_trainer"):
+        assert main(["train", "--config", str(config), "--device", "cpu"]) == 0
+
+    assert "2 steps per epoch; this run has 1 process(es) and 4 steps per epoch, so it continues at step 4 of " \
+           "epoch 1" in caplog.text
+    state = (out / "dp-state" / "train_state.json").read_text(encoding="utf-8")
+    assert '"global_step": 3' in state and '"epoch": 1' in state and '"processes": 1' in state
