@@ -68,8 +68,9 @@ def _train_in_group(config, device: str | None, extra_subscribers) -> int:
     """One of several launched processes: the main one checks the output folder first (its probe file), then the
     others; only the main one shows progress."""
     from lora_trainer.train.distributed import join_process_group
-    from lora_trainer.train.preflight import check_before_model
+    from lora_trainer.train.preflight import check_before_model, check_device
 
+    check_device(device)  # before joining: NCCL would fail on a device that is not there with a long error
     group = join_process_group(device)
     try:
         if not group.is_main:
