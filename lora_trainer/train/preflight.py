@@ -43,7 +43,8 @@ class Preflight:
     cleaned: list[str] = field(default_factory=list)
 
 
-def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False) -> Preflight:
+def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False,
+                       processes: int = 1) -> Preflight:
     """Everything that can be checked before the model loads; raises at the first problem, naming key and fix.
 
     Args:
@@ -52,6 +53,8 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
             decides (the WebUI), defaults to None.
         loads_checkpoint (bool, optional): the model will be loaded from `pretrained_model_name_or_path` (and
             `vae`), so those files are checked; False where the host trains its own loaded model, defaults to False.
+        processes (int, optional): data-parallel processes training together (each takes train_batch_size
+            images of every step, so an epoch has fewer steps), defaults to 1.
 
     Returns:
         Preflight: the output folder, dataset index and step plan.
@@ -76,20 +79,26 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
 
         check_state_folder(s.resume)
         cleaned += clean_leftovers(Path(s.resume).parent, Path(s.resume).name.removesuffix("-state"))
-    plan, note = _plan(config, index)
+    plan, note = _plan(config, index, processes)
     logger.info("%s", note)
     return Preflight(folder, index, plan, note, cleaned)
 
 
-def _plan(config, index):
+def _plan(config, index, processes: int = 1):
     from lora_trainer.data.loader import TrainDataset
     from lora_trainer.train.preparation import plan_steps, refuse_unreadable_captions
 
     refuse_unreadable_captions(index)
-    batches = TrainDataset(index, config.dataset).batches_per_epoch()
+    dataset = TrainDataset(index, config.dataset)
+    dataset.processes = processes
     t = config.training
-    plan = plan_steps(batches, config.optimizer.gradient_accumulation_steps, t.max_train_steps, t.max_train_epochs)
-    return plan, describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+    plan = plan_steps(dataset.batches_per_epoch(), config.optimizer.gradient_accumulation_steps, t.max_train_steps,
+                      t.max_train_epochs)
+    note = describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+    if processes > 1:
+        note += (f"; {processes} processes x train_batch_size {config.dataset.train_batch_size} = "
+                 f"{processes * config.dataset.train_batch_size} images per batch")
+    return plan, note
 
 
 def describe_plan(plan, max_train_steps: int | None, max_train_epochs: int | None) -> str:
