@@ -43,13 +43,16 @@ class StandaloneHost:
     Args:
         lora_dir (str | Path): where LoRAs go when the config sets no `output_dir`.
         device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available, else CPU.
+        models_dir (str | Path, optional): a folder of checkpoints (the WebUI's `models/Stable-diffusion` layout)
+            the Train panel offers in its checkpoint dropdown, defaults to None (a path is typed).
     """
 
     name = "standalone"
     loads_checkpoint = True  # the model comes from the config's checkpoint (and vae) files
 
-    def __init__(self, lora_dir: str | Path, device: str | None = None):
+    def __init__(self, lora_dir: str | Path, device: str | None = None, models_dir: str | Path | None = None):
         self._lora_dir = Path(lora_dir)
+        self.models_dir = Path(models_dir) if models_dir is not None else None
         self._device = device
         self._lock = threading.Lock()
         self._cached_key: tuple | None = None

@@ -248,6 +248,21 @@ def derive_configs(shapes: Shapes, architecture: str, model_yaml=None, source: s
     return configs
 
 
+def unet_basics(shapes: Shapes) -> dict:
+    """The UNet sizes a yaml is checked against (`check_yaml_sizes`), from the shapes alone.
+
+    Args:
+        shapes (Mapping[str, tuple]): tensor shapes by original key (a UNet must be present).
+
+    Returns:
+        dict: in_channels, block_out_channels (the first level only), cross_attention_dim.
+    """
+    conv_in = shapes[f"{UNET}input_blocks.0.0.weight"]
+    context = _first(shapes, "attn2.to_k.weight")
+    return {"in_channels": conv_in[1], "block_out_channels": [conv_in[0]],
+            "cross_attention_dim": context[1] if context else None}
+
+
 def check_yaml_sizes(unet: dict, model_yaml) -> None:
     """Refuse a yaml whose UNet sizes contradict the weights (the WebUI would fail to load the pair).
 
@@ -293,5 +308,5 @@ def write_config_folder(configs: dict[str, dict], architecture: str, out_dir: st
     return out
 
 
-__all__ = ["derive_clip_l", "derive_configs", "derive_open_clip", "derive_unet", "derive_vae", "check_yaml_sizes",
+__all__ = ["unet_basics", "derive_clip_l", "derive_configs", "derive_open_clip", "derive_unet", "derive_vae", "check_yaml_sizes",
            "write_config_folder"]
