@@ -111,3 +111,15 @@ def test_heads_without_yaml_follow_the_convention_or_say_how(tiny_sd2, tmp_path)
     checkpoint = _copy_model(tiny_sd2, tmp_path / "noyaml")      # 32-wide levels cannot have 64-wide heads
     with pytest.raises(ModelLoadError, match=r"cannot be split into .*heads\. Put the WebUI's \.yaml"):
         load_checkpoint_adapter(checkpoint)
+
+
+def test_yaml_gives_heads_and_sgm_v_scaling(tiny_sdxl, tmp_path):
+    from lora_trainer.models.model_yaml import read_model_yaml
+
+    found = read_model_yaml(tiny_sdxl.checkpoint)
+    assert found.path == tiny_sdxl.yaml and not found.v_parameterization
+    assert found.unet["num_head_channels"] == 16 and found.text_heads == (4, 4)  # CLIP-L folder, OpenCLIP json
+    text = tiny_sdxl.yaml.read_text(encoding="utf-8").replace("denoiser_scaling.EpsScaling", "denoiser_scaling.VScaling")
+    checkpoint = _copy_model(tiny_sdxl, tmp_path / "v", text)
+    assert read_model_yaml(checkpoint).v_parameterization
+    assert read_model_yaml(checkpoint).text_heads == (4, None)  # the OpenCLIP json was not copied beside it

@@ -95,8 +95,10 @@ class StandaloneHost:
         vae = str(Path(m.vae).expanduser().resolve()) if m.vae else None
         vae_stat = Path(vae).stat() if vae and Path(vae).is_file() else None
         vae_stamp = (vae_stat.st_mtime_ns, vae_stat.st_size) if vae_stat else None
+        yaml = path.with_suffix(".yaml")  # the checkpoint's model config (sizes, v-prediction), as in the WebUI
+        yaml_stamp = (yaml.stat().st_mtime_ns, yaml.stat().st_size) if yaml.is_file() else None
         return (str(path), stamp, bool(m.v_parameterization), m.diffusers_config_dir, m.tokenizer_dir,
-                str(self._dtype(config)), vae, vae_stamp)
+                str(self._dtype(config)), vae, vae_stamp, yaml_stamp)
 
     def load(self, config):
         """The adapter for `config`'s checkpoint, loaded once and reused while the file and options are the same.
