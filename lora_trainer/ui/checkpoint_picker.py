@@ -44,34 +44,51 @@ def describe_checkpoint(value: str, entries: dict[str, CheckpointInfo]) -> str:
     return f"`{entry.name}`: **{LABELS[entry.architecture]}** ({source})"
 
 
+def _scan(models_dir: Path) -> tuple[list[CheckpointInfo], str]:
+    try:
+        found = list_checkpoints(models_dir)
+    except OSError as exc:
+        return [], describe_error(exc).message
+    return found, f"{len(found)} checkpoint(s) in `{models_dir}`."
+
+
 def checkpoint_dropdown(models_dir: Path, value: str, label: str, elem_id: str) -> gr.Dropdown:
-    """Build the dropdown and the line below it, and wire them (inside the current Blocks).
+    """Build the dropdown, its rescan button and the line below them, and wire them (inside the current Blocks).
 
     Args:
         models_dir (Path): the models folder.
         value (str): the initial value.
         label (str): the field's label.
-        elem_id (str): the dropdown's HTML id (the note gets `<elem_id>-note`).
+        elem_id (str): the dropdown's HTML id (the button gets `<elem_id>-refresh`, the line `<elem_id>-note`).
 
     Returns:
         gr.Dropdown: the field (its value is the checkpoint's path).
     """
-    try:
-        found = list_checkpoints(models_dir)
-        summary = f"{len(found)} checkpoint(s) in `{models_dir}`."
-    except OSError as exc:
-        found, summary = [], describe_error(exc).message
-    entries = {info.label: info for info in found} | {str(info.path): info for info in found}
-    dropdown = gr.Dropdown([info.label for info in found], value=value, label=label, allow_custom_value=True,
-                           elem_id=elem_id)
+    found, summary = _scan(models_dir)
+    entries: dict[str, CheckpointInfo] = {}
+
+    def remember(infos: list[CheckpointInfo]) -> list[str]:
+        entries.clear()
+        entries.update({info.label: info for info in infos} | {str(info.path): info for info in infos})
+        return [info.label for info in infos]
+
+    with gr.Row(equal_height=True):
+        dropdown = gr.Dropdown(remember(found), value=value, label=label, allow_custom_value=True, scale=8,
+                               elem_id=elem_id)
+        refresh = gr.Button("\U0001f504", scale=1, min_width=40, elem_id=f"{elem_id}-refresh")
     note = gr.Markdown(summary, elem_id=f"{elem_id}-note")
 
     def picked(choice):
         entry = entries.get(choice or "")
         path = str(entry.path) if entry is not None and choice != str(entry.path) else gr.update()
-        return path, describe_checkpoint(choice, entries) or summary
+        return path, describe_checkpoint(choice, entries) or _scan(models_dir)[1]
+
+    def rescan():
+        infos, text = _scan(models_dir)
+        return gr.update(choices=remember(infos)), text
 
     dropdown.change(picked, inputs=[dropdown], outputs=[dropdown, note], show_progress="hidden")
+    refresh.click(rescan, outputs=[dropdown, note], show_progress="hidden")
     return dropdown
 
 

@@ -92,6 +92,11 @@ def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_serv
         expect(page.locator(f"#{field}-note").first).to_contain_text("2 checkpoint(s)")
         page.locator(f"#{field} input").first.click()
         expect(page.locator("ul.options li", has_text="notes.safetensors [?]").first).to_be_visible()
+        assert page.locator("ul.options li", has_text="later.safetensors").count() == 0
+        page.keyboard.press("Escape")
+        shutil.copyfile(models / "tiny" / "tiny_sd1.safetensors", models / "tiny" / "later.safetensors")
+        page.click(f"#{field}-refresh")                              # a model added while the app runs
+        expect(page.locator(f"#{field}-note").first).to_contain_text("3 checkpoint(s)")
         _choose(page, field, "tiny/tiny_sd1.safetensors [SD1]")
         expect(page.locator(f"#{field}-note").first).to_contain_text("SD1")
         expect(page.locator(f"#{field}-note").first).to_contain_text("tiny_sd1.yaml")
