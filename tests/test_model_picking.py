@@ -119,7 +119,7 @@ def test_yaml_gives_heads_and_sgm_v_scaling(tiny_sdxl, tmp_path):
     found = read_model_yaml(tiny_sdxl.checkpoint)
     assert found.path == tiny_sdxl.yaml and not found.v_parameterization
     assert found.unet["num_head_channels"] == 16 and found.text_heads == (4, 4)  # CLIP-L folder, OpenCLIP json
-    text = tiny_sdxl.yaml.read_text(encoding="utf-8").replace("denoiser_scaling.EpsScaling", "denoiser_scaling.VScaling")
+    text = tiny_sdxl.yaml.read_text(encoding="utf-8").replace("scaling.EpsScaling", "scaling.VScaling")
     checkpoint = _copy_model(tiny_sdxl, tmp_path / "v", text)
     assert read_model_yaml(checkpoint).v_parameterization
     assert read_model_yaml(checkpoint).text_heads == (4, None)  # the OpenCLIP json was not copied beside it

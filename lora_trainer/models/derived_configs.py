@@ -308,5 +308,5 @@ def write_config_folder(configs: dict[str, dict], architecture: str, out_dir: st
     return out
 
 
-__all__ = ["unet_basics", "derive_clip_l", "derive_configs", "derive_open_clip", "derive_unet", "derive_vae", "check_yaml_sizes",
-           "write_config_folder"]
+__all__ = ["check_yaml_sizes", "derive_clip_l", "derive_configs", "derive_open_clip", "derive_unet", "derive_vae",
+           "unet_basics", "write_config_folder"]

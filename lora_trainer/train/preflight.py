@@ -3,8 +3,8 @@
 `check_before_model(config, device)` needs no model and runs before the checkpoint loads (seconds): device,
 input files (checkpoint, VAE, network_weights, resume state), output folder and name (a probe file with the
 longest name a run writes), leftovers of a killed run, the dataset scan and the step plan, then the checkpoint's
-header and its same-named `.yaml` (architecture, a malformed or contradicting yaml; no tensor is read). Once the model is
-loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
+header and its same-named `.yaml` (architecture, a malformed or contradicting yaml; no tensor is read). Once the
+model is loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
 """
 from __future__ import annotations
 
