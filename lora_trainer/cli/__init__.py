@@ -7,6 +7,7 @@ COMMANDS = {
     "tag": "lora_trainer.cli.tag",
     "tags": "lora_trainer.cli.tags",
     "ui": "lora_trainer.cli.ui",
+    "grid": "lora_trainer.cli.grid",
     "lbw": "lora_trainer.cli.lbw",
     "merge": "lora_trainer.cli.merge",
     "resize": "lora_trainer.cli.resize",
