@@ -2,8 +2,9 @@
 
 `check_before_model(config, device)` needs no model and runs before the checkpoint loads (seconds): device,
 input files (checkpoint, VAE, network_weights, resume state), output folder and name (a probe file with the
-longest name a run writes), leftovers of a killed run, the dataset scan and the step plan. Once the model is
-loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
+longest name a run writes), leftovers of a killed run, the dataset scan and the step plan, then the checkpoint's
+header and its same-named `.yaml` (architecture, a malformed or contradicting yaml; no tensor is read). Once the
+model is loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Preflight:
         plan (StepPlan): steps and epochs of the run.
         plan_note (str): how the step count was chosen (which of max_train_epochs / max_train_steps wins).
         cleaned (list[str]): leftovers of a killed run that were removed or restored.
+        architecture (str, optional): the checkpoint's architecture from its header and yaml (None: not checked,
+            or a pickle checkpoint).
     """
 
     output_dir: Path
@@ -41,6 +44,7 @@ class Preflight:
     plan: object
     plan_note: str
     cleaned: list[str] = field(default_factory=list)
+    architecture: str | None = None
 
 
 def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False,
@@ -81,7 +85,14 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
         cleaned += clean_leftovers(Path(s.resume).parent, Path(s.resume).name.removesuffix("-state"))
     plan, note = _plan(config, index, processes)
     logger.info("%s", note)
-    return Preflight(folder, index, plan, note, cleaned)
+    architecture = None
+    if loads_checkpoint and m.pretrained_model_name_or_path:  # last: the only check that imports torch
+        from lora_trainer.models.checkpoint_list import inspect_checkpoint
+
+        path = Path(m.pretrained_model_name_or_path).expanduser()
+        architecture = inspect_checkpoint(path, bool(m.v_parameterization))
+        logger.info("%s: %s checkpoint", path.name, architecture or "a pickle")
+    return Preflight(folder, index, plan, note, cleaned, architecture)
 
 
 def _plan(config, index, processes: int = 1):
