@@ -55,7 +55,7 @@ def folders(sources, tiny_sd1, tmp_path):
 
 @pytest.fixture
 def host(folders):
-    return CountingHost(folders[0], device="cpu", checkpoint_dir=folders[1])
+    return CountingHost(folders[0], device="cpu", models_dir=folders[1])
 
 
 def _client(host, policy=None) -> TestClient:

@@ -35,7 +35,7 @@ def _interruptible() -> None:
 
 @pytest.fixture(scope="module")
 def server(chromium_path, tiny_sd1, tmp_path_factory):
-    """`python -m lora_trainer ui --lora-dir L --checkpoint-dir C` over two LoRAs and the tiny SD1 checkpoint."""
+    """`python -m lora_trainer ui --lora-dir L --models-dir C` over two LoRAs and the tiny SD1 checkpoint."""
     work = tmp_path_factory.mktemp("tools_panel")
     loras, checkpoints = work / "Lora", work / "Stable-diffusion"
     loras.mkdir()
@@ -49,7 +49,7 @@ def server(chromium_path, tiny_sd1, tmp_path_factory):
     log = work / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
-                                 str(loras), "--checkpoint-dir", str(checkpoints), "--device", "cpu"],
+                                 str(loras), "--models-dir", str(checkpoints), "--device", "cpu"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_interruptible)  # noqa: PLW1509 (one signal call)
     url = f"http://127.0.0.1:{port}/"
