@@ -127,10 +127,12 @@ def _image_column(p: DatasetPanel) -> None:
     p.c["set_caption"] = gr.Button("Set caption", elem_id="lt-ds-set-caption")
     with gr.Accordion("Caption as the model sees it", open=True):
         with gr.Row():
-            p.c["keep_tokens"] = gr.Number(value=1, precision=0, label="keep_tokens", min_width=80,
+            defaults = actions.PREVIEW_DEFAULTS
+            p.c["keep_tokens"] = gr.Number(value=defaults.keep_tokens, precision=0, label="keep_tokens", min_width=80,
                                            elem_id="lt-ds-keep-tokens")
-            p.c["shuffle"] = gr.Checkbox(value=True, label="shuffle_caption", elem_id="lt-ds-shuffle")
-            p.c["dropout"] = gr.Slider(0, 1, value=0, step=0.05, label="caption_tag_dropout_rate",
+            p.c["shuffle"] = gr.Checkbox(value=defaults.shuffle_caption, label="shuffle_caption",
+                                         elem_id="lt-ds-shuffle")
+            p.c["dropout"] = gr.Slider(0, 1, value=defaults.caption_tag_dropout_rate, step=0.05, label="caption_tag_dropout_rate",
                                        elem_id="lt-ds-dropout")
         p.c["preview"] = gr.Textbox(label="Preview", lines=2, interactive=False, elem_id="lt-ds-preview")
         p.c["reroll"] = gr.Button("Re-roll", size="sm", elem_id="lt-ds-reroll")
@@ -188,7 +190,11 @@ def _layout(p: DatasetPanel, dataset_dir: str | None, tagger_dir: str | None) ->
 
 def _wire_editor(p: DatasetPanel) -> None:
     c = p.c
-    p.on(c["load"].click, actions.load, ["state", "folder", "ext"], LOAD_OUT)
+
+    def load(session, folder, ext, keep_tokens, shuffle, dropout):  # the first preview uses the controls' values
+        return actions.load(session, folder, ext, actions.preview_options(keep_tokens, shuffle, dropout))
+
+    p.on(c["load"].click, load, ["state", "folder", "ext", "keep_tokens", "shuffle", "dropout"], LOAD_OUT)
     p.on(c["select"].click, actions.apply_filter,
          ["state", "include", "exclude", "mode", "search", "folder_filter"], SELECT_OUT)
     p.on(c["select_all"].click, actions.select_all, ["state"], SELECT_OUT)
