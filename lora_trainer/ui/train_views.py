@@ -4,8 +4,10 @@ a `JobStatus` as text and loss rows. The panel (`train_panel.py`) only lays thes
 from __future__ import annotations
 
 import math
+import tempfile
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import (
@@ -154,6 +156,15 @@ def config_to_form(config: TrainConfig) -> list:
     return [_shown(field, values[field.key]) for field in FORM]
 
 
+def prompts_folder() -> Path:
+    """Where `prompts_file` writes prompt lines (in the temp folder).
+
+    Returns:
+        Path: the folder (it may not exist yet).
+    """
+    return Path(tempfile.gettempdir()) / "lora_trainer_prompts"
+
+
 def prompts_file(text: str) -> str:
     """`sample_prompts` as a file path: a path (an existing file, or one line ending in .txt) is kept, prompt lines are written to a file named by
     their content hash in the temp folder (kohya reads prompts from a file).
@@ -166,13 +177,11 @@ def prompts_file(text: str) -> str:
     """
     import hashlib
     import os
-    import tempfile
-    from pathlib import Path
 
     text = text.strip()
     if "\n" not in text and (text.lower().endswith(".txt") or os.path.isfile(text)):
         return text
-    folder = Path(tempfile.gettempdir()) / "lora_trainer_prompts"
+    folder = prompts_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}.txt"
     if not path.is_file():
@@ -325,6 +334,7 @@ def loss_rows(status, limit: int = 2000) -> dict[str, list]:
 __all__ = [
     "ADVANCED_GROUPS", "BASIC_GROUPS", "FORM", "FORM_KEYS", "NO_PRESET", "FormField", "base_config",
     "config_from_text", "config_to_form", "form_to_config", "loss_rows", "preset_choices", "prompts_file",
+    "prompts_folder",
     "status_markdown",
     "toml_text",
 ]
