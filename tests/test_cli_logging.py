@@ -126,4 +126,5 @@ def test_train_log_keeps_our_lines_and_drops_library_noise(tiny_sd1, tmp_path):
     assert result.returncode == 0, output
     assert "INFO lora_trainer.models.loading: loaded sd1 checkpoint" in output
     assert "INFO lora_trainer.train.preflight: training plan" in output
+    assert "INFO lora_trainer.cli.train: CPU training on 1 thread (OMP_NUM_THREADS)" in output
     assert not any(noise in output for noise in LIBRARY_NOISE), output

@@ -6,6 +6,7 @@ entry point (`lora_trainer.__main__`), which prints each one once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -18,6 +19,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set network_dim=16 (repeatable)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--threads", default="auto", metavar="N|auto",
+                        help="torch threads when training on the CPU (default: auto: one per idle core by the load "
+                             "average, at least one; OMP_NUM_THREADS, when set, wins)")
 
 
 def run(args) -> int:
@@ -26,7 +30,53 @@ def run(args) -> int:
     loaded = load_toml(args.config)
     config = apply_overrides(loaded.config, args.overrides)
     report_config_keys(loaded)
-    return train(config, args.device)
+    choose_cpu_threads(args.threads)  # a bad value is refused before anything loads
+    return train(config, args.device, threads=args.threads)
+
+
+def choose_cpu_threads(requested: str | int = "auto", cores: int | None = None, load: float | None = None,
+                       environ=None) -> int | None:
+    """How many torch threads CPU training gets. On a machine whose cores are busy, torch's default (one per core)
+    ran 20x slower than one thread (benchmarks/cpu_threads.py prints the comparison), so `auto` takes only the
+    cores the 1-minute load average leaves idle, and at least one.
+
+    Args:
+        requested (str | int, optional): a count, or "auto", defaults to "auto".
+        cores (int, optional): usable cores, defaults to those this process may run on.
+        load (float, optional): the load average, defaults to the system's 1-minute figure.
+        environ (Mapping, optional): the environment, defaults to os.environ.
+
+    Returns:
+        int | None: the count, or None for "auto" when OMP_NUM_THREADS is set (torch already follows it).
+
+    Raises:
+        ValueError: `requested` is neither a positive count nor "auto".
+    """
+    text = str(requested).strip().lower()
+    if text != "auto":
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"--threads: {requested!r} is not a thread count. Use a number such as 1, or auto.")
+        return int(text)
+    if (os.environ if environ is None else environ).get("OMP_NUM_THREADS"):
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def _set_cpu_threads(requested: str | int) -> None:
+    import torch
+
+    threads = choose_cpu_threads(requested)
+    if threads is None:
+        threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        why = f"--threads {requested}, load average {load:.1f}"
+    log.info("CPU training on %d thread%s (%s)", threads, "s" * (threads > 1), why)
 
 
 def report_config_keys(loaded) -> None:
@@ -38,7 +88,7 @@ def report_config_keys(loaded) -> None:
         print(f"warning: {warning}")
 
 
-def train(config, device: str | None = None, extra_subscribers=()) -> int:
+def train(config, device: str | None = None, extra_subscribers=(), threads: str | int = "auto") -> int:
     """Check what needs no model, load the checkpoint named by the config, train, and report. Ctrl+C stops and
     saves. Errors are raised (the entry point prints them once).
 
@@ -46,6 +96,8 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
         config (TrainConfig): the run's config.
         device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available.
         extra_subscribers (Iterable[Callable], optional): more event subscribers.
+        threads (str | int, optional): torch threads when training on the CPU, a count or "auto" (see
+            `choose_cpu_threads`), defaults to "auto".
 
     Returns:
         int: 0.
@@ -59,6 +111,8 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
 
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
+    if host.device == "cpu":
+        _set_cpu_threads(threads)
     adapter = host.load(config)
     bus = EventBus()
     bus.subscribe(TrainingProgressBar())
