@@ -7,4 +7,8 @@ COMMANDS = {
     "tag": "lora_trainer.cli.tag",
     "tags": "lora_trainer.cli.tags",
     "ui": "lora_trainer.cli.ui",
+    "lbw": "lora_trainer.cli.lbw",
+    "merge": "lora_trainer.cli.merge",
+    "resize": "lora_trainer.cli.resize",
+    "inspect": "lora_trainer.cli.inspect",
 }
