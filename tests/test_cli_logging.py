@@ -6,7 +6,6 @@ CPU kernel, and diffusers warns about an empty list of float32 modules).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -48,18 +47,19 @@ def _wait_for(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     raise AssertionError(f"{url} did not answer in {timeout} s")
 
 
-async def _queued_event(port: int, fn_index: int, data: list) -> None:
-    """One event through gradio 3's queue (what a browser click does)."""
-    import websockets
+def _queued_event(port: int, fn_index: int, data: list) -> None:
+    """One event through gradio 3's queue (what a browser click does), on the synchronous websocket client (a test
+    that ran before may leave an event loop running in this thread)."""
+    from websockets.sync.client import connect
 
-    async with websockets.connect(f"ws://127.0.0.1:{port}/queue/join") as ws:
+    with connect(f"ws://127.0.0.1:{port}/queue/join", open_timeout=30, close_timeout=5) as ws:
         while True:
-            message = json.loads(await ws.recv())
+            message = json.loads(ws.recv(timeout=30))
             if message["msg"] == "send_hash":
-                await ws.send(json.dumps({"fn_index": fn_index, "session_hash": "logtest"}))
+                ws.send(json.dumps({"fn_index": fn_index, "session_hash": "logtest"}))
             elif message["msg"] == "send_data":
-                await ws.send(json.dumps({"data": data, "event_data": None, "fn_index": fn_index,
-                                          "session_hash": "logtest"}))
+                ws.send(json.dumps({"data": data, "event_data": None, "fn_index": fn_index,
+                                    "session_hash": "logtest"}))
             elif message["msg"] == "process_completed":
                 assert message.get("success"), message
                 return
@@ -76,7 +76,7 @@ def _folder_copy_event(config: dict) -> int:
 
 def _run_ui(tmp_path: Path, verbose: bool) -> str:
     pytest.importorskip("gradio")
-    pytest.importorskip("websockets")
+    pytest.importorskip("websockets.sync.client")
     port = _free_port()
     command = [sys.executable, "-m", "lora_trainer", *(["--verbose"] if verbose else []), "ui", "--port", str(port),
                "--lora-dir", str(tmp_path / "out")]
@@ -87,7 +87,7 @@ def _run_ui(tmp_path: Path, verbose: bool) -> str:
         config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
         fn_index = _folder_copy_event(config)
         for value in ("a", "b"):
-            asyncio.run(asyncio.wait_for(_queued_event(port, fn_index, [value]), 30))
+            _queued_event(port, fn_index, [value])
     finally:
         process.send_signal(signal.SIGINT)
         try:

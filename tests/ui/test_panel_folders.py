@@ -103,3 +103,30 @@ def test_standalone_allows_every_folder(tmp_path, places):
     c = tab.dataset.c
     out = run_event(blocks, c["load"], values={c["folder"]: str(outside / "secret_train")})
     assert out[c["status"]].startswith("Loaded 1 images")
+
+
+def test_a_browser_sees_the_refusal_and_not_the_path(browser, tmp_path, places):
+    from playwright.sync_api import expect
+
+    from lora_trainer.ui import compat
+
+    allowed, outside = places
+    with gr.Blocks(analytics_enabled=False) as app:
+        build_tab(StandaloneHost(tmp_path / "loras"), folder_policy=FolderPolicy.build(True, [allowed]))
+    compat.enable_queue(app, 4)
+    app.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()
+        page.goto(app.local_url)
+        page.locator("#lt-ds-folder textarea").fill(str(outside / "secret_train"))
+        page.locator("#lt-ds-load").click()
+        status = page.locator("#lt-ds-status").first
+        expect(status).to_contain_text("Settings > LoRA Trainer", timeout=20000)
+        assert "secret" not in status.inner_text()
+        page.locator("#lt-ds-folder textarea").fill(str(allowed / "train"))
+        page.locator("#lt-ds-load").click()
+        expect(status).to_contain_text("Loaded 1 images", timeout=20000)
+    finally:
+        context.close()
+        compat.close_now(app)
