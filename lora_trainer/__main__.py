@@ -33,7 +33,8 @@ NOISE = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m lora_trainer", description="LoRA trainer, tagger and tools.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show every log line, libraries' included (before the command: -v ui)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every log line, libraries' included (before the command: -v ui)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the chosen command's module is imported; the others register a placeholder parser.
     chosen = next((a for a in argv if a in COMMANDS), None)

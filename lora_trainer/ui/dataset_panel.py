@@ -146,7 +146,8 @@ def _image_column(p: DatasetPanel) -> None:
                                            elem_id="lt-ds-keep-tokens")
             p.c["shuffle"] = gr.Checkbox(value=defaults.shuffle_caption, label="shuffle_caption",
                                          elem_id="lt-ds-shuffle")
-            p.c["dropout"] = gr.Slider(0, 1, value=defaults.caption_tag_dropout_rate, step=0.05, label="caption_tag_dropout_rate",
+            p.c["dropout"] = gr.Slider(0, 1, value=defaults.caption_tag_dropout_rate, step=0.05,
+                                       label="caption_tag_dropout_rate",
                                        elem_id="lt-ds-dropout")
         p.c["preview"] = gr.Textbox(label="Preview", lines=2, interactive=False, elem_id="lt-ds-preview")
         p.c["reroll"] = gr.Button("Re-roll", size="sm", elem_id="lt-ds-reroll")
