@@ -112,7 +112,7 @@ def train(config, device: str | None = None, extra_subscribers=(), threads: str 
     launch = launched()
     if launch is None:
         checked = check_before_model(config, device, loads_checkpoint=True)  # before torch and the model load
-        return _train_checked(config, device, checked, extra_subscribers)
+        return _train_checked(config, device, checked, extra_subscribers, threads=threads)
     return _train_in_group(config, process_device(device, launch), extra_subscribers)
 
 
@@ -134,7 +134,8 @@ def _train_in_group(config, device: str | None, extra_subscribers) -> int:
         group.close()
 
 
-def _train_checked(config, device: str | None, checked, extra_subscribers=(), group=None) -> int:
+def _train_checked(config, device: str | None, checked, extra_subscribers=(), group=None,
+                   threads: str | int | None = None) -> int:
     from lora_trainer.cli.progress_bar import TrainingProgressBar
     from lora_trainer.host.standalone import StandaloneHost
     from lora_trainer.train import EventBus, Trainer, TrainCommands
@@ -143,7 +144,7 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
 
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
-    if host.device == "cpu":
+    if host.device == "cpu" and threads is not None:  # one process alone on the machine's cores
         _set_cpu_threads(threads)
     adapter = host.load(config)
     bus = EventBus()
