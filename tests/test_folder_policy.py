@@ -81,3 +81,21 @@ def test_the_extension_allows_the_webuis_folders_and_its_settings(tmp_path):
     assert not policy.allows(tmp_path / "other")
     shared.cmd_opts = _opts(ckpt_dir=None)
     assert not webui_folder_policy(shared).restricted
+
+
+def test_a_dataset_config_inside_may_not_point_its_subsets_outside(tmp_path):
+    from lora_trainer.config import TrainConfig, update_config
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "img").mkdir(parents=True)
+    outside.mkdir()
+    policy = FolderPolicy.build(True, [allowed])
+    good = allowed / "good.toml"
+    good.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img"\n', encoding="utf-8")
+    policy.check_config(update_config(TrainConfig(), {"dataset_config": str(good)}))  # relative, beside the file
+    for image_dir in (str(outside / "secret"), "../outside"):  # absolute, and relative climbing out
+        bad = allowed / "bad.toml"
+        bad.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{image_dir}"\n', encoding="utf-8")
+        with pytest.raises(PathNotAllowedError, match="dataset_config image_dir") as caught:
+            policy.check_config(update_config(TrainConfig(), {"dataset_config": str(bad)}))
+        assert str(outside) not in str(caught.value) and "secret" not in str(caught.value)

@@ -10,6 +10,7 @@ and only the first one prints, logs and writes files.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set network_dim=16 (repeatable)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--threads", default="auto", metavar="N|auto",
+                        help="torch threads when training on the CPU (default: auto: one per idle core by the load "
+                             "average, at least one; OMP_NUM_THREADS, when set, wins)")
 
 
 def run(args) -> int:
@@ -30,7 +34,53 @@ def run(args) -> int:
     loaded = load_toml(args.config)
     config = apply_overrides(loaded.config, args.overrides)
     report_config_keys(loaded)
-    return train(config, args.device)
+    choose_cpu_threads(args.threads)  # a bad value is refused before anything loads
+    return train(config, args.device, threads=args.threads)
+
+
+def choose_cpu_threads(requested: str | int = "auto", cores: int | None = None, load: float | None = None,
+                       environ=None) -> int | None:
+    """How many torch threads CPU training gets. On a machine whose cores are busy, torch's default (one per core)
+    ran 20x slower than one thread (benchmarks/cpu_threads.py prints the comparison), so `auto` takes only the
+    cores the 1-minute load average leaves idle, and at least one.
+
+    Args:
+        requested (str | int, optional): a count, or "auto", defaults to "auto".
+        cores (int, optional): usable cores, defaults to those this process may run on.
+        load (float, optional): the load average, defaults to the system's 1-minute figure.
+        environ (Mapping, optional): the environment, defaults to os.environ.
+
+    Returns:
+        int | None: the count, or None for "auto" when OMP_NUM_THREADS is set (torch already follows it).
+
+    Raises:
+        ValueError: `requested` is neither a positive count nor "auto".
+    """
+    text = str(requested).strip().lower()
+    if text != "auto":
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"--threads: {requested!r} is not a thread count. Use a number such as 1, or auto.")
+        return int(text)
+    if (os.environ if environ is None else environ).get("OMP_NUM_THREADS"):
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def _set_cpu_threads(requested: str | int) -> None:
+    import torch
+
+    threads = choose_cpu_threads(requested)
+    if threads is None:
+        threads, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        why = f"--threads {requested}, load average {load:.1f}"
+    log.info("CPU training on %d thread%s (%s)", threads, "s" * (threads > 1), why)
 
 
 def report_config_keys(loaded) -> None:
@@ -42,7 +92,7 @@ def report_config_keys(loaded) -> None:
         print(f"warning: {warning}")
 
 
-def train(config, device: str | None = None, extra_subscribers=()) -> int:
+def train(config, device: str | None = None, extra_subscribers=(), threads: str | int = "auto") -> int:
     """Check what needs no model, load the checkpoint named by the config, train, and report. Ctrl+C stops and
     saves. Errors are raised (the entry point prints them once).
 
@@ -50,6 +100,8 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
         config (TrainConfig): the run's config.
         device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available.
         extra_subscribers (Iterable[Callable], optional): more event subscribers.
+        threads (str | int, optional): torch threads when training on the CPU, a count or "auto" (see
+            `choose_cpu_threads`), defaults to "auto".
 
     Returns:
         int: 0.
@@ -60,7 +112,7 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
     launch = launched()
     if launch is None:
         checked = check_before_model(config, device, loads_checkpoint=True)  # before torch and the model load
-        return _train_checked(config, device, checked, extra_subscribers)
+        return _train_checked(config, device, checked, extra_subscribers, threads=threads)
     return _train_in_group(config, process_device(device, launch), extra_subscribers)
 
 
@@ -82,7 +134,8 @@ def _train_in_group(config, device: str | None, extra_subscribers) -> int:
         group.close()
 
 
-def _train_checked(config, device: str | None, checked, extra_subscribers=(), group=None) -> int:
+def _train_checked(config, device: str | None, checked, extra_subscribers=(), group=None,
+                   threads: str | int | None = None) -> int:
     from lora_trainer.cli.progress_bar import TrainingProgressBar
     from lora_trainer.host.standalone import StandaloneHost
     from lora_trainer.train import EventBus, Trainer, TrainCommands
@@ -91,6 +144,8 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
 
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
+    if host.device == "cpu" and threads is not None:  # one process alone on the machine's cores
+        _set_cpu_threads(threads)
     adapter = host.load(config)
     bus = EventBus()
     if main:

@@ -99,6 +99,8 @@ NETWORK_ARG_FIELDS: dict[str, str] = {
     "block_lr_zero_threshold": "block_lr_zero_threshold",
 }
 _FIELD_TO_ARG = {field: arg for arg, field in NETWORK_ARG_FIELDS.items()}
+# network_args entries kept verbatim and read by the networks themselves, by algo (LoKr's Kronecker factor)
+NETWORK_ARGS_READ: dict[str, tuple[str, ...]] = {"lokr": ("factor",)}
 
 
 def is_neutral(key: str, value: Any) -> bool:

@@ -131,9 +131,11 @@ def _split_network_args(got: _Collected) -> None:
             got.warnings.append(f"{field}: {got.values[field]!r} is replaced by network_args "
                                 f"\"{kk.arg_name(field) or 'dropout'}={text}\" (kohya/LyCORIS read the latter).")
         got.values[field] = new
+    read = kk.NETWORK_ARGS_READ.get(str(got.values.get("algo", "")).lower(), ())
     for entry in rest:
-        got.ignored[f"network_args.{entry.partition('=')[0].strip()}"] = (
-            "network argument not used by lora_trainer; kept in network_args")
+        name = entry.partition("=")[0].strip()
+        if name not in read:
+            got.ignored[f"network_args.{name}"] = "network argument not used by lora_trainer; kept in network_args"
     got.values["network_args"] = rest
 
 

@@ -91,13 +91,15 @@ class WebUIExtension:
             shared.opts.add_option(key, info)
 
     def ui_tabs(self):
-        """The tab for `on_ui_tabs`: Dataset and Train panels on the WebUI's loaded model."""
+        """The tab for `on_ui_tabs`: Dataset and Train panels on the WebUI's loaded model; their paths follow the
+        same folder rule as the API's."""
         import gradio as gr
 
         from lora_trainer.ui.app import build_tab
 
         with gr.Blocks(analytics_enabled=False) as blocks:
-            build_tab(self.host, tagger_dir=self.tagger_dir(), manager=self.manager)
+            build_tab(self.host, tagger_dir=self.tagger_dir(), manager=self.manager,
+                      folder_policy=self.folder_policy)
         return [(blocks, "LoRA Trainer", "lora_trainer")]
 
     def app_started(self, _demo, app) -> None:

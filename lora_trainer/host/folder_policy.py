@@ -23,9 +23,9 @@ SETTING_LABEL = "Extra folders API requests may use when the WebUI listens on th
 SETTING_PLACE = f'Settings > LoRA Trainer > "{SETTING_LABEL}"'
 # config keys that name a file or folder the trainer reads or writes
 CONFIG_PATH_KEYS = ("pretrained_model_name_or_path", "vae", "tokenizer_dir", "diffusers_config_dir",
-                    "network_weights", "train_data_dir", "reg_data_dir", "output_dir", "resume", "sample_prompts",
-                    "logging_dir")
-# kohya keys that name files but are not read here; refused all the same so no request points outside
+                    "network_weights", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir", "resume",
+                    "sample_prompts", "logging_dir")
+# keys checked as the request writes them (kohya sections included), whether or not the config keeps them
 UNREAD_PATH_KEYS = ("dataset_config", "in_json", "output_config", "config_file")
 
 
@@ -171,6 +171,43 @@ class FolderPolicy:
         for key, value in _flat_items(raw or {}):
             if key in UNREAD_PATH_KEYS and isinstance(value, str) and value.strip():
                 self.check(where + key, value)
+        if values.get("dataset_config"):
+            for folder in self._subset_folders(values["dataset_config"]):
+                self.check(where + "dataset_config image_dir", folder)
+
+    def _subset_folders(self, path: str) -> list[str]:
+        """Where the subsets of a kohya dataset config lead: each `image_dir`, a relative one beside the file when
+        it is an allowed folder there (as the reader finds it), else both beside the file and from the working
+        folder. Existence is asked only inside allowed folders, so a refusal never says whether an outside folder
+        is there; a file that cannot be read names no folder (the reader reports it)."""
+        beside_file = os.path.dirname(os.path.abspath(path))
+        forms = []
+        for folder in _image_dirs(path):
+            beside = os.path.join(beside_file, os.path.expanduser(folder))
+            if os.path.isabs(folder) or (self.allows(beside) and os.path.isdir(beside)):
+                forms.append(beside)
+            else:
+                forms += [beside, folder]
+        return forms
+
+
+def _image_dirs(path: str) -> list[str]:
+    """The `image_dir` values of a kohya dataset config (TOML, or JSON as kohya also reads), as written."""
+    import json
+    import tomllib
+
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            text = file.read()
+        data = json.loads(text) if str(path).lower().endswith(".json") else tomllib.loads(text)
+    except (OSError, ValueError):
+        return []
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if not isinstance(datasets, list):
+        return []
+    subsets = [subset for dataset in datasets if isinstance(dataset, dict)
+               for subset in dataset.get("subsets") or [] if isinstance(subset, dict)]
+    return [str(subset["image_dir"]) for subset in subsets if subset.get("image_dir")]
 
 
 def _flat_items(raw: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -13,6 +13,7 @@ import gradio as gr
 from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import STYLE_CSS, DatasetPanel, build_dataset_panel
+from lora_trainer.ui.folder_access import PolicySource
 from lora_trainer.ui.tools_panel import build_tools_panel
 from lora_trainer.ui.train_panel import TrainPanel, build_train_panel
 
@@ -40,7 +41,7 @@ def _share_folder(dataset: DatasetPanel, train: TrainPanel) -> None:
 
 
 def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = None,
-              manager: JobManager | None = None) -> TrainerTab:
+              manager: JobManager | None = None, folder_policy: PolicySource = None) -> TrainerTab:
     """Build the tab (Dataset and Train sub-tabs) inside the current `gr.Blocks`; the queue must be on.
 
     Args:
@@ -48,15 +49,17 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
         dataset_dir (str, optional): dataset folder filled in at start.
         tagger_dir (str, optional): folder of WD14 tagger model folders.
         manager (JobManager, optional): a job manager to share (e.g. with API routes); defaults to a new one.
+        folder_policy (PolicySource, optional): the host's folder rule (a `FolderPolicy` or a function returning
+            it), checked by every panel action that takes a path; defaults to None (standalone: all allowed).
 
     Returns:
         TrainerTab: both panels and the manager.
     """
     with gr.Tabs(elem_id="lt-tabs"):
         with gr.Tab("Dataset", elem_id="lt-tab-dataset"):
-            dataset = build_dataset_panel(dataset_dir, tagger_dir)
+            dataset = build_dataset_panel(dataset_dir, tagger_dir, folder_policy)
         with gr.Tab("Train", elem_id="lt-tab-train"):
-            train = build_train_panel(host, manager, dataset_dir)
+            train = build_train_panel(host, manager, dataset_dir, folder_policy)
         with gr.Tab("Tools", elem_id="lt-tab-tools"):
             build_tools_panel(host)
     _share_folder(dataset, train)

@@ -33,6 +33,9 @@ BATCH_OPS = [
     "remove duplicates",
     "sort alphabetically",
 ]
+# The preview's settings before the user touches them: kohya's usual ones for tagged captions (trigger word kept
+# first, the rest shuffled). The panel's controls start from these, so the first preview matches what they show.
+PREVIEW_DEFAULTS = CaptionOptions(shuffle_caption=True, keep_tokens=1)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class DatasetSession:
     shown: list[int] = field(default_factory=list)
     current: int | None = None
     seed: int | None = None
-    caption_options: CaptionOptions = field(default_factory=CaptionOptions)
+    caption_options: CaptionOptions = PREVIEW_DEFAULTS
     freq_sort: str = "count"
     freq_scope: str = "all"
     cancel: CancelToken | None = None
@@ -74,13 +77,28 @@ def scope_key(label: str) -> str:
     return "all" if label == "whole dataset" else "selection"
 
 
-def load(session: DatasetSession | None, folder: str, caption_extension: str = ".txt") -> dict:
+def preview_options(keep_tokens: float, shuffle: bool, dropout: float) -> CaptionOptions:
+    """The preview controls' values as kohya caption options.
+
+    Args:
+        keep_tokens (float): tags kept in place. shuffle (bool): shuffle the others. dropout (float): tag dropout.
+
+    Returns:
+        CaptionOptions: the options.
+    """
+    return CaptionOptions(shuffle_caption=bool(shuffle), keep_tokens=int(keep_tokens or 0),
+                          caption_tag_dropout_rate=float(dropout or 0))
+
+
+def load(session: DatasetSession | None, folder: str, caption_extension: str = ".txt",
+         caption_options: CaptionOptions | None = None) -> dict:
     """Load a dataset folder and select every image.
 
     Args:
         session (DatasetSession | None): the session (a new one when None).
         folder (str): the dataset folder (``N_concept`` folders inside, or one itself).
         caption_extension (str, optional): caption extension. Defaults to ".txt".
+        caption_options (CaptionOptions, optional): the preview controls' settings; defaults to the session's.
 
     Returns:
         dict: every view output.
@@ -92,6 +110,8 @@ def load(session: DatasetSession | None, folder: str, caption_extension: str = "
     if not Path(folder).is_dir():
         raise DatasetError(f"{folder}: not a folder. Enter the folder that holds your 10_concept folders.")
     session.editor = TagEditor.load(folder, caption_extension or ".txt")
+    if caption_options is not None:
+        session.caption_options = caption_options
     session.editor.select_all()
     session.current = 0 if len(session.editor) else None
     out = refresh(session, gallery=True)
@@ -247,10 +267,11 @@ def set_caption(session: DatasetSession, text: str) -> dict:
 
 
 def preview(session: DatasetSession, keep_tokens: float, shuffle: bool, dropout: float, reroll: bool) -> dict:
-    """The open caption as the model sees it with these settings; `reroll` draws a new seed."""
-    _editor(session)
-    session.caption_options = CaptionOptions(shuffle_caption=bool(shuffle), keep_tokens=int(keep_tokens or 0),
-                                             caption_tag_dropout_rate=float(dropout or 0))
+    """The open caption as the model sees it with these settings; `reroll` draws a new seed. Before Load there is
+    nothing to show (Load reads the controls)."""
+    if session is None or session.editor is None:
+        return {}
+    session.caption_options = preview_options(keep_tokens, shuffle, dropout)
     if reroll:
         session.seed = None
     # Only the preview: the caption box may hold an edit not yet set.

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.ui import compat, tagger_actions
+from lora_trainer.ui import compat, folder_access, tagger_actions
 from lora_trainer.ui import dataset_actions as actions
 from lora_trainer.ui.dataset_views import FREQ_HEADERS
 from lora_trainer.ui.tagger_section import build_tagger_section, wire_tagger_section
@@ -32,10 +32,24 @@ STYLE_CSS = Path(__file__).resolve().parents[2] / "style.css"
 
 @dataclass
 class DatasetPanel:
-    """The panel's components by name (`c["status"]`, `c["gallery"]`, ...) and its session state."""
+    """The panel's components by name (`c["status"]`, `c["gallery"]`, ...), the shared tagger cache and the host's
+    folder rule (None: every path allowed)."""
 
     c: dict[str, gr.components.Component] = field(default_factory=dict)
     cache: tagger_actions.TaggerCache = field(default_factory=tagger_actions.TaggerCache)
+    folder_policy: folder_access.PolicySource = None
+
+    def check_folder(self, key: str, path) -> None:
+        """Refuse a folder outside those the host allows (see `folder_access`)."""
+        folder_access.check_path(self.folder_policy, key, path)
+
+    def on_disk(self, fn: Callable) -> Callable:
+        """`fn(session, ...)` that reads or writes the loaded folder: checked against the rule first."""
+        def action(session, *args):
+            if session is not None and session.editor is not None:
+                self.check_folder("dataset folder", session.editor.root)
+            return fn(session, *args)
+        return action
 
     def outputs(self, names: list[str]) -> list:
         return [self.c[n] for n in names]
@@ -127,10 +141,13 @@ def _image_column(p: DatasetPanel) -> None:
     p.c["set_caption"] = gr.Button("Set caption", elem_id="lt-ds-set-caption")
     with gr.Accordion("Caption as the model sees it", open=True):
         with gr.Row():
-            p.c["keep_tokens"] = gr.Number(value=1, precision=0, label="keep_tokens", min_width=80,
+            defaults = actions.PREVIEW_DEFAULTS
+            p.c["keep_tokens"] = gr.Number(value=defaults.keep_tokens, precision=0, label="keep_tokens", min_width=80,
                                            elem_id="lt-ds-keep-tokens")
-            p.c["shuffle"] = gr.Checkbox(value=True, label="shuffle_caption", elem_id="lt-ds-shuffle")
-            p.c["dropout"] = gr.Slider(0, 1, value=0, step=0.05, label="caption_tag_dropout_rate",
+            p.c["shuffle"] = gr.Checkbox(value=defaults.shuffle_caption, label="shuffle_caption",
+                                         elem_id="lt-ds-shuffle")
+            p.c["dropout"] = gr.Slider(0, 1, value=defaults.caption_tag_dropout_rate, step=0.05,
+                                       label="caption_tag_dropout_rate",
                                        elem_id="lt-ds-dropout")
         p.c["preview"] = gr.Textbox(label="Preview", lines=2, interactive=False, elem_id="lt-ds-preview")
         p.c["reroll"] = gr.Button("Re-roll", size="sm", elem_id="lt-ds-reroll")
@@ -188,7 +205,12 @@ def _layout(p: DatasetPanel, dataset_dir: str | None, tagger_dir: str | None) ->
 
 def _wire_editor(p: DatasetPanel) -> None:
     c = p.c
-    p.on(c["load"].click, actions.load, ["state", "folder", "ext"], LOAD_OUT)
+
+    def load(session, folder, ext, keep_tokens, shuffle, dropout):  # the first preview uses the controls' values
+        p.check_folder("dataset folder", folder)
+        return actions.load(session, folder, ext, actions.preview_options(keep_tokens, shuffle, dropout))
+
+    p.on(c["load"].click, load, ["state", "folder", "ext", "keep_tokens", "shuffle", "dropout"], LOAD_OUT)
     p.on(c["select"].click, actions.apply_filter,
          ["state", "include", "exclude", "mode", "search", "folder_filter"], SELECT_OUT)
     p.on(c["select_all"].click, actions.select_all, ["state"], SELECT_OUT)
@@ -197,10 +219,10 @@ def _wire_editor(p: DatasetPanel) -> None:
     p.on(c["undo"].click, actions.undo, ["state"], EDIT_OUT)
     p.on(c["redo"].click, actions.redo, ["state"], EDIT_OUT)
     p.on(c["set_caption"].click, actions.set_caption, ["state", "caption"], EDIT_OUT)
-    p.on(c["save"].click, actions.save, ["state"], EDIT_OUT)
-    p.on(c["force"].click, lambda s: actions.save(s, force=True), ["state"], EDIT_OUT)
-    p.on(c["reload"].click, actions.reload, ["state"], EDIT_OUT)
-    p.on(c["take_disk"].click, lambda s: actions.reload(s, prefer_disk=True), ["state"], EDIT_OUT)
+    p.on(c["save"].click, p.on_disk(actions.save), ["state"], EDIT_OUT)
+    p.on(c["force"].click, p.on_disk(lambda s: actions.save(s, force=True)), ["state"], EDIT_OUT)
+    p.on(c["reload"].click, p.on_disk(actions.reload), ["state"], EDIT_OUT)
+    p.on(c["take_disk"].click, p.on_disk(lambda s: actions.reload(s, prefer_disk=True)), ["state"], EDIT_OUT)
     p.on(c["prev"].click, lambda s: actions.step_image(s, -1), ["state"], EDIT_OUT)
     p.on(c["next"].click, lambda s: actions.step_image(s, 1), ["state"], EDIT_OUT)
     p.on(c["analyze"].click, actions.analysis, ["state"], ["status", "batch_status", "analysis"])
@@ -225,17 +247,20 @@ def _wire_editor(p: DatasetPanel) -> None:
     c["freq"].select(tag_clicked, inputs=[c["include"], c["freq"]], outputs=[c["include"]])
 
 
-def build_dataset_panel(dataset_dir: str | None = None, tagger_dir: str | None = None) -> DatasetPanel:
+def build_dataset_panel(dataset_dir: str | None = None, tagger_dir: str | None = None,
+                        folder_policy: folder_access.PolicySource = None) -> DatasetPanel:
     """Build the Dataset panel inside the current `gr.Blocks` (call it inside a `with gr.Blocks()` or a tab).
 
     Args:
         dataset_dir (str, optional): dataset folder filled in at start.
         tagger_dir (str, optional): folder of WD14 tagger model folders (model.onnx + selected_tags.csv each).
+        folder_policy (PolicySource, optional): the host's folder rule, checked by every action that takes a
+            folder (Load, Save, Reload, the tagger's folders); defaults to None (every path allowed).
 
     Returns:
         DatasetPanel: the components by name (for the host to add events) and the shared tagger cache.
     """
-    panel = DatasetPanel()
+    panel = DatasetPanel(folder_policy=folder_policy)
     with gr.Column(elem_id="lt-dataset-panel"):
         _layout(panel, dataset_dir, tagger_dir)
     _wire_editor(panel)

@@ -48,6 +48,8 @@ def wire_tagger_section(p, tagger_dir: str | None, editor_outputs: list[str]) ->
 
     def run_clicked(session, folder, tdir, model, device, general, character, gmcut, cmcut, triggers, existing,
                     exclude, flags, ext):
+        p.check_folder("dataset folder", folder)
+        p.check_folder("tagger models folder", tdir)
         options = tagger_actions.build_options(general, character, gmcut, cmcut, triggers, existing, exclude, flags,
                                                ext)
         yield from tagger_actions.run(session, folder, tdir, model, device, options, p.cache)
@@ -58,6 +60,10 @@ def wire_tagger_section(p, tagger_dir: str | None, editor_outputs: list[str]) ->
     c["cancel"].click(tagger_actions.cancel, inputs=[c["state"]], outputs=[c["tag_status"]], queue=False)
 
     def refresh(tdir):
+        try:
+            p.check_folder("tagger models folder", tdir)
+        except ValueError as exc:  # the folder rule's refusal: shown instead of the folder's contents
+            return gr.update(choices=[], value=None), f"**Error:** {exc}"
         choices, note = tagger_actions.model_choices(tdir)
         return gr.update(choices=choices, value=choices[0] if choices else None), note
 

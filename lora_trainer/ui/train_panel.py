@@ -18,7 +18,7 @@ import gradio as gr
 
 from lora_trainer.errors import BUG_NOTE, describe_error
 from lora_trainer.train.job import JobManager
-from lora_trainer.ui import compat
+from lora_trainer.ui import compat, folder_access
 from lora_trainer.ui import train_views as views
 
 logger = logging.getLogger(__name__)
@@ -28,12 +28,19 @@ POLL_SECONDS = 1.0
 
 @dataclass
 class TrainPanel:
-    """The panel's components by name (`c["status"]`, `c["lt-key"]`...), its form in FORM order and its manager."""
+    """The panel's components by name (`c["status"]`, `c["lt-key"]`...), its form in FORM order, its manager and
+    the host's folder rule (None: every path allowed)."""
 
     manager: JobManager
     c: dict[str, gr.components.Component] = field(default_factory=dict)
     form: list = field(default_factory=list)
     events: dict = field(default_factory=dict)
+    folder_policy: folder_access.PolicySource = None
+
+    def checked(self, config):
+        """`config`, once the folder rule allows every path it names (its own prompt files are allowed)."""
+        folder_access.check_config(self.folder_policy, config, [views.prompts_folder()])
+        return config
 
     def message(self, text: str, error: bool = False) -> str:
         if error:
@@ -172,7 +179,7 @@ def _wire_config(p: TrainPanel) -> None:
 
     def import_text(text):
         config, notes = views.config_from_text(text or "")
-        return _fill(config, notes, "Imported the TOML.")
+        return _fill(p.checked(config), notes, "Imported the TOML.")
 
     c["import"].click(_guard(p, import_text, len(fill_out)), inputs=[c["toml_text"]], outputs=fill_out)
 
@@ -182,13 +189,13 @@ def _wire_config(p: TrainPanel) -> None:
             return [gr.update()] * (len(fill_out) + 1)
         text = Path(path).read_text(encoding="utf-8")
         config, notes = views.config_from_text(text, source=Path(path).name)
-        return [text, *_fill(config, notes, f"Imported {Path(path).name}.")]
+        return [text, *_fill(p.checked(config), notes, f"Imported {Path(path).name}.")]
 
     c["toml_upload"].upload(_guard(p, import_file, len(fill_out) + 1), inputs=[c["toml_upload"]],
                             outputs=[c["toml_text"], *fill_out])
 
     def export(base, folder, *form):
-        config = views.form_to_config(base, folder, list(form))
+        config = p.checked(views.form_to_config(base, folder, list(form)))
         text = views.toml_text(config)
         out = Path(tempfile.mkdtemp(prefix="lora_trainer_toml_")) / f"{config.save.output_name}.toml"
         out.write_text(text, encoding="utf-8")
@@ -202,17 +209,18 @@ def _wire_run(p: TrainPanel) -> None:
     c, manager = p.c, p.manager
 
     def start(base, folder, *form):
-        job = manager.start(views.form_to_config(base, folder, list(form)))
+        job = manager.start(p.checked(views.form_to_config(base, folder, list(form))))
         return f"Started **{job.config.save.output_name}**."
 
     def resume(base, folder, state_dir, *form):
         if not (state_dir or "").strip():
             raise ValueError("resume: no state folder given. Enter a <name>-state folder written with "
                              "\"Save resume state\" on, then press Resume.")
+        folder_access.check_path(p.folder_policy, "resume", state_dir)
         config = views.form_to_config(base, folder, list(form))
         from lora_trainer.config import update_config
 
-        job = manager.start(update_config(config, {"resume": state_dir.strip(), "save_state": True}))
+        job = manager.start(p.checked(update_config(config, {"resume": state_dir.strip(), "save_state": True})))
         return f"Resuming **{job.config.save.output_name}** from `{state_dir.strip()}`."
 
     def stop(save: bool) -> str:
@@ -277,18 +285,21 @@ def on_load(fn: Callable, inputs: list, outputs: list) -> None:
     root.load(fn, inputs=inputs, outputs=outputs, show_progress="hidden")
 
 
-def build_train_panel(host, manager: JobManager | None = None, dataset_dir: str | None = None) -> TrainPanel:
+def build_train_panel(host, manager: JobManager | None = None, dataset_dir: str | None = None,
+                      folder_policy: folder_access.PolicySource = None) -> TrainPanel:
     """Build the Train panel inside the current `gr.Blocks` (a tab of the WebUI, or the standalone app).
 
     Args:
         host (Host): where jobs run (`StandaloneHost`, or the WebUI's host).
         manager (JobManager, optional): the job manager to share; defaults to a new one on `host`.
         dataset_dir (str, optional): dataset folder filled in at start.
+        folder_policy (PolicySource, optional): the host's folder rule, checked by Start, Resume, TOML import and
+            export; defaults to None (every path allowed).
 
     Returns:
         TrainPanel: the components by name (`c["folder"]`, `c["status"]`, ...) and the manager.
     """
-    panel = TrainPanel(manager or JobManager(host))
+    panel = TrainPanel(manager or JobManager(host), folder_policy=folder_policy)
     with gr.Column(elem_id="lt-train-panel"):
         _layout(panel, dataset_dir, getattr(host, "name", ""), getattr(host, "models_dir", None))
     _wire_config(panel)

@@ -4,8 +4,10 @@ a `JobStatus` as text and loss rows. The panel (`train_panel.py`) only lays thes
 from __future__ import annotations
 
 import math
+import tempfile
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import (
@@ -23,7 +25,8 @@ class FormField:
 
     Attributes:
         key (str): the kohya config key it sets.
-        kind (str): "text" (empty = unset), "int", "float", "bool", "choice" or "lines".
+        kind (str): "text" (empty = unset), "int", "float", "bool", "choice", "lines" (prompts) or "args"
+            (kohya "key=value" entries separated by spaces or lines).
         label (str): shown above the input.
         group (str): "basic", "network", "optimizer", "steps", "model", or an advanced group.
         choices (tuple, optional): for "choice".
@@ -49,17 +52,23 @@ FORM: tuple[FormField, ...] = (
     _f("network_alpha", "float", "Network alpha", "network"),
     _f("conv_dim", "text", "Conv dim (empty: no conv layers)", "network"),
     _f("conv_alpha", "text", "Conv alpha", "network"),
+    _f("network_args", "args", "Network args (key=value ..., e.g. factor=8 for LoKr)", "network"),
+    _f("network_weights", "text", "Start from LoRA weights (.safetensors; empty: new)", "network"),
     _f("optimizer_type", "choice", "Optimizer", "optimizer", OPTIMIZERS),
     _f("learning_rate", "float", "Learning rate", "optimizer"),
     _f("unet_lr", "text", "UNet lr (empty: learning rate)", "optimizer"),
     _f("text_encoder_lr", "text", "Text encoder lr (empty: learning rate)", "optimizer"),
     _f("lr_scheduler", "choice", "LR scheduler", "optimizer", SCHEDULERS),
     _f("lr_warmup_steps", "text", "Warmup steps (or ratio < 1)", "optimizer"),
+    _f("optimizer_args", "args", "Optimizer args (key=value ..., e.g. weight_decay=0.01)", "optimizer"),
     _f("max_train_epochs", "text", "Epochs (empty: use steps)", "steps"),
     _f("max_train_steps", "int", "Max steps", "steps"),
     _f("train_batch_size", "int", "Batch size", "steps"),
     _f("resolution", "text", "Resolution (512 or width,height)", "steps"),
     _f("seed", "text", "Seed (empty: random)", "steps"),
+    _f("reg_data_dir", "text", "Regularization folder (empty: none)", "Dataset files"),
+    _f("dataset_config", "text", "kohya dataset config .toml (its subsets replace the dataset folder)",
+       "Dataset files"),
     _f("enable_bucket", "bool", "Aspect-ratio buckets", "Buckets"),
     _f("min_bucket_reso", "int", "Min bucket resolution", "Buckets"),
     _f("max_bucket_reso", "int", "Max bucket resolution", "Buckets"),
@@ -121,6 +130,8 @@ def base_config(preset: str | None) -> TrainConfig:
 
 
 def _shown(field: FormField, value: Any) -> Any:
+    if field.kind == "args":
+        return " ".join(value or ())
     if field.kind == "bool":
         return bool(value)
     if field.kind in ("int", "float"):
@@ -147,6 +158,15 @@ def config_to_form(config: TrainConfig) -> list:
     return [_shown(field, values[field.key]) for field in FORM]
 
 
+def prompts_folder() -> Path:
+    """Where `prompts_file` writes prompt lines (in the temp folder).
+
+    Returns:
+        Path: the folder (it may not exist yet).
+    """
+    return Path(tempfile.gettempdir()) / "lora_trainer_prompts"
+
+
 def prompts_file(text: str) -> str:
     """`sample_prompts` as a file path: a path (an existing file, or one line ending in .txt) is kept, prompt lines are written to a file named by
     their content hash in the temp folder (kohya reads prompts from a file).
@@ -159,13 +179,11 @@ def prompts_file(text: str) -> str:
     """
     import hashlib
     import os
-    import tempfile
-    from pathlib import Path
 
     text = text.strip()
     if "\n" not in text and (text.lower().endswith(".txt") or os.path.isfile(text)):
         return text
-    folder = Path(tempfile.gettempdir()) / "lora_trainer_prompts"
+    folder = prompts_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}.txt"
     if not path.is_file():
@@ -174,6 +192,8 @@ def prompts_file(text: str) -> str:
 
 
 def _parsed(field: FormField, value: Any) -> Any:
+    if field.kind == "args":  # kohya values hold commas ("betas=0.9,0.99"), never spaces
+        return ("" if value is None else str(value)).split()
     if field.kind == "lines":
         text = "" if value is None else str(value).strip()
         return prompts_file(text) if text else None
@@ -206,7 +226,8 @@ def form_to_config(base: TrainConfig | None, dataset_dir: str, form: list) -> Tr
     data["network_args"] = list(base.network.network_args)
     for field, value in zip(FORM, form):
         data[field.key] = _parsed(field, value)
-    data["train_data_dir"] = (dataset_dir or "").strip() or None
+    # a kohya dataset config names its own folders (the label says so): the dataset folder is then not sent
+    data["train_data_dir"] = None if data.get("dataset_config") else (dataset_dir or "").strip() or None
     lycoris = base.network.network_module == "lycoris.kohya"
     data["network_module"] = "lycoris.kohya" if data["algo"] in ("loha", "lokr") or (lycoris and data["algo"] != "lora") \
         else "networks.lora"
@@ -315,6 +336,7 @@ def loss_rows(status, limit: int = 2000) -> dict[str, list]:
 __all__ = [
     "ADVANCED_GROUPS", "BASIC_GROUPS", "FORM", "FORM_KEYS", "NO_PRESET", "FormField", "base_config",
     "config_from_text", "config_to_form", "form_to_config", "loss_rows", "preset_choices", "prompts_file",
+    "prompts_folder",
     "status_markdown",
     "toml_text",
 ]

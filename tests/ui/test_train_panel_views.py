@@ -3,12 +3,14 @@ text, loss rows, prompt files."""
 from __future__ import annotations
 
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from lora_trainer.config import PRESETS, TrainConfig, update_config
 from lora_trainer.errors import ConfigError
+from lora_trainer.networks.settings import NetworkSettings
 from lora_trainer.train.job import JobState, JobStatus
 from lora_trainer.ui import train_views as views
 
@@ -78,3 +80,36 @@ def test_loss_rows_are_thinned_keeping_the_last_point():
     rows = views.loss_rows(status, limit=1000)
     assert len(rows["step"]) <= 1001 and rows["step"][0] == 1 and rows["step"][-1] == 5001
     assert views.loss_rows(JobStatus(losses=[(1, 0.5)])) == {"step": [1], "loss": [0.5]}
+
+
+def test_kohya_fields_the_panel_lacked_round_trip_through_form_and_toml():
+    form = _form(TrainConfig(), algo="lokr", network_args="factor=4", network_weights="/loras/start.safetensors",
+                 optimizer_args="weight_decay=0.05\nbetas=0.9,0.99", reg_data_dir="/data/reg")
+    config = views.form_to_config(None, "/data/train", form)
+    assert config.network.algo == "lokr" and config.network.network_module == "lycoris.kohya"
+    assert config.network.network_args == ("factor=4",) and NetworkSettings.from_config(config).factor == 4
+    assert config.network.network_weights == "/loras/start.safetensors"
+    assert config.optimizer.optimizer_args == ("weight_decay=0.05", "betas=0.9,0.99")
+    assert config.dataset.reg_data_dir == "/data/reg" and config.dataset.train_data_dir == "/data/train"
+    text = views.toml_text(config)
+    written = tomllib.loads(text)
+    assert {"algo=lokr", "factor=4"} <= set(written["network_args"]) and written["reg_data_dir"] == "/data/reg"
+    again, notes = views.config_from_text(text)
+    assert again == config and notes == []
+    shown = dict(zip(views.FORM_KEYS, views.config_to_form(again)))
+    assert shown["optimizer_args"] == "weight_decay=0.05 betas=0.9,0.99" and shown["network_args"] == "factor=4"
+    assert views.form_to_config(again, "/data/train", views.config_to_form(again)) == config
+
+
+def test_new_fields_take_the_same_validation_path():
+    with pytest.raises(ConfigError, match="optimizer_args"):
+        views.form_to_config(None, "/d", _form(TrainConfig(), optimizer_args="weight_decay"))
+    with pytest.raises(ConfigError, match="network_args"):
+        views.form_to_config(None, "/d", _form(TrainConfig(), network_args="factor"))
+
+
+def test_dataset_config_replaces_the_dataset_folder(tmp_path):
+    config = views.form_to_config(None, "/data/train", _form(TrainConfig(), dataset_config="/data/sets.toml"))
+    assert config.dataset.dataset_config == "/data/sets.toml" and config.dataset.train_data_dir is None
+    again, _ = views.config_from_text(views.toml_text(config))
+    assert again.dataset.dataset_config == "/data/sets.toml"
