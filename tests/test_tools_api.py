@@ -223,3 +223,27 @@ def test_cancel_stops_a_long_job_mid_write_without_a_file(host, folders):
                          progress=progress)
     assert 0 < progress.done < progress.total
     assert sorted(p.name for p in folders[1].iterdir()) == ["base.safetensors"]  # no partial or temporary file
+
+
+def test_the_panel_jobs_follow_the_folder_rule_too(host, folders, tmp_path):
+    """The Tools panel calls `Tools` directly (no route): the rule it is given is checked on every resolved path."""
+    from lora_trainer.host.folder_policy import PathNotAllowedError
+
+    loras, checkpoints = folders
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(loras / "a.safetensors", outside / "secret.safetensors")
+    tools = Tools(host, lambda: FolderPolicy.build(True, [loras, checkpoints]))
+    calls = [(lambda: tools.inspect(str(outside / "secret.safetensors")), "file"),
+             (lambda: tools.lbw("a.safetensors", "ALL", out=str(outside / "w.safetensors")), "out"),
+             (lambda: tools.merge([("a.safetensors", 1.0, None), ("../outside/secret.safetensors", 1.0, None)]),
+              "file"),
+             (lambda: tools.extract("base.safetensors", str(outside / "t.safetensors"), dim=4), "base"),
+             (lambda: tools.prune("/etc/passwd"), "checkpoint")]
+    for call, field in calls:
+        with pytest.raises(PathNotAllowedError) as refused:
+            call()
+        assert str(refused.value).startswith(f"{field}: this path is outside"), refused.value
+        assert "outside/" not in str(refused.value) and "/etc" not in str(refused.value)
+    assert not (outside / "w.safetensors").exists()
+    assert tools.inspect("a.safetensors").to_dict()["keys_ok"] is True

@@ -61,7 +61,7 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
         with gr.Tab("Train", elem_id="lt-tab-train"):
             train = build_train_panel(host, manager, dataset_dir, folder_policy)
         with gr.Tab("Tools", elem_id="lt-tab-tools"):
-            build_tools_panel(host)
+            build_tools_panel(host, folder_policy)
     _share_folder(dataset, train)
     return TrainerTab(dataset, train)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.folder_access import PolicySource, check_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +103,33 @@ class ToolFolders:
         lora_dir (Path): the host's Lora folder (LoRA inputs and outputs).
         checkpoint_dir (Path | None): the host's Stable-diffusion folder (checkpoint inputs and outputs).
         webui_dir (Path | None): a WebUI root whose LoRA Block Weight preset file is read, when installed.
+        policy (PolicySource): the folder rule every resolved path is checked by (None: unrestricted).
     """
 
     lora_dir: Path
     checkpoint_dir: Path | None = None
     webui_dir: Path | None = None
+    policy: PolicySource = None
 
     @classmethod
-    def of_host(cls, host) -> ToolFolders:
+    def of_host(cls, host, policy: PolicySource = None) -> ToolFolders:
         """The folders a host gives (`lora_dir()`, `checkpoint_dir()`, and `webui_dir()` where it has one)."""
         checkpoint = host.checkpoint_dir() if hasattr(host, "checkpoint_dir") else None
         webui = host.webui_dir() if hasattr(host, "webui_dir") else None
-        return cls(Path(host.lora_dir()), Path(checkpoint) if checkpoint else None, Path(webui) if webui else None)
+        return cls(Path(host.lora_dir()), Path(checkpoint) if checkpoint else None, Path(webui) if webui else None,
+                   policy)
 
-    def lora_path(self, name: str | Path) -> Path:
-        """A LoRA name resolved in the Lora folder (absolute paths as given)."""
-        return _in_folder(name, self.lora_dir)
+    def lora_path(self, name: str | Path, key: str = "file") -> Path:
+        """A LoRA name resolved in the Lora folder (absolute paths as given), checked by the folder rule."""
+        path = _in_folder(name, self.lora_dir)
+        check_path(self.policy, key, path)
+        return path
 
-    def checkpoint_path(self, name: str | Path) -> Path:
-        """A checkpoint name resolved in the Stable-diffusion folder (absolute paths as given)."""
-        return _in_folder(name, self.checkpoint_dir or self.lora_dir)
+    def checkpoint_path(self, name: str | Path, key: str = "checkpoint") -> Path:
+        """A checkpoint name resolved in the Stable-diffusion folder (absolute paths as given), checked by the rule."""
+        path = _in_folder(name, self.checkpoint_dir or self.lora_dir)
+        check_path(self.policy, key, path)
+        return path
 
     def loras(self) -> list[str]:
         """The `.safetensors` files under the Lora folder, relative to it."""
@@ -146,15 +154,18 @@ class LoraTools:
 
     Args:
         host (Host): gives the folders (`lora_dir`, `checkpoint_dir`), the job system and `refresh_loras`.
+        folder_policy (PolicySource, optional): the host's folder rule for every path a job names (a WebUI on the
+            network), defaults to None (unrestricted).
     """
 
-    def __init__(self, host):
+    def __init__(self, host, folder_policy: PolicySource = None):
         self.host = host
+        self.folder_policy = folder_policy
 
     @property
     def folders(self) -> ToolFolders:
-        """Read at each call: the WebUI's folders may change with its settings."""
-        return ToolFolders.of_host(self.host)
+        """Read at each call: the WebUI's folders (and its folder rule) may change with its settings."""
+        return ToolFolders.of_host(self.host, self.folder_policy)
 
     def presets(self):
         """Built-in presets, then LoRA Block Weight's file in the WebUI (when installed)."""
@@ -167,7 +178,7 @@ class LoraTools:
         from lora_trainer.tools.output_path import check_output
 
         folders = self.folders
-        path = folders.checkpoint_path(out) if checkpoint else folders.lora_path(out)
+        path = folders.checkpoint_path(out, "out") if checkpoint else folders.lora_path(out, "out")
         return check_output(path, inputs, overwrite=overwrite)
 
     def _run(self, title: str, job: Callable[[Callable[[int, int], None]], Any],

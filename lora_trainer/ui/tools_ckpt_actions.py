@@ -42,6 +42,7 @@ class Tools(LoraTools):
 
     Args:
         host (Host): gives the folders, the job system and `refresh_loras`.
+        folder_policy (PolicySource, optional): the host's folder rule (see `LoraTools`).
     """
 
     def bake(self, checkpoint: str, loras: list[tuple[str, float, str | None]], out: str | None = None,
@@ -71,7 +72,7 @@ class Tools(LoraTools):
         summary = {"checkpoint": _header(source), "loras": []}
         specs, book = [], self.presets()
         for name, ratio, weights in loras:
-            path = self.folders.lora_path(name)
+            path = self.folders.lora_path(name, "loras")
             report = inspect_lora(path)
             vector = resolve_weights(weights, report.architecture, book) if weights else None
             specs.append(LoraToBake(path, ratio, tuple(vector.given) if vector else None))
@@ -113,7 +114,8 @@ class Tools(LoraTools):
         from lora_trainer.tools.extract import extract_lora
         from lora_trainer.tools.tensor_stream import TensorReader
 
-        tuned_path, base_path = self.folders.checkpoint_path(tuned), self.folders.checkpoint_path(base)
+        folders = self.folders
+        tuned_path, base_path = folders.checkpoint_path(tuned, "tuned"), folders.checkpoint_path(base, "base")
         summary = {"tuned": _header(tuned_path), "base": _header(base_path), "dim": dim, "conv_dim": conv_dim}
         with TensorReader(tuned_path) as reader:
             targets = lora_targets(reader.infos, summary["tuned"]["family"]).values()
@@ -155,9 +157,9 @@ class Tools(LoraTools):
             raise ValueError(f"mode: {mode!r} is unknown. Use \"sum\" or \"add-diff\".")
         if mode == "add-diff" and not (c or "").strip():
             raise ValueError("c: add difference needs model C (the model B was tuned from). Pick it.")
-        paths = {"a": self.folders.checkpoint_path(a), "b": self.folders.checkpoint_path(b)}
+        paths = {"a": self.folders.checkpoint_path(a, "a"), "b": self.folders.checkpoint_path(b, "b")}
         if mode == "add-diff":
-            paths["c"] = self.folders.checkpoint_path(c)
+            paths["c"] = self.folders.checkpoint_path(c, "c")
         summary = {key: _header(path) for key, path in paths.items()}
         family = summary["a"]["family"]
         m_by_block = block_alphas(block_alpha, family) if block_alpha else dict.fromkeys(merge_slots(family), alpha)

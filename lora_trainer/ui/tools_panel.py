@@ -333,16 +333,18 @@ def _wire(p: ToolsPanel) -> None:
     c["cancel"].click(cancel, outputs=[c["result"]], show_progress="hidden")
 
 
-def build_tools_panel(host) -> ToolsPanel:
+def build_tools_panel(host, folder_policy=None) -> ToolsPanel:
     """Build the Tools panel inside the current `gr.Blocks` (a tab of the WebUI, or the standalone app).
 
     Args:
         host (Host): gives the Lora and checkpoint folders, the job system and `refresh_loras`.
+        folder_policy (PolicySource, optional): the host's folder rule for every path a job names, defaults to
+            None (unrestricted).
 
     Returns:
         ToolsPanel: the components by name and the jobs.
     """
-    panel = ToolsPanel(Tools(host))
+    panel = ToolsPanel(Tools(host, folder_policy))
     with gr.Column(elem_id="lt-tools-panel"):
         _layout(panel)
     _wire(panel)
