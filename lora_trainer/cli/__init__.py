@@ -7,4 +7,5 @@ COMMANDS = {
     "tag": "lora_trainer.cli.tag",
     "tags": "lora_trainer.cli.tags",
     "ui": "lora_trainer.cli.ui",
+    "grid": "lora_trainer.cli.grid",
 }
