@@ -13,6 +13,7 @@ import gradio as gr
 from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import STYLE_CSS, DatasetPanel, build_dataset_panel
+from lora_trainer.ui.test_panel import build_test_panel
 from lora_trainer.ui.train_panel import TrainPanel, build_train_panel
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _share_folder(dataset: DatasetPanel, train: TrainPanel) -> None:
 
 
 def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = None,
-              manager: JobManager | None = None) -> TrainerTab:
+              manager: JobManager | None = None, grids=None) -> TrainerTab:
     """Build the tab (Dataset and Train sub-tabs) inside the current `gr.Blocks`; the queue must be on.
 
     Args:
@@ -47,6 +48,8 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
         dataset_dir (str, optional): dataset folder filled in at start.
         tagger_dir (str, optional): folder of WD14 tagger model folders.
         manager (JobManager, optional): a job manager to share (e.g. with API routes); defaults to a new one.
+        grids (GridService, optional): the Test panel's grid service to share (API, X/Y/Z axes); defaults to a new
+            one on the manager.
 
     Returns:
         TrainerTab: both panels and the manager.
@@ -56,6 +59,8 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
             dataset = build_dataset_panel(dataset_dir, tagger_dir)
         with gr.Tab("Train", elem_id="lt-tab-train"):
             train = build_train_panel(host, manager, dataset_dir)
+        with gr.Tab("Test", elem_id="lt-tab-test"):
+            build_test_panel(host, train.manager, grids)
     _share_folder(dataset, train)
     return TrainerTab(dataset, train)
 
