@@ -26,14 +26,26 @@ XYZ_SNAPSHOT = "LoRA Trainer: snapshot"
 _P_STRENGTH, _P_SNAPSHOT = "lora_trainer_strength", "lora_trainer_snapshot"
 
 
-def invalidate_cond_cache() -> None:
-    """Empty the WebUI's prompt-conditioning caches (first pass and hires), so the next render encodes anew."""
+def invalidate_cond_cache(p=None) -> None:
+    """Empty the WebUI's prompt-conditioning caches (first pass and hires), so the next render encodes anew.
+
+    The caches are lists shared by reference: a processing object made before (an X/Y/Z plot copies one per cell)
+    keeps the list it was given, so the lists are cleared in place, `p`'s own ones too.
+
+    Args:
+        p (StableDiffusionProcessing, optional): a processing object whose cache lists are cleared as well.
+    """
     from modules import processing
 
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
-    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+    owners = [(processing.StableDiffusionProcessing, ("cached_c", "cached_uc")),
+              (processing.StableDiffusionProcessingTxt2Img, ("cached_hr_c", "cached_hr_uc"))]
+    if p is not None:
+        owners.append((p, ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")))
+    for owner, names in owners:
+        for name in names:
+            cache = getattr(owner, name, None)
+            if isinstance(cache, list):
+                cache[:] = [None, None]
 
 
 def sampler_names() -> list[str]:
@@ -197,15 +209,15 @@ class XyzAxes:
         if strength != 0:
             snapshot.apply(self.host.adapter(webui_shared().sd_model), strength)
         self._current = snapshot
-        invalidate_cond_cache()
+        invalidate_cond_cache(p)
         p.extra_generation_params["LoRA Trainer"] = f"{snapshot.label} at {strength:g}"
 
-    def after(self, _p=None) -> None:
+    def after(self, p=None) -> None:
         """Take our LoRA off the model (idempotent)."""
         if self._current is not None:
             self._current.release()
             self._current = None
-            invalidate_cond_cache()
+            invalidate_cond_cache(p)
 
 
 def _marker(attribute: str):
