@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,23 @@ def test_a_run_in_progress_is_409(trained, tmp_path):
     finally:
         manager.stop(save=False)
         manager.last.wait(120)
+
+
+def test_the_panel_form_and_cancel_between_cells(trained, single_thread):
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.ui.test_actions import GridRun, lora_tag, request_from_form
+
+    request = request_from_form("dot", "", "Euler", 2, 7, 32, 32, "1, 2", "0-1 [3]", [IN_MEMORY], False)
+    assert request.strengths == (0.0, 0.5, 1.0) and request.seeds == (1, 2) and request.snapshots == (IN_MEMORY,)
+    with pytest.raises(ConfigError, match="width: 32.5 is not a whole number"):
+        request_from_form("dot", "", "Euler", 2, 7, 32.5, 32, "1", "1", [], False)
+    assert lora_tag("gridapi", "0.60") == "<lora:gridapi:0.6>" and lora_tag("", 1) == ""
+
+    folder = Path(trained.last.config.save.output_dir)
+    files = sorted(folder.iterdir())
+    run = GridRun()
+    run.cancel.set()  # Cancel pressed before the first cell
+    run.start(GridService(trained), request).thread.join(60)
+    assert run.error is None and run.outcome.result.cancelled and run.outcome.path is None
+    assert run.cells == [] and run.outcome.result.image is None and not trained.last.live_lora.applied
+    assert sorted(folder.iterdir()) == files  # nothing saved
