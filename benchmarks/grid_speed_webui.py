@@ -103,6 +103,10 @@ def main() -> int:
                     start = time.perf_counter()
                     run()
                     best[way] = min(best[way], time.perf_counter() - start)
+        except Exception:
+            if webui is not None:
+                print("\n".join(webui.log_lines()[-40:]), file=sys.stderr)
+            raise
         finally:
             if webui is not None:
                 webui.stop()
