@@ -8,4 +8,8 @@ COMMANDS = {
     "tags": "lora_trainer.cli.tags",
     "ui": "lora_trainer.cli.ui",
     "grid": "lora_trainer.cli.grid",
+    "lbw": "lora_trainer.cli.lbw",
+    "merge": "lora_trainer.cli.merge",
+    "resize": "lora_trainer.cli.resize",
+    "inspect": "lora_trainer.cli.inspect",
 }
