@@ -217,6 +217,7 @@ class XyzAxes:
         if self._current is not None:
             self._current.release()
             self._current = None
+            self.service.release_memory()
             invalidate_cond_cache(p)
 
 

@@ -161,6 +161,13 @@ class GridService:
         """
         return self._snapshots(self._job(), tuple(labels))
 
+    def release_memory(self) -> None:
+        """Give the host its GPU memory back after a grid: the LoRA in memory goes to the CPU when the host keeps
+        idle LoRAs there (the WebUI's setting)."""
+        job = self.manager.last
+        if job is not None and job.live_lora is not None and getattr(self.host, "offload_idle", False):
+            job.live_lora.offload()
+
     def plan(self, request: GridRequest) -> GridPlan:
         """The grid a request asks for, checked (prompt, size, steps, snapshots, cell limit).
 
@@ -218,7 +225,10 @@ class GridService:
         plan = self.plan(request)
         job = self._job()
         with self._lock, self.host.grid_session(job.config) as (adapter, render):
-            result = run_grid(plan, adapter, render, cancel=cancel, on_cell=on_cell)
+            try:
+                result = run_grid(plan, adapter, render, cancel=cancel, on_cell=on_cell)
+            finally:
+                self.release_memory()
         outcome = GridOutcome(result, lora_name=self.lora_name())
         if save and result.image is not None:
             outcome.path = self._save(job, plan, result)
