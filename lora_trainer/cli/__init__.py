@@ -12,4 +12,8 @@ COMMANDS = {
     "merge": "lora_trainer.cli.merge",
     "resize": "lora_trainer.cli.resize",
     "inspect": "lora_trainer.cli.inspect",
+    "bake": "lora_trainer.cli.bake",
+    "extract": "lora_trainer.cli.extract",
+    "ckpt-merge": "lora_trainer.cli.ckpt_merge",
+    "prune": "lora_trainer.cli.prune",
 }
