@@ -204,6 +204,25 @@ class A1111Host:
                     torch.enable_grad():
                 yield adapter
 
+    # -- the Test panel's renderer (a1111_render.py) -------------------------------------------------------------
+    def grid_session(self, config):
+        """The loaded model and the WebUI's txt2img as a grid renderer (see `a1111_render.grid_session`)."""
+        from lora_trainer.host.a1111_render import grid_session
+
+        return grid_session(self, config)
+
+    def sampler_names(self) -> list[str]:
+        """The WebUI's visible samplers."""
+        from lora_trainer.host.a1111_render import sampler_names
+
+        return sampler_names()
+
+    def check_sampler(self, name: str) -> None:
+        """Raise ConfigError for a sampler the WebUI does not know."""
+        from lora_trainer.host.a1111_render import check_sampler
+
+        check_sampler(name)
+
     # -- pieces ------------------------------------------------------------------------------------------------
     def adapter(self, sd_model):
         """The ModelAdapter over `sd_model` (ldm SD1/SD2, sgm SDXL) with the WebUI's own caption encoding.

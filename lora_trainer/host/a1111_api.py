@@ -8,6 +8,10 @@ browser. Registered on the WebUI's FastAPI app (`on_app_started`); nothing here 
 - `POST /lora_trainer/v1/train/stop`: `{"save": true|false}` (JSON booleans; default true).
 - `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus.to_dict`), plus `compat`
   (the self-test of the saved file against the loaded model, once the job has ended). Always answers 200.
+- `POST /lora_trainer/v1/test/grid`: `{"prompt", "negative_prompt", "strengths": [...], "seeds": [...],
+  "snapshots": [...] (labels, optional), "steps", "cfg_scale", "sampler_name", "width", "height", "confirm"}`
+  renders a strength x snapshot x seed grid on the last run's LoRA in memory (`GridApi`); answers the grid PNG and
+  every cell as base64 PNG with its strength, seed and snapshot. 409 while a run is in progress.
 Errors are answered as `{"detail": message, "error": type}` (`api_routes.py`).
 """
 from __future__ import annotations
@@ -26,6 +30,19 @@ from lora_trainer.train.job import JobStatus
 logger = logging.getLogger(__name__)
 
 PREFIX = "/lora_trainer/v1/train"
+GRID_ROUTE = "/lora_trainer/v1/test/grid"
+GRID_FIELDS = {
+    "prompt": BodyField("str", required=True), "negative_prompt": BodyField("str", default=""),
+    "strengths": BodyField("list", items="number", minimum=-10, maximum=10),
+    "seeds": BodyField("list", items="int", minimum=0, maximum=2**32 - 1),
+    "snapshots": BodyField("list", items="str"),
+    "steps": BodyField("int", default=20, minimum=1, maximum=150),
+    "cfg_scale": BodyField("number", default=7.0, minimum=0, maximum=30),
+    "sampler_name": BodyField("str", default="Euler a"),
+    "width": BodyField("int", default=512, minimum=8, maximum=4096),
+    "height": BodyField("int", default=512, minimum=8, maximum=4096),
+    "confirm": BodyField("bool", default=False),
+}
 START_FIELDS = {"config": BodyField("object"), "toml": BodyField("path"), "overrides": BodyField("object")}
 STOP_FIELDS = {"save": BodyField("bool", default=True)}
 
@@ -146,3 +163,54 @@ class TrainApi:
         add_json_route(app, f"{PREFIX}/stop", self.stop, credentials=credentials)
         add_json_route(app, f"{PREFIX}/status", self.status, method="GET", credentials=credentials)
         logger.info("API routes added under %s", PREFIX)
+
+
+def _png_base64(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class GridApi:
+    """`POST /lora_trainer/v1/test/grid` over a GridService (the Test panel's engine).
+
+    Args:
+        service (GridService): the last run's LoRA and the host's renderer.
+    """
+
+    def __init__(self, service):
+        self.service = service
+
+    def grid(self, body: Any) -> dict[str, Any]:
+        from lora_trainer.grids import DEFAULT_STRENGTHS
+        from lora_trainer.host.grid_service import GridRequest
+
+        values = read_body(body, GRID_FIELDS, "test/grid")
+        request = GridRequest(
+            prompt=values["prompt"], negative_prompt=values["negative_prompt"],
+            strengths=tuple(values["strengths"] if values["strengths"] is not None else DEFAULT_STRENGTHS),
+            seeds=tuple(values["seeds"] if values["seeds"] is not None else (1,)),
+            snapshots=tuple(values["snapshots"] or ()), steps=values["steps"], cfg_scale=values["cfg_scale"],
+            sampler_name=values["sampler_name"], width=values["width"], height=values["height"],
+            confirmed=values["confirm"])
+        try:
+            outcome = self.service.run(request)
+        except TrainingError as error:
+            if self.service.manager.current is not None:
+                raise RequestError(str(error), status=409) from error
+            raise
+        result = outcome.result
+        return {"grid": _png_base64(result.image),
+                "cells": [{"image": _png_base64(c.image), "strength": c.cell.strength, "seed": c.cell.seed,
+                           "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z}
+                          for c in result.cells],
+                "parameters": result.plan.describe(), "path": str(outcome.path) if outcome.path else None,
+                "lora": outcome.lora_name, "seconds": round(result.seconds, 3)}
+
+    def register(self, app, credentials: Mapping[str, str] | None = None) -> None:
+        """Add the route to a FastAPI app (behind `credentials` as HTTP Basic auth when given)."""
+        add_json_route(app, GRID_ROUTE, self.grid, credentials=credentials)
+        logger.info("API route added: %s", GRID_ROUTE)

@@ -9,9 +9,11 @@ import logging
 import os
 
 from lora_trainer.host.a1111 import A1111Host, WebUIJobManager, webui_shared
-from lora_trainer.host.a1111_api import TrainApi
+from lora_trainer.host.a1111_api import GridApi, TrainApi
+from lora_trainer.host.a1111_render import XyzAxes
 from lora_trainer.host.api_routes import parse_credentials
 from lora_trainer.host.folder_policy import SETTING_KEY, SETTING_LABEL, FolderPolicy, is_exposed, split_folders
+from lora_trainer.host.grid_service import GridService
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,15 @@ def webui_folder_policy(shared) -> FolderPolicy:
 
 
 class WebUIExtension:
-    """One host, one job manager, shared by the tab and the API routes."""
+    """One host, one job manager and one grid service, shared by the tab, the API routes and the X/Y/Z axes."""
 
     def __init__(self):
         self.host = A1111Host()
         self.manager = WebUIJobManager(self.host)
+        self.grids = GridService(self.manager)
         self.api = TrainApi(self.manager, check_file=self.host.check_file, folder_policy=self.folder_policy)
+        self.grid_api = GridApi(self.grids)
+        self.xyz = XyzAxes(self.host, self.grids)
         self.tools_api = self._tools_api()
 
     def _tools_api(self):
@@ -99,15 +104,16 @@ class WebUIExtension:
 
         with gr.Blocks(analytics_enabled=False) as blocks:
             build_tab(self.host, tagger_dir=self.tagger_dir(), manager=self.manager,
-                      folder_policy=self.folder_policy)
+                      folder_policy=self.folder_policy, grids=self.grids)
         return [(blocks, "LoRA Trainer", "lora_trainer")]
 
     def app_started(self, _demo, app) -> None:
-        """`on_app_started`: the start/stop/status routes, behind `--api-auth` when the WebUI has it."""
-        self.api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth", None)))
-        self._register_tools(app)
+        """`on_app_started`: the training, grid and tool routes, behind `--api-auth` when the WebUI has it."""
+        credentials = parse_credentials(getattr(webui_shared().cmd_opts, "api_auth", None))
+        self.api.register(app, credentials=credentials)
+        self.grid_api.register(app, credentials=credentials)
+        self.tools_api.register(app, credentials=credentials)
 
-    def _register_tools(self, app) -> None:
-        """The tool routes (`tools_api.py`), behind the same `--api-auth`."""
-        self.tools_api.register(app, credentials=parse_credentials(getattr(webui_shared().cmd_opts, "api_auth",
-                                                                           None)))
+    def before_ui(self) -> None:
+        """`on_before_ui`: our strength and snapshot axes in the WebUI's X/Y/Z plot script."""
+        self.xyz.register()

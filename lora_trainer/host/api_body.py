@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 from lora_trainer.errors import LoraTrainerError
 
-KINDS = ("bool", "int", "number", "str", "path", "object")
+KINDS = ("bool", "int", "number", "str", "path", "object", "list")
 _KIND_TEXT = {"bool": "true or false", "int": "a whole number",
               "number": "a number", "str": "a string", "path": "a path (a string)",
-              "object": "a JSON object like {\"key\": value}"}
+              "object": "a JSON object like {\"key\": value}", "list": "a JSON list like [1, 2]"}
 
 
 class RequestError(LoraTrainerError, ValueError):
@@ -45,6 +45,7 @@ class BodyField:
         minimum (float, optional): smallest allowed number (int and number kinds).
         maximum (float, optional): largest allowed number (int and number kinds).
         required (bool): refuse a body without it.
+        items (str, optional): the kind of every element of a "list" field (checked with the same range).
     """
 
     kind: str
@@ -52,9 +53,10 @@ class BodyField:
     minimum: float | None = None
     maximum: float | None = None
     required: bool = False
+    items: str | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in KINDS or (self.items is not None and self.items not in KINDS):
             raise ValueError(f"BodyField.kind = {self.kind!r}: unknown. Use one of {', '.join(KINDS)}.")
 
 
@@ -162,9 +164,12 @@ def check_value(name: str, value: Any, field: BodyField) -> Any:
           "int": isinstance(value, int) and not isinstance(value, bool),
           "number": isinstance(value, (int, float)) and not isinstance(value, bool),
           "str": isinstance(value, str), "path": isinstance(value, str) and value.strip() != "",
-          "object": isinstance(value, dict)}[field.kind]
+          "object": isinstance(value, dict), "list": isinstance(value, list)}[field.kind]
     if not ok:
         raise RequestError(f"{name}: expected {expected}, got {json_type(value)}. {_fix(name, value, field)}")
+    if field.kind == "list" and field.items is not None:
+        item = BodyField(field.items, minimum=field.minimum, maximum=field.maximum)
+        return [check_value(f"{name}[{i}]", element, item) for i, element in enumerate(value)]
     if field.kind in ("int", "number"):
         return _in_range(name, value, field)
     return value

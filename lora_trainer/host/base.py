@@ -48,6 +48,23 @@ class Host(Protocol):
     def refresh_loras(self) -> None:
         """Make a newly written LoRA visible to the host (the WebUI: reload its Lora list)."""
 
+    def grid_session(self, config) -> AbstractContextManager[tuple]:
+        """The model a run trained on and the host's renderer, for a test grid (`host.grid_service`).
+
+        Args:
+            config (TrainConfig): the run whose LoRA is tested.
+
+        Returns:
+            A context manager yielding `(adapter, render)`: render is a `grids.Render` (the WebUI: its own txt2img
+            processing; standalone: the adapter's sampler). Leaving it, the model is as before, bit for bit.
+        """
+
+    def sampler_names(self) -> list[str]:
+        """The sampler names `render` accepts (the Test panel's dropdown)."""
+
+    def check_sampler(self, name: str) -> None:
+        """Raise ConfigError for a sampler `render` does not know (never fall back to another silently)."""
+
 
 class JobHandle(Protocol):
     """The host's side of one running job."""

@@ -141,6 +141,34 @@ class StandaloneHost:
             yield self.load(config)
 
     @contextmanager
+    def grid_session(self, config):
+        """The run's (cached) model and the standalone sampler as a grid renderer; one user of the model at a time.
+
+        Args:
+            config (TrainConfig): the run whose LoRA is tested (its checkpoint is loaded, or reused).
+
+        Returns:
+            A context manager yielding `(adapter, render)`.
+        """
+        from lora_trainer.grids import adapter_renderer
+
+        with self._lock:
+            adapter = self.load(config)
+            yield adapter, adapter_renderer(adapter, config.model.max_token_length)
+
+    def sampler_names(self) -> list[str]:
+        """The named samplers of `models.sampling` (diffusers schedulers)."""
+        from lora_trainer.models.sampling import SAMPLERS
+
+        return [spec.name for spec in SAMPLERS]
+
+    def check_sampler(self, name: str) -> None:
+        """Raise ConfigError for an unknown sampler name (listing the known ones)."""
+        from lora_trainer.models.sampling import resolve_sampler
+
+        resolve_sampler(name)
+
+    @contextmanager
     def job(self, title: str, total_steps: int):
         """A no-op job context.
 

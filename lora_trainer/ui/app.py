@@ -14,6 +14,7 @@ from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat
 from lora_trainer.ui.dataset_panel import STYLE_CSS, DatasetPanel, build_dataset_panel
 from lora_trainer.ui.folder_access import PolicySource
+from lora_trainer.ui.test_panel import build_test_panel
 from lora_trainer.ui.tools_panel import build_tools_panel
 from lora_trainer.ui.train_panel import TrainPanel, build_train_panel
 
@@ -41,7 +42,7 @@ def _share_folder(dataset: DatasetPanel, train: TrainPanel) -> None:
 
 
 def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = None,
-              manager: JobManager | None = None, folder_policy: PolicySource = None) -> TrainerTab:
+              manager: JobManager | None = None, folder_policy: PolicySource = None, grids=None) -> TrainerTab:
     """Build the tab (Dataset and Train sub-tabs) inside the current `gr.Blocks`; the queue must be on.
 
     Args:
@@ -51,6 +52,8 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
         manager (JobManager, optional): a job manager to share (e.g. with API routes); defaults to a new one.
         folder_policy (PolicySource, optional): the host's folder rule (a `FolderPolicy` or a function returning
             it), checked by every panel action that takes a path; defaults to None (standalone: all allowed).
+        grids (GridService, optional): the Test panel's grid service to share (API, X/Y/Z axes); defaults to a new
+            one on the manager.
 
     Returns:
         TrainerTab: both panels and the manager.
@@ -60,6 +63,8 @@ def build_tab(host, dataset_dir: str | None = None, tagger_dir: str | None = Non
             dataset = build_dataset_panel(dataset_dir, tagger_dir, folder_policy)
         with gr.Tab("Train", elem_id="lt-tab-train"):
             train = build_train_panel(host, manager, dataset_dir, folder_policy)
+        with gr.Tab("Test", elem_id="lt-tab-test"):
+            build_test_panel(host, train.manager, grids)
         with gr.Tab("Tools", elem_id="lt-tab-tools"):
             build_tools_panel(host, folder_policy)
     _share_folder(dataset, train)

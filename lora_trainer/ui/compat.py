@@ -89,5 +89,17 @@ def close_now(blocks: gr.Blocks) -> None:
     blocks.close()
 
 
-__all__ = ["GRADIO_MAJOR", "close_now", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning",
+def click_js(button, js: str, inputs: list) -> None:
+    """Run browser-side JavaScript on a click, nothing on the server (`_js=` in gradio 3, `js=` in gradio 4).
+
+    Args:
+        button (gr.Button): the button.
+        js (str): a JS function taking the inputs' values and returning [].
+        inputs (list): input components.
+    """
+    key = "js" if GRADIO_MAJOR >= 4 else "_js"
+    button.click(None, inputs=inputs, outputs=[], **{key: js})
+
+
+__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning",
            "serve_until_interrupted"]

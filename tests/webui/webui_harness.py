@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+STAMP = time.strftime("%H%M%S")  # file names of this session's checkpoints and LoRAs
 EXTENSION_NAME = "sd-webui-lora-trainer"
 PRELOAD_NAME = "lora-trainer-test-openclip"
 CPU_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
@@ -37,6 +38,14 @@ open_clip.add_model_config({folder!r})
 def preload(parser):
     pass
 '''
+
+
+def decode_png(data: str):
+    """A base64 PNG as a float numpy array (H, W, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(float)
 
 
 def free_port() -> int:
@@ -78,6 +87,11 @@ class WebUI:
         out = self.call("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 4, "width": 64, "height": 64,
                                               "seed": seed})
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(out["images"][0])))).astype(float)
+
+    def generate(self, body: dict, path: str = "/sdapi/v1/txt2img"):
+        """POST a generation (txt2img, or our grid route with path=...); returns (answer, decoded images)."""
+        out = self.call(path, body)
+        return out, [decode_png(image) for image in out.get("images", [])]
 
     def train(self, config: dict, timeout: float = 900) -> dict:
         """Start a run through our API and poll its status until it ends; returns the last status."""
@@ -195,4 +209,4 @@ def unmatched_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if "didn't match keys" in line]
 
 
-__all__ = ["Installation", "WebUI", "install_requirements", "start_webui", "unmatched_lines", "webui_python"]
+__all__ = ["STAMP", "Installation", "decode_png", "WebUI", "install_requirements", "start_webui", "unmatched_lines", "webui_python"]

@@ -1,0 +1,232 @@
+"""Rendering inside the WebUI for the Test panel, the grid route and the X/Y/Z plot axes.
+
+Images come from the WebUI's own `StableDiffusionProcessingTxt2Img` on `shared.sd_model` (its samplers, schedulers,
+prompt syntax and VAE), nothing is saved to the outputs folder, and our LoRA acts by bypass injection: no file is
+written or read, nothing is merged, the model is not reloaded. Two WebUI details matter:
+- the built-in Lora extension may have merged a LoRA into the weights; it is restored first (as the training
+  handshake does) and again afterwards, and the model's fingerprint must be the same after the grid as before;
+- the WebUI caches prompt conditioning by prompt text, not by our modules, so the cache is emptied whenever the
+  LoRA state changes (a text-encoder LoRA at another strength encodes the same prompt differently).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from lora_trainer.errors import ConfigError, ModelLoadError
+from lora_trainer.grids.plan import Render, RenderSettings
+from lora_trainer.host.a1111 import restore_merged_loras, webui_shared
+from lora_trainer.host.handshake import state_fingerprint
+
+logger = logging.getLogger(__name__)
+
+XYZ_STRENGTH = "LoRA Trainer: strength"
+XYZ_SNAPSHOT = "LoRA Trainer: snapshot"
+_P_STRENGTH, _P_SNAPSHOT = "lora_trainer_strength", "lora_trainer_snapshot"
+
+
+def invalidate_cond_cache(p=None) -> None:
+    """Empty the WebUI's prompt-conditioning caches (first pass and hires), so the next render encodes anew.
+
+    The caches are lists shared by reference: a processing object made before (an X/Y/Z plot copies one per cell)
+    keeps the list it was given, so the lists are cleared in place, `p`'s own ones too.
+
+    Args:
+        p (StableDiffusionProcessing, optional): a processing object whose cache lists are cleared as well.
+    """
+    from modules import processing
+
+    owners = [(processing.StableDiffusionProcessing, ("cached_c", "cached_uc")),
+              (processing.StableDiffusionProcessingTxt2Img, ("cached_hr_c", "cached_hr_uc"))]
+    if p is not None:
+        owners.append((p, ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")))
+    for owner, names in owners:
+        for name in names:
+            cache = getattr(owner, name, None)
+            if isinstance(cache, list):
+                cache[:] = [None, None]
+
+
+def sampler_names() -> list[str]:
+    """The WebUI's visible sampler names (its txt2img dropdown)."""
+    from modules import sd_samplers
+
+    return list(sd_samplers.visible_sampler_names())
+
+
+def check_sampler(name: str) -> None:
+    """Refuse a sampler the WebUI does not know (it would silently fall back to its default).
+
+    Args:
+        name (str): a sampler name, optionally with a schedule type ("DPM++ 2M Karras").
+
+    Raises:
+        ConfigError: naming the known samplers.
+    """
+    from modules import sd_samplers, sd_schedulers
+
+    known = set(sd_samplers.all_samplers_map)
+    suffixes = {o for s in sd_schedulers.schedulers for o in (s.label, s.name, *(s.aliases or []))}
+    if name in known or any(name == f"{sampler} {suffix}" for sampler in known for suffix in suffixes):
+        return
+    raise ConfigError(f"sampler_name: {name!r} is not a sampler of this WebUI. Use one of "
+                      f"{', '.join(sampler_names())}.")
+
+
+def webui_renderer(sd_model) -> Render:
+    """A grid `render` through the WebUI's txt2img processing.
+
+    Args:
+        sd_model: `shared.sd_model`.
+
+    Returns:
+        Render: `(prompt, negative, seed, settings) -> PIL.Image`; the conditioning cache is emptied whenever
+        `settings.lora_state` differs from the previous call's.
+    """
+    last_state = [None]
+
+    def render(prompt: str, negative: str, seed: int, settings: RenderSettings):
+        from modules import processing
+
+        check_sampler(settings.sampler)
+        if settings.lora_state != last_state[0]:
+            invalidate_cond_cache()
+            last_state[0] = settings.lora_state
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), sampler_name=settings.sampler,
+            steps=settings.steps, cfg_scale=settings.cfg_scale, width=settings.width, height=settings.height,
+            batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+        return processed.images[0]
+
+    return render
+
+
+def _check_same_model(host, sd_model, config) -> None:
+    trained = getattr(getattr(config, "model", None), "pretrained_model_name_or_path", None)
+    info = host.checkpoint_info(sd_model)
+    if not trained or info is None:
+        return
+    if Path(str(info.filename)).resolve() != Path(str(trained)).resolve():
+        raise ModelLoadError(
+            f"{Path(str(info.filename)).name}: the WebUI's model changed since training (the LoRA was trained on "
+            f"{Path(str(trained)).name}). Load that checkpoint at the top of the page and test again, or use the "
+            "saved file with <lora:NAME:S> in txt2img.")
+
+
+@contextlib.contextmanager
+def grid_session(host, config):
+    """The loaded model and a WebUI renderer for one grid, inside a WebUI job (queue lock, progress, Interrupt).
+
+    Args:
+        host (A1111Host): the host.
+        config (TrainConfig): the run whose LoRA is tested (its checkpoint must be the loaded one).
+
+    Yields:
+        tuple: `(adapter, render)`.
+
+    Raises:
+        ModelLoadError: no model, another model than the run's, or weights changed by the grid.
+    """
+    shared = webui_shared()
+    with host.job("LoRA Trainer: test grid", 1):
+        sd_model = shared.sd_model
+        if sd_model is None:
+            raise ModelLoadError("WebUI: no model is loaded. Pick a checkpoint at the top of the page first.")
+        _check_same_model(host, sd_model, config)
+        restore_merged_loras(sd_model)
+        before = state_fingerprint(sd_model)
+        adapter = host.adapter(sd_model)
+        invalidate_cond_cache()
+        failed = True
+        try:
+            yield adapter, webui_renderer(sd_model)
+            failed = False
+        finally:
+            invalidate_cond_cache()
+            restore_merged_loras(sd_model)  # a <lora:...> in the grid's prompt is merged until the next generation
+            changed = state_fingerprint(sd_model) != before
+            if changed:
+                logger.error("grid: the model's weights differ from before the grid")
+        if changed and not failed:
+            raise ModelLoadError("WebUI: the model's weights changed during the grid. Reload the checkpoint "
+                                 "(Settings > Actions > Reload checkpoint) and report this with the console log.")
+        logger.info("grid: the model is bit-identical to before the grid")
+
+
+class XyzAxes:
+    """Our axes in the WebUI's X/Y/Z plot: the apply functions only mark the cell's processing object; the
+    always-on script (`scripts/lora_trainer_tab.py`) puts the snapshot on the model in `process` and takes it off in
+    `postprocess`, so a generation without our axes never has our LoRA on.
+
+    Args:
+        host (A1111Host): the host.
+        service (GridService): the last run's snapshots.
+    """
+
+    def __init__(self, host, service):
+        self.host, self.service = host, service
+        self._current = None
+
+    def register(self) -> bool:
+        """Append our two axes to the X/Y/Z plot script's `axis_options` (once); call from `on_before_ui`.
+
+        Returns:
+            bool: False when the X/Y/Z plot script is not loaded.
+        """
+        from modules import scripts
+
+        xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+        if xyz is None:
+            logger.warning("the X/Y/Z plot script is not loaded; our axes are not added")
+            return False
+        if any(option.label == XYZ_STRENGTH for option in xyz.axis_options):
+            return True
+        xyz.axis_options += [
+            xyz.AxisOption(XYZ_STRENGTH, float, _marker(_P_STRENGTH)),
+            xyz.AxisOption(XYZ_SNAPSHOT, str, _marker(_P_SNAPSHOT), confirm=self._confirm_snapshots,
+                           choices=self.service.snapshot_labels),
+        ]
+        logger.info("X/Y/Z plot: added the axes %r and %r", XYZ_STRENGTH, XYZ_SNAPSHOT)
+        return True
+
+    def _confirm_snapshots(self, _p, labels) -> None:
+        self.service.snapshots(tuple(labels))  # raises naming the known snapshots
+
+    def before(self, p) -> None:
+        """Put the cell's snapshot on the model at the cell's strength (strength 1 and the in-memory LoRA, or the
+        last file, by default); take ours off when the cell has none."""
+        self.after(p)
+        strength, label = getattr(p, _P_STRENGTH, None), getattr(p, _P_SNAPSHOT, None)
+        if strength is None and label is None:
+            return
+        snapshot = self.service.snapshots((label,) if label else ())[-1]
+        strength = 1.0 if strength is None else float(strength)
+        if strength != 0:
+            snapshot.apply(self.host.adapter(webui_shared().sd_model), strength)
+        self._current = snapshot
+        invalidate_cond_cache(p)
+        p.extra_generation_params["LoRA Trainer"] = f"{snapshot.label} at {strength:g}"
+
+    def after(self, p=None) -> None:
+        """Take our LoRA off the model (idempotent)."""
+        if self._current is not None:
+            self._current.release()
+            self._current = None
+            self.service.release_memory()
+            invalidate_cond_cache(p)
+
+
+def _marker(attribute: str):
+    def apply(p, value, _values):
+        setattr(p, attribute, value)
+
+    return apply
+
+
+__all__ = ["XYZ_SNAPSHOT", "XYZ_STRENGTH", "XyzAxes", "check_sampler", "grid_session", "invalidate_cond_cache",
+           "sampler_names", "webui_renderer"]
