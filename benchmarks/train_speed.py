@@ -5,6 +5,12 @@ text-encoder LoRA as kohya's default, 8 images x 10 repeats, no data-loader work
     tiny_64_b1, tiny_64_b4, tiny_128_b1, tiny_128_b4   the tiny SD1 model (lora_trainer.testing.build_tiny_model)
     full_64_b1                                          a full-size SD1.5-architecture checkpoint with random weights
                                                         (built once, fp16 single file, in the cache folder)
+    tiny_64_b2_x2                                       two processes (CPU, gloo) at batch 2 each, beside tiny_64_b4:
+                                                        the same total batch, launched by `accelerate launch`
+    full_64_b2, full_64_b1_x2                           the same pair on the full-size model (only with --cases)
+
+A multi-process case reports the slowest process's step time and the largest per-process peak RSS (each process's
+own VmHWM), and prints both as a ratio to its one-process partner (which runs too when not asked for).
 
 Each case trains in its own process through the real path (config_from_dict -> load_checkpoint_adapter ->
 Trainer); the step time is the median of the per-step times (from the timestamps of `Step` events) after the
@@ -16,6 +22,8 @@ compare trainers from one invocation on an otherwise idle machine. Nothing here 
     python benchmarks/train_speed.py --cases tiny_64_b1,full_64_b1 --steps 20
     python benchmarks/train_speed.py --cases full_64_b1 --full-precision fp32   # checkpoint file stored in fp32
     python benchmarks/train_speed.py --cases full_64_b1 --optimizer-arg fused=True   # what-if, our runs only
+    python benchmarks/train_speed.py --cases tiny_64_b2_x2 --steps 20    # two processes vs one (tiny model)
+    python benchmarks/train_speed.py --cases full_64_b1_x2 --trainers ours  # the same on the full-size model
     python benchmarks/train_speed.py --case tiny_64_b1 ...  # one case in this process (what the driver runs)
 
 Comparison with kohya sd-scripts: set SD_SCRIPTS_DIR to a checkout of kohya-ss/sd-scripts and SD_SCRIPTS_PYTHON to
@@ -47,6 +55,8 @@ from train_speed_lib import (
     RESULT_PREFIX,
     STARTED_MARK,
     RunFigures,
+    accelerate_command,
+    merge_process_figures,
     kohya_command,
     kohya_marks,
     peak_rss_self_gb,
@@ -69,6 +79,8 @@ class Case:
     batch: int
     steps: int
     warmup: int
+    processes: int = 1  # data-parallel processes; `batch` is per process (kohya), the total is batch x processes
+    optional: bool = False  # run only when named in --cases
 
 
 CASES = {c.name: c for c in [
@@ -77,7 +89,16 @@ CASES = {c.name: c for c in [
     Case("tiny_128_b1", "tiny", 128, 1, 40, 5),
     Case("tiny_128_b4", "tiny", 128, 4, 30, 5),
     Case("full_64_b1", "full", 64, 1, 12, 3),
+    Case("tiny_64_b2_x2", "tiny", 64, 2, 30, 5, processes=2),
+    Case("full_64_b2", "full", 64, 2, 12, 3, optional=True),
+    Case("full_64_b1_x2", "full", 64, 1, 12, 3, processes=2, optional=True),
 ]}
+
+
+def one_process_partner(case: Case) -> Case | None:
+    """The one-process case with the same model, resolution and total batch as a multi-process case."""
+    return next((c for c in CASES.values() if c.processes == 1 and c.model == case.model
+                 and c.resolution == case.resolution and c.batch == case.batch * case.processes), None)
 
 
 def default_cache_dir() -> Path:
@@ -115,6 +136,7 @@ def run_case_here(args) -> int:
 
     from lora_trainer.models.loading import load_checkpoint_adapter
     from lora_trainer.train import EventBus, Started, Step, Trainer
+    from lora_trainer.train.distributed import join_process_group
 
     case = CASES[args.case]
     steps = args.steps or case.steps
@@ -136,13 +158,19 @@ def run_case_here(args) -> int:
 
     bus = EventBus()
     bus.subscribe(on_event)
-    result = Trainer(config, adapter, events=bus).run()
+    group = join_process_group("cpu")  # one process alone, or one of those `accelerate launch` started
+    try:
+        result = Trainer(config, adapter, events=bus, group=group).run()
+    finally:
+        group.close()
     figures = summarize(RunFigures(case.name, "ours", steps=result.steps), marks,
                         args.warmup if args.warmup is not None else case.warmup)
     figures.first_loss, figures.last_loss = (losses[0], losses[-1]) if losses else (None, None)
     figures.peak_rss_gb = peak_rss_self_gb()
     figures.ok = result.steps == steps
     figures.note = f"torch threads {torch.get_num_threads()}"
+    if group.world_size > 1:
+        figures.note += f"; process {group.rank + 1}/{group.world_size}"
     print(RESULT_PREFIX + figures.to_json(), flush=True)
     return 0
 
@@ -193,16 +221,21 @@ def run_ours(case: Case, model: Prepared, data_dir: Path, work: Path, args) -> R
     cmd += ["--warmup", str(args.warmup)] if args.warmup is not None else []
     for item in args.optimizer_arg:
         cmd += ["--optimizer-arg", item]
+    if case.processes > 1:
+        cmd = accelerate_command(case.processes) + cmd[1:]
     run = run_child(cmd, REPO, child_env(args), work / f"ours_{case.name}.log", args.verbose)
-    line = next((p for _, _, p in reversed(run.pieces) if p.startswith(RESULT_PREFIX)), None)
+    lines = [p for _, _, p in run.pieces if p.startswith(RESULT_PREFIX)]
     figures = RunFigures(case.name, "ours")
-    if run.returncode == 0 and line:
-        figures = RunFigures(**json.loads(line[len(RESULT_PREFIX):]))
+    if run.returncode == 0 and len(lines) == case.processes:
+        parts = [RunFigures(**json.loads(line[len(RESULT_PREFIX):])) for line in lines]
+        figures = parts[0] if len(parts) == 1 else merge_process_figures(parts)
     else:
         figures.note = f"exit {run.returncode}; see {work / f'ours_{case.name}.log'}"
         print(run.text[-3000:], file=sys.stderr)
     figures.setup_s = next((t for t, _, p in run.pieces if p == STARTED_MARK), float("nan"))
-    figures.peak_rss_gb, figures.total_s = run.peak_rss_gb, run.wall_s
+    figures.total_s = run.wall_s
+    if case.processes == 1:  # several processes report their own peaks (wait4 sees the launcher)
+        figures.peak_rss_gb = run.peak_rss_gb
     return figures
 
 
@@ -234,13 +267,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list[RunFigures]) -> None:
-    head = (f"{'case':<12} {'trainer':<10} {'steps':>5} {'s/step':>8} {'mean':>8} {'CPU s/st':>8} {'setup s':>8} "
+    head = (f"{'case':<14} {'trainer':<10} {'steps':>5} {'s/step':>8} {'mean':>8} {'CPU s/st':>8} {'setup s':>8} "
             f"{'peak RSS GiB':>12} {'loss first->last':>17}  note")
     print(head)
     print("-" * len(head))
     for r in rows:
         loss = f"{_fmt(r.first_loss, '.4f')}->{_fmt(r.last_loss, '.4f')}" if r.first_loss is not None else "-"
-        print(f"{r.name:<12} {r.trainer:<10} {r.steps:>5} {_fmt(r.step_s, '8.3f')} {_fmt(r.step_s_mean, '8.3f')} "
+        print(f"{r.name:<14} {r.trainer:<10} {r.steps:>5} {_fmt(r.step_s, '8.3f')} {_fmt(r.step_s_mean, '8.3f')} "
               f"{_fmt(r.cpu_step_s, '8.3f')} {_fmt(r.setup_s, '8.1f')} {_fmt(r.peak_rss_gb, '12.2f')} {loss:>17}  "
               f"{r.note}", flush=True)
 
@@ -258,11 +291,27 @@ def print_ratios(rows: list[RunFigures]) -> None:
                   f"({verdict} the <= {TARGET_RATIO}x target)")
 
 
+def print_process_ratios(rows: list[RunFigures]) -> None:
+    """Each multi-process case against its one-process partner: steps/s and peak RSS per process."""
+    ours = {r.name: r for r in rows if r.trainer == "ours" and r.ok}
+    for name, multi in ours.items():
+        case, partner = CASES[name], one_process_partner(CASES[name])
+        if case.processes == 1 or partner is None or partner.name not in ours:
+            continue
+        one = ours[partner.name]
+        print(f"{name} vs {partner.name} (total batch {partner.batch}): steps/s {1 / multi.step_s:.2f} vs "
+              f"{1 / one.step_s:.2f} = {one.step_s / multi.step_s:.2f}x; peak RSS per process "
+              f"{multi.peak_rss_gb:.2f} vs {one.peak_rss_gb:.2f} GiB = {multi.peak_rss_gb / one.peak_rss_gb:.2f}x")
+
+
 def drive(args) -> int:
-    names = [n.strip() for n in args.cases.split(",")] if args.cases else list(CASES)
+    names = [n.strip() for n in args.cases.split(",")] if args.cases else [n for n, c in CASES.items()
+                                                                            if not c.optional]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise SystemExit(f"--cases: unknown {unknown}; use some of {list(CASES)}")
+    partners = [one_process_partner(CASES[n]) for n in names if CASES[n].processes > 1]
+    names = [p.name for p in partners if p and p.name not in names] + names
     cache = Path(args.cache_dir).resolve()
     work = Path(tempfile.mkdtemp(prefix="train_speed_"))
     trainers = {t.strip() for t in args.trainers.split(",")}
@@ -289,6 +338,7 @@ def drive(args) -> int:
     print()
     print_table(rows)
     print_ratios(rows)
+    print_process_ratios(rows)
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -63,6 +63,46 @@ class RunFigures:
         return json.dumps(asdict(self))
 
 
+def merge_process_figures(parts: list[RunFigures]) -> RunFigures:
+    """One row for the processes of a data-parallel run: the slowest process's step times (they wait for each
+    other every step), the largest per-process peak RSS, CPU time summed over the processes.
+
+    Args:
+        parts (list[RunFigures]): each process's own figures (`peak_rss_gb` its VmHWM).
+
+    Returns:
+        RunFigures: the run.
+    """
+    slowest = max(parts, key=lambda f: f.step_s)
+    merged = RunFigures(**asdict(slowest))
+    merged.cpu_step_s = sum(f.cpu_step_s for f in parts)
+    merged.peak_rss_gb = max(f.peak_rss_gb for f in parts)
+    merged.ok = all(f.ok for f in parts)
+    merged.note = (f"{len(parts)} processes; peak RSS each " + ", ".join(f"{f.peak_rss_gb:.2f}" for f in parts)
+                   + " GiB; CPU s/st summed")
+    return merged
+
+
+def accelerate_command(processes: int) -> list[str]:
+    """`accelerate launch` of `processes` processes on this machine (its multi-process launcher; with
+    `--device cpu` or no CUDA they join over gloo), to be followed by a script and its arguments.
+
+    Args:
+        processes (int): how many.
+
+    Returns:
+        list[str]: the command's start.
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]
+
+
 def step_durations(marks: list[tuple[int, float]]) -> list[float]:
     """Per-step seconds from (step count, time) marks; a gap of several steps is spread evenly over them.
 

@@ -231,3 +231,24 @@ def test_real_dataset_config(root):
     assert ds.caption_options.shuffle_caption and ds.caption_options.keep_tokens == 1
     assert ds.bucket_settings.bucket_reso_steps == 32 and ds.batch_size == 3 and ds.prior_loss_weight == 0.5
     assert len(ds) == 11 and ds.fixed_captions() is None
+
+
+def test_two_processes_share_the_global_batches_of_one_process_at_twice_the_batch(root):
+    from lora_trainer.train.distributed import process_share
+
+    cfg = Cfg(train_data_dir=str(root), train_batch_size=2, shuffle_caption=True, caption_tag_dropout_rate=0.3,
+              flip_aug=True)
+    parallel = TrainDataset(scan_dataset(root), cfg, "m")
+    parallel.processes = 2
+    alone = TrainDataset(scan_dataset(root), Cfg(**{**cfg.__dict__, "train_batch_size": 4}), "m")
+    assert parallel.epoch_batches(2, 5) == alone.epoch_batches(2, 5)
+    assert parallel.batches_per_epoch() == alone.batches_per_epoch() < TrainDataset(scan_dataset(root), cfg,
+                                                                                    "m").batches_per_epoch()
+    for index, plan in enumerate(parallel.epoch_batches(2, 5)):
+        whole = alone.load_batch(plan, 5, 2, index)
+        shares = [process_share(len(plan.items), rank, 2) for rank in (0, 1)]
+        parts = [parallel.load_batch(plan, 5, 2, index, share) for share in shares if share.stop > share.start]
+        assert [c for p in parts for c in p.captions] == whole.captions
+        assert [path for p in parts for path in p.paths] == whole.paths
+        assert torch.equal(torch.cat([p.pixels for p in parts]), whole.pixels)
+        assert torch.equal(torch.cat([p.size_cond for p in parts]), whole.size_cond)

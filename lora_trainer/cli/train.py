@@ -2,6 +2,10 @@
 
 Everything that needs no model is checked first (seconds), then the checkpoint loads; errors are raised to the
 entry point (`lora_trainer.__main__`), which prints each one once.
+
+Under `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) every process trains on
+its share of each batch (train_batch_size is per process, as in kohya: a step takes N x train_batch_size images)
+and only the first one prints, logs and writes files.
 """
 from __future__ import annotations
 
@@ -50,26 +54,56 @@ def train(config, device: str | None = None, extra_subscribers=()) -> int:
     Returns:
         int: 0.
     """
+    from lora_trainer.train.distributed import launched, process_device
     from lora_trainer.train.preflight import check_before_model
 
-    checked = check_before_model(config, device, loads_checkpoint=True)  # before torch and the model are loaded
+    launch = launched()
+    if launch is None:
+        checked = check_before_model(config, device, loads_checkpoint=True)  # before torch and the model load
+        return _train_checked(config, device, checked, extra_subscribers)
+    return _train_in_group(config, process_device(device, launch), extra_subscribers)
+
+
+def _train_in_group(config, device: str | None, extra_subscribers) -> int:
+    """One of several launched processes: the main one checks the output folder first (its probe file), then the
+    others; only the main one shows progress."""
+    from lora_trainer.train.distributed import join_process_group
+    from lora_trainer.train.preflight import check_before_model, check_device
+
+    check_device(device)  # before joining: NCCL would fail on a device that is not there with a long error
+    group = join_process_group(device)
+    try:
+        if not group.is_main:
+            logging.getLogger("lora_trainer").setLevel(logging.WARNING)  # one copy of each info line
+        with group.main_first():
+            checked = check_before_model(config, device, loads_checkpoint=True, processes=group.world_size)
+        return _train_checked(config, device, checked, extra_subscribers if group.is_main else (), group)
+    finally:
+        group.close()
+
+
+def _train_checked(config, device: str | None, checked, extra_subscribers=(), group=None) -> int:
     from lora_trainer.cli.progress_bar import TrainingProgressBar
     from lora_trainer.host.standalone import StandaloneHost
     from lora_trainer.train import EventBus, Trainer, TrainCommands
+
+    main = group is None or group.is_main
 
     # The standalone host's loader decides device and weight dtype, so the CLI and `ui` load a config alike.
     host = StandaloneHost(lora_dir=config.save.output_dir or "output", device=device)
     adapter = host.load(config)
     bus = EventBus()
-    bus.subscribe(TrainingProgressBar())
+    if main:
+        bus.subscribe(TrainingProgressBar())
     for subscriber in extra_subscribers:
         bus.subscribe(subscriber)
     commands = TrainCommands()
     previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
     try:
-        result = Trainer(config, adapter, events=bus, commands=commands, preflight=checked).run()
+        result = Trainer(config, adapter, events=bus, commands=commands, preflight=checked, group=group).run()
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
+    if main:
+        print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
     return 0
 

@@ -1,5 +1,5 @@
-"""`python -m lora_trainer ui [--port N] [--dataset DIR] [--tagger-dir DIR] [--lora-dir DIR] [--device D]`: the
-whole tab (Dataset and Train panels) in a browser, training with the standalone host.
+"""`python -m lora_trainer ui [--port N] [--dataset DIR] [--tagger-dir DIR] [--lora-dir DIR] [--models-dir DIR]
+[--device D]`: the whole tab (Dataset and Train panels) in a browser, training with the standalone host.
 
 Serves on 127.0.0.1 only (the panel reads and writes files on this machine). Exit status: 0 after Ctrl-C, 2 when
 gradio is missing or the port is taken.
@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
                    "selected_tags.csv each)")
     p.add_argument("--lora-dir", type=Path, default=Path("output"),
                    help="where LoRAs go when the Train panel sets no output folder (default: ./output)")
+    p.add_argument("--models-dir", type=Path, help="folder of checkpoints offered in the Train panel's dropdown "
+                   "(the WebUI's models/Stable-diffusion; subfolders too)")
     p.add_argument("--device", help="device to train on, e.g. cuda or cpu (default: cuda when available)")
 
 
@@ -37,7 +39,12 @@ def run(args) -> int:
     dataset = str(args.dataset.resolve()) if args.dataset else None
     tagger_dir = str(args.tagger_dir.resolve()) if args.tagger_dir else None
     lora_dir = args.lora_dir.resolve()
-    app = create_app(StandaloneHost(lora_dir, device=args.device), dataset, tagger_dir)
+    models_dir = args.models_dir.expanduser().resolve() if args.models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        print(f"ui: --models-dir {models_dir}: not a folder. Give the folder holding your checkpoints (the WebUI's "
+              "models/Stable-diffusion).", file=sys.stderr)
+        return 2
+    app = create_app(StandaloneHost(lora_dir, device=args.device, models_dir=models_dir), dataset, tagger_dir)
     print(f"LoRA trainer (Dataset and Train panels) on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     try:
         app.launch(server_name="127.0.0.1", server_port=args.port, inbrowser=False, prevent_thread_lock=True,

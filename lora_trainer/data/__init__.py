@@ -24,6 +24,7 @@ _LAZY = {
     "Placement": "lora_trainer.data.buckets",
     "TextEncoderCache": "lora_trainer.data.cache",
     "TrainDataset": "lora_trainer.data.loader",
+    "part_of": "lora_trainer.data.loader",
     "bucket_info": "lora_trainer.data.buckets",
     "caption_path": "lora_trainer.data.caption_files",
     "count_tags": "lora_trainer.data.folders",

@@ -88,6 +88,19 @@ def _readable_pixels(requests: list[LatentRequest]) -> tuple[list[int], list[tor
     return keep, pixels
 
 
+def part_of(plan: BatchPlan, share: slice) -> BatchPlan:
+    """The samples of `plan` at the positions `share` (one process's part of a global batch).
+
+    Args:
+        plan (BatchPlan): a global batch.
+        share (slice): positions in it.
+
+    Returns:
+        BatchPlan: the same bucket, those samples.
+    """
+    return BatchPlan(plan.bucket, plan.items[share], plan.flips[share], plan.crops[share])
+
+
 def _subset(batch: Batch, keep: list[int]) -> Batch:
     return Batch(batch.latents, batch.pixels, [batch.captions[i] for i in keep], batch.size_cond[keep],
                  batch.loss_weights[keep], [batch.paths[i] for i in keep], [batch.flips[i] for i in keep])
@@ -119,6 +132,7 @@ class TrainDataset:
         self.bucket_settings = BucketSettings.from_config(cfg)
         self._settings_per_item(cfg)
         self.batch_size = self.batch_sizes[0]
+        self.processes = 1  # data-parallel processes: an epoch is planned in global batches of processes x size
         self.flip_aug = any(self.item_flip)
         self.random_crop = any(self.item_random_crop)
         prior = getattr(cfg, "prior_loss_weight", None)
@@ -194,7 +208,11 @@ class TrainDataset:
         for i in self._epoch_samples():
             key = self._batch_group(i)
             counts[key] = counts.get(key, 0) + 1
-        return sum(-(-n // self.batch_sizes[key[0]]) for key, n in counts.items())
+        return sum(-(-n // self._global_batch_size(key[0])) for key, n in counts.items())
+
+    def _global_batch_size(self, dataset: int) -> int:
+        """train_batch_size is per process (kohya): a global batch holds one batch of every process."""
+        return self.batch_sizes[dataset] * self.processes
 
     def _batch_group(self, i: int) -> tuple[int, tuple[int, int]]:
         """Samples batch together when they share a dataset (its batch size) and a bucket."""
@@ -208,7 +226,8 @@ class TrainDataset:
             seed (int): the run's seed.
 
         Returns:
-            list[BatchPlan]: every sample of the epoch once; the last batch of a bucket may be smaller.
+            list[BatchPlan]: every sample of the epoch once; the last batch of a bucket may be smaller. With
+            several processes each plan is a global batch, of which every process loads its `share`.
         """
         rng = _rng(seed, epoch)
         by_group: dict[tuple[int, tuple[int, int]], list[int]] = {}
@@ -216,7 +235,7 @@ class TrainDataset:
             by_group.setdefault(self._batch_group(i), []).append(i)
         plans = []
         for group in sorted(by_group):
-            members, size = by_group[group], self.batch_sizes[group[0]]
+            members, size = by_group[group], self._global_batch_size(group[0])
             rng.shuffle(members)
             for start in range(0, len(members), size):
                 chunk = tuple(members[start:start + size])
@@ -246,10 +265,13 @@ class TrainDataset:
     def _requests(self, plan: BatchPlan) -> list[LatentRequest]:
         return [self._request(i, c, f) for i, c, f in zip(plan.items, plan.crops, plan.flips)]
 
-    def _read(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
+    def _read(self, plan: BatchPlan, seed: int, epoch: int, index: int, share: slice | None = None) -> Batch:
         """The CPU part of load_batch (safe in a worker thread): captions, cached latents or pixels; never encodes."""
         rng = _rng(seed, epoch, index, "captions")
+        # captions of the whole global batch, in order, so every sample's caption is the same in any process count
         captions = [process_caption(self.items[i].caption, self.item_options[i], rng, epoch=epoch) for i in plan.items]
+        if share is not None:
+            plan, captions = part_of(plan, share), captions[share]
         requests = self._requests(plan)
         latents = pixels = None
         keep = list(range(len(requests)))
@@ -287,20 +309,22 @@ class TrainDataset:
             batch.pixels = None
         return batch
 
-    def load_batch(self, plan: BatchPlan, seed: int, epoch: int, index: int) -> Batch:
-        """Load one planned batch.
+    def load_batch(self, plan: BatchPlan, seed: int, epoch: int, index: int, share: slice | None = None) -> Batch:
+        """Load one planned batch, or this process's share of it.
 
         Args:
             plan (BatchPlan): from epoch_batches.
             seed (int): the run's seed.
             epoch (int): epoch number (from 1; used by caption_dropout_every_n_epochs).
             index (int): the batch's position in the epoch (seeds its caption randomness).
+            share (slice, optional): the positions in `plan` this process trains on (not empty), defaults to all.
 
         Returns:
             Batch: latents (cached, or encoded now) or pixels (no encoder), processed captions, size conditioning,
             loss weights.
         """
-        return self._encode(plan, self._read(plan, seed, epoch, index))
+        local = plan if share is None else part_of(plan, share)
+        return self._encode(local, self._read(plan, seed, epoch, index, share))
 
     def iter_batches(self, epoch: int, seed: int, start: int = 0, workers: int | None = None):
         """Yield `(index, Batch)` for one epoch from batch `start` on, reading ahead in worker threads.

@@ -43,13 +43,16 @@ class StandaloneHost:
     Args:
         lora_dir (str | Path): where LoRAs go when the config sets no `output_dir`.
         device (str, optional): "cuda", "cpu", ...; defaults to CUDA when available, else CPU.
+        models_dir (str | Path, optional): a folder of checkpoints (the WebUI's `models/Stable-diffusion` layout)
+            the Train panel offers in its checkpoint dropdown, defaults to None (a path is typed).
     """
 
     name = "standalone"
     loads_checkpoint = True  # the model comes from the config's checkpoint (and vae) files
 
-    def __init__(self, lora_dir: str | Path, device: str | None = None):
+    def __init__(self, lora_dir: str | Path, device: str | None = None, models_dir: str | Path | None = None):
         self._lora_dir = Path(lora_dir)
+        self.models_dir = Path(models_dir) if models_dir is not None else None
         self._device = device
         self._lock = threading.Lock()
         self._cached_key: tuple | None = None
@@ -92,8 +95,10 @@ class StandaloneHost:
         vae = str(Path(m.vae).expanduser().resolve()) if m.vae else None
         vae_stat = Path(vae).stat() if vae and Path(vae).is_file() else None
         vae_stamp = (vae_stat.st_mtime_ns, vae_stat.st_size) if vae_stat else None
+        yaml = path.with_suffix(".yaml")  # the checkpoint's model config (sizes, v-prediction), as in the WebUI
+        yaml_stamp = (yaml.stat().st_mtime_ns, yaml.stat().st_size) if yaml.is_file() else None
         return (str(path), stamp, bool(m.v_parameterization), m.diffusers_config_dir, m.tokenizer_dir,
-                str(self._dtype(config)), vae, vae_stamp)
+                str(self._dtype(config)), vae, vae_stamp, yaml_stamp)
 
     def load(self, config):
         """The adapter for `config`'s checkpoint, loaded once and reused while the file and options are the same.

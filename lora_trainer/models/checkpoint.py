@@ -153,6 +153,13 @@ class SafetensorsFile(Mapping):
         with safe_open(str(self.path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in self._keys if key.startswith(prefixes)}
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the header (no tensor is read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in self._keys}
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
@@ -171,6 +178,20 @@ def open_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
     if path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES:
         return SafetensorsFile(path)
     return read_state_dict(path)
+
+
+def tensor_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a state dict or a SafetensorsFile (whose tensors are not read).
+
+    Args:
+        state_dict (Mapping[str, torch.Tensor]): from `open_state_dict` or `read_state_dict`.
+
+    Returns:
+        dict[str, tuple[int, ...]]: shape by key.
+    """
+    if isinstance(state_dict, SafetensorsFile):
+        return state_dict.shapes()
+    return {key: tuple(value.shape) for key, value in state_dict.items()}
 
 
 def subset(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

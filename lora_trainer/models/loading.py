@@ -168,6 +168,24 @@ def load_vae(path: str | Path, config_dir: Path, dtype: torch.dtype = torch.floa
     return vae
 
 
+def _config_folder(state_dict, architecture: str, model_yaml, config_dir, derived: Path, path: Path) -> Path:
+    """The given diffusers config folder, or configs derived from the checkpoint's shapes (and its yaml)."""
+    from lora_trainer.models.checkpoint import tensor_shapes
+    from lora_trainer.models.derived_configs import derive_configs, write_config_folder
+
+    if config_dir is not None:
+        configs = Path(config_dir)
+        if not (configs / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"{configs}: not a diffusers config folder (no unet/config.json). Pass "
+                                 "diffusers_config_dir pointing at a folder with unet/, vae/, text_encoder/ configs, "
+                                 "or leave it empty to take the sizes from the checkpoint.")
+        return configs
+    configs = derive_configs(tensor_shapes(state_dict), architecture, model_yaml, source=str(path))
+    logger.info("%s: sizes taken from its weights%s", path.name,
+                f" and {model_yaml.path.name}" if model_yaml is not None else "")
+    return write_config_folder(configs, architecture, derived)
+
+
 def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = False, config_dir: str | Path | None = None,
                             tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
                             dtype: torch.dtype = torch.float32, vae: str | Path | None = None) -> DiffusersAdapter:
@@ -175,9 +193,11 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
 
     Args:
         path (str | Path): the checkpoint file.
-        v_parameterization (bool, optional): the model predicts v (SD2 768-v), defaults to False.
+        v_parameterization (bool, optional): the model predicts v (SD2 768-v), defaults to False; a same-named
+            `.yaml` beside the checkpoint saying `parameterization: "v"` sets it too (as in the WebUI).
         config_dir (str | Path, optional): diffusers config folder (`unet/`, `vae/`, `text_encoder/`, ...),
-            defaults to the shipped configs of the detected architecture.
+            defaults to configs derived from the checkpoint's tensor shapes and its `.yaml` (see
+            `derived_configs`).
         tokenizer_dir (str | Path, optional): tokenizer folder (see load_tokenizers), defaults to None.
         device (str | torch.device, optional): where to put the models, defaults to "cpu".
         dtype (torch.dtype, optional): weight dtype, defaults to torch.float32.
@@ -193,27 +213,29 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
             the configs.
     """
     from lora_trainer.models.checkpoint import detect_architecture, open_state_dict
-    from lora_trainer.models.configs import config_dir as shipped_config_dir
+    from lora_trainer.models.model_yaml import read_model_yaml
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint file not found. Check pretrained_model_name_or_path.")
     state_dict = open_state_dict(path)
+    model_yaml = read_model_yaml(path)
+    v_parameterization = v_parameterization or (model_yaml is not None and model_yaml.v_parameterization)
     architecture = detect_architecture(state_dict, v_parameterization=v_parameterization, source=path)
-    configs = Path(config_dir) if config_dir is not None else shipped_config_dir(architecture)
-    if not (configs / "unet" / "config.json").is_file():
-        raise ModelLoadError(f"{configs}: not a diffusers config folder (no unet/config.json). Pass "
-                             "diffusers_config_dir pointing at a folder with unet/, vae/, text_encoder/ configs.")
-    try:
-        parts = _load_components(state_dict, architecture, configs, dtype)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise ModelLoadError(f"{path}: the weights do not load into the {architecture} configs in {configs} "
-                             f"({type(exc).__name__}: {exc}). Pass the matching diffusers_config_dir, or check "
-                             "the file is a complete SD1/SD2/SDXL checkpoint.") from exc
-    del state_dict
-    if vae is not None:
-        parts["vae"] = load_vae(vae, configs, dtype)
-    tokenizers = load_tokenizers(architecture, configs, Path(tokenizer_dir) if tokenizer_dir is not None else None)
+    with tempfile.TemporaryDirectory(prefix="lora_trainer_configs_") as derived:
+        configs = _config_folder(state_dict, architecture, model_yaml, config_dir, Path(derived), path)
+        try:
+            parts = _load_components(state_dict, architecture, configs, dtype)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise ModelLoadError(f"{path}: the weights do not load into the {architecture} configs in {configs} "
+                                 f"({type(exc).__name__}: {str(exc)[:500]}). Pass the matching diffusers_config_dir, "
+                                 "or check the file is a complete SD1/SD2/SDXL checkpoint.") from exc
+        del state_dict
+        if vae is not None:
+            parts["vae"] = load_vae(vae, configs, dtype)
+        tokenizers = load_tokenizers(architecture, configs, Path(tokenizer_dir) if tokenizer_dir is not None else None)
+        scheduler_config = _scheduler_config(configs)
+        prediction_type = _prediction_type(configs, architecture, v_parameterization)
     for module in [parts["unet"], parts["vae"], *parts["text_encoders"]]:
         module.requires_grad_(False)
         module.eval()
@@ -225,8 +247,8 @@ def load_checkpoint_adapter(path: str | Path, *, v_parameterization: bool = Fals
         model_id = hashlib.sha256(f"{file_hash.sha256}|{checkpoint_hash(vae).sha256}".encode()).hexdigest()[:12]
     adapter = DiffusersAdapter(
         unet=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"], tokenizers=tokenizers,
-        scheduler_config=_scheduler_config(configs), architecture=architecture,
-        prediction_type=_prediction_type(configs, architecture, v_parameterization), model_id=model_id,
+        scheduler_config=scheduler_config, architecture=architecture, prediction_type=prediction_type,
+        model_id=model_id,
     )
     adapter.checkpoint_sha256 = file_hash.sha256  # kohya's ss_new_sd_model_hash, as the WebUI host sets it
     return adapter

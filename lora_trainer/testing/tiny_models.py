@@ -24,7 +24,7 @@ from lora_trainer.testing.tiny_yaml import tiny_yaml
 logger = logging.getLogger(__name__)
 
 TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl")
-FORMAT_VERSION = 3  # bump when the tiny layout changes, so cached builds are rebuilt
+FORMAT_VERSION = 4  # bump when the tiny layout changes, so cached builds are rebuilt
 # Widths: channel changes at the same levels as the real models (so the same shortcut convs exist).
 UNET_CHANNELS = {"sd1": [32, 64, 96, 96], "sd2": [32, 64, 96, 96], "sdxl": [32, 64, 96]}
 VAE_CHANNELS = [32, 64, 96, 96]

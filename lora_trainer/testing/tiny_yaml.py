@@ -12,6 +12,8 @@ import yaml
 # `<TE2_ARCH>.json` beside the yaml; register its folder with `open_clip.add_model_config(folder)` before loading
 # (in the WebUI: a preload script, see tests/webui).
 TE2_ARCH = "tiny-sdxl-te2"
+# The same for the tiny SD2 text tower (FrozenOpenCLIPEmbedder's `arch`): its head count is read from this json.
+SD2_TE_ARCH = "tiny-sd2-te"
 
 _SCHEDULE = {
     "linear_start": 0.00085,
@@ -96,10 +98,10 @@ def _ldm_config(arch: str, configs: dict, text_encoder_dir: Path) -> dict:
             "params": {"version": str(text_encoder_dir)},
         }
     else:
-        # OpenCLIP builds its text tower from the architecture name, so the WebUI cannot build a tiny one from this.
+        # OpenCLIP builds its text tower from the architecture name: `<SD2_TE_ARCH>.json` beside the yaml.
         cond = {
             "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-            "params": {"freeze": True, "layer": "penultimate"},
+            "params": {"arch": SD2_TE_ARCH, "freeze": True, "layer": "penultimate"},
         }
     params["cond_stage_config"] = cond
     target = "ldm.models.diffusion.ddpm.LatentDiffusion"
@@ -185,8 +187,8 @@ def open_clip_config(te2: dict) -> dict:
 
 
 def tiny_yaml(arch: str, configs: dict[str, dict], text_encoder_dir: Path) -> str:
-    """The YAML text for a tiny checkpoint; for SDXL also writes `<TE2_ARCH>.json` (the OpenCLIP config its yaml
-    names as TE2 `arch`) into the yaml's folder, `text_encoder_dir.parent`.
+    """The YAML text for a tiny checkpoint; for SDXL (SD2) also writes `<TE2_ARCH>.json` (`<SD2_TE_ARCH>.json`),
+    the OpenCLIP config its yaml names as `arch`, into the yaml's folder, `text_encoder_dir.parent`.
 
     Args:
         arch (str): "sd1", "sd2", "sd2-v" or "sdxl".
@@ -196,10 +198,15 @@ def tiny_yaml(arch: str, configs: dict[str, dict], text_encoder_dir: Path) -> st
     Returns:
         str: YAML text.
     """
+    folder = Path(text_encoder_dir).parent
     if arch == "sdxl":
-        folder = Path(text_encoder_dir).parent
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{TE2_ARCH}.json").write_text(json.dumps(open_clip_config(configs["text_encoder_2"]), indent=2)
                                                  + "\n", encoding="utf-8")
+    elif arch.startswith("sd2"):  # the file keeps all 24 layers (diffusers' config stops at the penultimate)
+        tower = dict(configs["text_encoder"], num_hidden_layers=configs["text_encoder"]["num_hidden_layers"] + 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{SD2_TE_ARCH}.json").write_text(json.dumps(open_clip_config(tower), indent=2) + "\n",
+                                                    encoding="utf-8")
     data = _sgm_config(configs, text_encoder_dir) if arch == "sdxl" else _ldm_config(arch, configs, text_encoder_dir)
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

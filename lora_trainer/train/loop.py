@@ -17,6 +17,7 @@ import torch
 from lora_trainer.errors import OUT_OF_MEMORY_FIX, LoraTrainerError, TrainingError, describe_error, is_out_of_memory
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
+from lora_trainer.train.distributed import ProcessGroup, process_share
 from lora_trainer.train.events import EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands
 from lora_trainer.train.logs import build_log_subscribers
 from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
@@ -74,11 +75,15 @@ class Trainer:
         commands (TrainCommands, optional): stop / stop-and-save requests, read between steps.
         preflight (Preflight, optional): the result of `check_before_model` when the caller ran it before loading
             the model; run here otherwise.
+        group (ProcessGroup, optional): the data-parallel processes training together (`train/distributed.py`);
+            each trains on its share of every global batch and only the main one writes files, logs and samples.
+            Defaults to this process alone.
     """
 
     def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None,
-                 preflight: Preflight | None = None):
+                 preflight: Preflight | None = None, group: ProcessGroup | None = None):
         self.config = config
+        self.group = group or ProcessGroup()
         self.adapter = adapter
         self.events = events or EventBus()
         self.commands = commands or TrainCommands()
@@ -94,7 +99,8 @@ class Trainer:
         """
         log_writers: list = []
         try:
-            log_writers = build_log_subscribers(self.config.logging, self.config.save.output_name)
+            if self.group.is_main:
+                log_writers = build_log_subscribers(self.config.logging, self.config.save.output_name)
             for writer in log_writers:
                 self.events.subscribe(writer)
             return self._run()
@@ -115,7 +121,7 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------------------
     def _run(self) -> TrainResult:
         cfg = self.config
-        checked = self.preflight or check_before_model(cfg)
+        checked = self.preflight or check_before_model(cfg, processes=self.group.world_size)
         self.folder = checked.output_dir
         resumed = load_state(cfg.save.resume) if cfg.save.resume else None
         seed = resumed.train_state.seed if resumed and resumed.train_state.seed is not None else cfg.training.seed
@@ -124,7 +130,10 @@ class Trainer:
         check_resources(cfg, self.adapter, checked.plan, self.folder)
         self.network = build_network(cfg, self.adapter)
         train_te = bool(self.network.te_names())
-        self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands, index=checked.index)
+        with self.group.main_first():  # a disk latent cache is written once, then read by the others
+            self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands,
+                                     index=checked.index)
+        self.data.dataset.processes = self.group.world_size
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            offload_vae=self.data.dataset.cache is not None,
@@ -149,7 +158,6 @@ class Trainer:
         if cfg.model.full_fp16 or cfg.model.full_bf16:
             logger.info("full_fp16/full_bf16: LoRA weights stay float32; autocast runs the model in %s",
                         cfg.model.mixed_precision)
-        self.generator = torch.Generator().manual_seed(self.seed)
         self.loss_options = LossOptions(self.adapter.prediction_type, t.min_snr_gamma, t.debiased_estimation_loss)
         self.sampler = Sampler(cfg, self.adapter, self.seed)
         position = self._resume(resumed) if resumed else _Position()
@@ -171,10 +179,22 @@ class Trainer:
             ) from exc
         if self.precision.scaler is not None and resumed.scaler:
             self.precision.scaler.load_state_dict(resumed.scaler)
-        restore_rng(resumed.rng, {"noise": self.generator})
+        restore_rng(resumed.rng, {})
         logger.info("resumed from %s at step %d (epoch %d)", self.config.save.resume, state.global_step,
                     state.epoch + 1)
-        return _Position(state.global_step, state.epoch, state.step_in_epoch, list(state.losses))
+        return _Position(state.global_step, state.epoch, self._step_in_epoch(state), list(state.losses))
+
+    def _step_in_epoch(self, state: TrainState) -> int:
+        """The saved position inside its epoch, in this run's steps: another process count or batch size plans
+        the epoch in other steps, so the same fraction of the epoch is skipped."""
+        now = self.plan.steps_per_epoch
+        if not state.steps_per_epoch or state.steps_per_epoch == now:
+            return state.step_in_epoch
+        placed = min(now, round(state.step_in_epoch * now / state.steps_per_epoch))
+        logger.info("resume: the state was saved by %d process(es) with %d steps per epoch; this run has %d "
+                    "process(es) and %d steps per epoch, so it continues at step %d of epoch %d",
+                    state.processes, state.steps_per_epoch, self.group.world_size, now, placed, state.epoch + 1)
+        return placed
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _loop(self, pos: _Position) -> TrainResult:
@@ -186,7 +206,7 @@ class Trainer:
         self.tracker = ProgressTracker(plan.total_steps, done=pos.global_step)
         while pos.global_step < plan.total_steps:
             for group in self._step_groups(pos.epoch, pos.step_in_epoch):
-                if self.commands.stop_requested:
+                if self.group.any(self.commands.stop_requested):
                     return self._stop(pos)
                 if pos.global_step >= plan.total_steps:
                     break
@@ -208,28 +228,45 @@ class Trainer:
         return [plans[i:i + size] for i in range(0, len(plans), size)][skip:]
 
     def _train_step(self, group: list[tuple[int, object]], pos: _Position) -> float:
-        """One optimizer step over the micro-batches of `group` (gradient accumulation)."""
-        losses = []
+        """One optimizer step over the micro-batches of `group` (gradient accumulation). Each process trains on
+        its share of every global batch, its loss weighted by that share, so the summed gradients are those of the
+        whole batch in one process."""
+        shares = []
         for index, plan in group:
-            batch = self.data.dataset.load_batch(plan, self.seed, pos.epoch + 1, index)
-            with self.precision.autocast():
-                loss = self._batch_loss(batch)
-            value = loss.item()  # the one host sync of a micro-batch
+            share = process_share(len(plan.items), self.group.rank, self.group.world_size)
+            loss = torch.zeros((), device=self.adapter.device)
+            if share.stop > share.start:  # a global batch smaller than the process count leaves some idle
+                batch = self.data.dataset.load_batch(plan, self.seed, pos.epoch + 1, index, share)
+                with self.precision.autocast():
+                    part = self._batch_loss(batch, self._noise_generator(pos.epoch + 1, index), share,
+                                            len(plan.items))
+                loss = part * ((share.stop - share.start) / len(plan.items))
+                self.precision.backward(loss / len(group))
+            shares.append(loss.detach().float())
+        losses = self.group.sum_values(torch.stack(shares)).tolist()  # the one host sync of a step
+        for value in losses:
             if not math.isfinite(value):
                 raise self._nan_error(pos.global_step + 1, value)
-            self.precision.backward(loss / len(group))
-            losses.append(value)
+        self.group.sum_gradients(self.params)
         self.precision.step(self.optimizer, self.params, self.config.optimizer.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses)
 
-    def _batch_loss(self, batch) -> torch.Tensor:
+    def _noise_generator(self, epoch: int, index: int) -> torch.Generator:
+        """Noise and timesteps of a global batch follow (seed, epoch, batch): the same in any process count and
+        after a resume."""
+        return torch.Generator().manual_seed(random.Random(f"noise:{self.seed}:{epoch}:{index}").getrandbits(63))
+
+    def _batch_loss(self, batch, generator: torch.Generator, share: slice, total: int) -> torch.Tensor:
+        """The loss of this process's `share` of a global batch of `total` samples (noise drawn for all)."""
         t, device, ac = self.config.training, self.adapter.device, self.adapter.alphas_cumprod
         latents = batch.latents.to(device=device, dtype=torch.float32)
-        noise = sample_noise(latents, self.generator, t.noise_offset, t.multires_noise_iterations,
-                             t.multires_noise_discount)
-        timesteps = sample_timesteps(len(latents), t.min_timestep, t.max_timestep, self.generator, device)
+        whole = latents.new_empty((total, *latents.shape[1:]))
+        mine = slice(share.start, share.start + len(latents))  # shorter than `share` when an image was unreadable
+        noise = sample_noise(whole, generator, t.noise_offset, t.multires_noise_iterations,
+                             t.multires_noise_discount)[mine]
+        timesteps = sample_timesteps(total, t.min_timestep, t.max_timestep, generator, device)[mine]
         noisy = add_noise(latents, noise, timesteps, ac)
         cond = self.text(batch.captions)
         pred = self.adapter.predict(noisy, timesteps, cond, batch.size_cond.to(device))
@@ -255,28 +292,40 @@ class Trainer:
         if every and pos.global_step % every == 0 and pos.global_step < self.plan.total_steps:
             self._save(pos, checkpoints.checkpoint_stem(self.config.save.output_name, step=pos.global_step))
         if self.sampler.due(step=pos.global_step):
-            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+            self._sample(pos)
 
     def _after_epoch(self, pos: _Position) -> None:
         save, name, every = self.config.save, self.config.save.output_name, self.config.save.save_every_n_epochs
         if every and pos.epoch % every == 0 and pos.epoch < self.plan.total_epochs:
             self._save(pos, checkpoints.checkpoint_stem(name, epoch=pos.epoch))
-            checkpoints.prune_old_epochs(self.folder, name, pos.epoch, every, save.save_last_n_epochs)
+            if self.group.is_main:
+                checkpoints.prune_old_epochs(self.folder, name, pos.epoch, every, save.save_last_n_epochs)
         if self.sampler.due(epoch=pos.epoch):
+            self._sample(pos)
+
+    def _sample(self, pos: _Position) -> None:
+        if self.group.is_main:
             self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+        self.group.barrier()
 
     def _save(self, pos: _Position, stem: str, final: bool = False) -> str:
+        """Write the LoRA (and state) from the main process; every process has the same weights."""
         checkpoints.check_finite(self.network.state_dict(), pos.global_step)
         path = self.folder / f"{stem}.safetensors"
-        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final))
-        if self.config.save.save_state:
-            state = TrainState(pos.global_step, pos.epoch, pos.step_in_epoch, config_hash(self.config),
-                               list(pos.losses), self.seed)
-            save_state(self.folder / f"{stem}-state", state, self.network.state_dict(), self.optimizer,
-                       self.scheduler, capture_rng({"noise": self.generator}), self.precision.scaler)
+        if self.group.is_main:
+            self._write(pos, path, stem, final)
+        self.group.barrier()  # the file exists for every process once this returns
         self._last_saved = str(path)
         self.events.emit(Saved(str(path), pos.global_step, pos.epoch))
         return str(path)
+
+    def _write(self, pos: _Position, path: Path, stem: str, final: bool) -> None:
+        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final))
+        if self.config.save.save_state:
+            state = TrainState(pos.global_step, pos.epoch, pos.step_in_epoch, config_hash(self.config),
+                               list(pos.losses), self.seed, self.plan.steps_per_epoch, self.group.world_size)
+            save_state(self.folder / f"{stem}-state", state, self.network.state_dict(), self.optimizer,
+                       self.scheduler, capture_rng({}), self.precision.scaler)
 
     def _metadata(self, pos: _Position, final: bool) -> dict[str, str]:
         from lora_trainer.networks import TrainingFacts, build_metadata
@@ -288,7 +337,8 @@ class Trainer:
             num_epochs=self.plan.total_epochs, max_train_steps=self.plan.total_steps,
             num_train_images=index.num_train_images, num_reg_images=index.num_reg_images,
             num_batches_per_epoch=self.plan.batches_per_epoch,
-            total_batch_size=cfg.dataset.train_batch_size * max(1, cfg.optimizer.gradient_accumulation_steps),
+            total_batch_size=cfg.dataset.train_batch_size * max(1, cfg.optimizer.gradient_accumulation_steps)
+            * self.group.world_size,
             sd_model_name=Path(cfg.model.pretrained_model_name_or_path or self.adapter.model_id).name,
             new_sd_model_hash=getattr(self.adapter, "checkpoint_sha256", None),
             dataset_dirs=index.dirs, reg_dataset_dirs=index.reg_dirs, tag_frequency=index.tag_frequency,
@@ -303,7 +353,7 @@ class Trainer:
         return TrainResult(path, pos.global_step, pos.epoch, False, list(pos.losses))
 
     def _stop(self, pos: _Position) -> TrainResult:
-        wanted = self.commands.save_requested and pos.global_step > 0
+        wanted = self.group.any(self.commands.save_requested) and pos.global_step > 0
         path = self._save(pos, self.config.save.output_name, final=True) if wanted else None
         logger.info("stopped at step %d%s", pos.global_step, f"; saved {path}" if path else " without saving")
         self.events.emit(Finished(path, True, pos.global_step))

@@ -2,8 +2,9 @@
 
 `check_before_model(config, device)` needs no model and runs before the checkpoint loads (seconds): device,
 input files (checkpoint, VAE, network_weights, resume state), output folder and name (a probe file with the
-longest name a run writes), leftovers of a killed run, the dataset scan and the step plan. Once the model is
-loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
+longest name a run writes), leftovers of a killed run, the dataset scan and the step plan, then the checkpoint's
+header and its same-named `.yaml` (architecture, a malformed or contradicting yaml; no tensor is read). Once the
+model is loaded, `resources.check_resources` weighs the network against free memory and the saves against free disk.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Preflight:
         plan (StepPlan): steps and epochs of the run.
         plan_note (str): how the step count was chosen (which of max_train_epochs / max_train_steps wins).
         cleaned (list[str]): leftovers of a killed run that were removed or restored.
+        architecture (str, optional): the checkpoint's architecture from its header and yaml (None: not checked,
+            or a pickle checkpoint).
     """
 
     output_dir: Path
@@ -41,9 +44,11 @@ class Preflight:
     plan: object
     plan_note: str
     cleaned: list[str] = field(default_factory=list)
+    architecture: str | None = None
 
 
-def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False) -> Preflight:
+def check_before_model(config, device: str | None = None, loads_checkpoint: bool = False,
+                       processes: int = 1) -> Preflight:
     """Everything that can be checked before the model loads; raises at the first problem, naming key and fix.
 
     Args:
@@ -52,6 +57,8 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
             decides (the WebUI), defaults to None.
         loads_checkpoint (bool, optional): the model will be loaded from `pretrained_model_name_or_path` (and
             `vae`), so those files are checked; False where the host trains its own loaded model, defaults to False.
+        processes (int, optional): data-parallel processes training together (each takes train_batch_size
+            images of every step, so an epoch has fewer steps), defaults to 1.
 
     Returns:
         Preflight: the output folder, dataset index and step plan.
@@ -76,20 +83,33 @@ def check_before_model(config, device: str | None = None, loads_checkpoint: bool
 
         check_state_folder(s.resume)
         cleaned += clean_leftovers(Path(s.resume).parent, Path(s.resume).name.removesuffix("-state"))
-    plan, note = _plan(config, index)
+    plan, note = _plan(config, index, processes)
     logger.info("%s", note)
-    return Preflight(folder, index, plan, note, cleaned)
+    architecture = None
+    if loads_checkpoint and m.pretrained_model_name_or_path:  # last: the only check that imports torch
+        from lora_trainer.models.checkpoint_list import inspect_checkpoint
+
+        path = Path(m.pretrained_model_name_or_path).expanduser()
+        architecture = inspect_checkpoint(path, bool(m.v_parameterization))
+        logger.info("%s: %s checkpoint", path.name, architecture or "a pickle")
+    return Preflight(folder, index, plan, note, cleaned, architecture)
 
 
-def _plan(config, index):
+def _plan(config, index, processes: int = 1):
     from lora_trainer.data.loader import TrainDataset
     from lora_trainer.train.preparation import plan_steps, refuse_unreadable_captions
 
     refuse_unreadable_captions(index)
-    batches = TrainDataset(index, config.dataset).batches_per_epoch()
+    dataset = TrainDataset(index, config.dataset)
+    dataset.processes = processes
     t = config.training
-    plan = plan_steps(batches, config.optimizer.gradient_accumulation_steps, t.max_train_steps, t.max_train_epochs)
-    return plan, describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+    plan = plan_steps(dataset.batches_per_epoch(), config.optimizer.gradient_accumulation_steps, t.max_train_steps,
+                      t.max_train_epochs)
+    note = describe_plan(plan, t.max_train_steps, t.max_train_epochs)
+    if processes > 1:
+        note += (f"; {processes} processes x train_batch_size {config.dataset.train_batch_size} = "
+                 f"{processes * config.dataset.train_batch_size} images per batch")
+    return plan, note
 
 
 def describe_plan(plan, max_train_steps: int | None, max_train_epochs: int | None) -> str:

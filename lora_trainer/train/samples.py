@@ -1,4 +1,7 @@
-"""Sample images during training from a kohya prompt file (`prompt --n negative --w 512 --h 512 --s 20 ...`)."""
+"""Sample images during training from a kohya prompt file (`prompt --n negative --w 512 --h 512 --s 20 ...`).
+
+Beside kohya's options a line may carry `--strength 0.5,1` (ours): the LoRA strengths to render it at.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,10 +11,12 @@ from pathlib import Path
 import torch
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.models.sampling import scheduler_for
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS = {"n": "negative", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed"}
+_OPTIONS = {"n": "negative", "w": "width", "h": "height", "s": "steps", "l": "scale", "d": "seed", "ss": "sampler",
+            "strength": "strengths"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class SamplePrompt:
         steps (int): `--s`, defaults to 20.
         scale (float): `--l` guidance, defaults to 7.5.
         seed (int, optional): `--d`, None = the run's seed.
+        sampler (str, optional): `--ss`, None = the config's `sample_sampler`.
+        strengths (tuple[float, ...]): `--strength 0.5,1` (ours), one image per strength, defaults to (1.0,).
     """
 
     prompt: str
@@ -35,10 +42,17 @@ class SamplePrompt:
     steps: int = 20
     scale: float = 7.5
     seed: int | None = None
+    sampler: str | None = None
+    strengths: tuple[float, ...] = (1.0,)
+
+
+def _strengths(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.replace(" ", "").split(",") if v)
 
 
 def parse_prompt_line(line: str) -> SamplePrompt | None:
-    """Parse `a prompt --n bad --w 512 --h 768 --s 28 --l 7 --d 42`; comments and blank lines give None.
+    """Parse `a prompt --n bad --w 512 --h 768 --s 28 --l 7 --d 42 --ss euler_a --strength 0.5,1`; comments and
+    blank lines give None. The sampler name is checked when samples are rendered (`resolve_sampler`).
 
     Args:
         line (str): one line.
@@ -57,11 +71,13 @@ def parse_prompt_line(line: str) -> SamplePrompt | None:
             logger.warning("sample prompt option --%s is not supported and is ignored", flag)
             continue
         field_name = _OPTIONS[flag]
-        caster = {"negative": str, "scale": float}.get(field_name, int)
+        caster = {"negative": str, "sampler": str, "scale": float, "strengths": _strengths}.get(field_name, int)
         try:
             values[field_name] = caster(value.strip())
         except ValueError as exc:
             raise ConfigError(f"sample_prompts: --{flag} {value!r} in {line!r} is not a number. Fix the line.") from exc
+    if not values.get("strengths", (1.0,)):
+        raise ConfigError(f"sample_prompts: --strength in {line!r} lists no value. Write e.g. --strength 0.5,1.")
     return SamplePrompt(**values)
 
 
@@ -84,7 +100,8 @@ def read_prompt_file(path: str) -> list[SamplePrompt]:
 
 
 class Sampler:
-    """Renders the prompt file with the adapter's Euler sampler, the LoRA applied and in eval mode.
+    """Renders the prompt file with the config's `sample_sampler` (or a line's `--ss`), the LoRA applied and in eval
+    mode; a line with `--strength` gives one image per strength.
 
     Args:
         config (TrainConfig): sample and dataset settings.
@@ -99,8 +116,10 @@ class Sampler:
         self.prompts = read_prompt_file(sample.sample_prompts) if sample.sample_prompts else []
         if (self.every_steps or self.every_epochs) and not self.prompts:
             logger.warning("sample_every_n_* is set but sample_prompts is not; no samples are rendered")
-        if self.prompts and (sample.sample_sampler or "euler") not in ("euler", "k_euler"):
-            logger.info("sample_sampler %s: samples are rendered with Euler", sample.sample_sampler)
+        self.sampler = sample.sample_sampler or "ddim"
+        if self.prompts:  # an unknown or unusable sampler fails now, not at the first sample
+            for name in {self.sampler, *(p.sampler for p in self.prompts if p.sampler)}:
+                scheduler_for(adapter, name)
         self.adapter = adapter
         self.seed = seed
         self.size = tuple(config.dataset.resolution)
@@ -116,27 +135,35 @@ class Sampler:
         return bool(self.every_epochs) and epoch is not None and epoch % self.every_epochs == 0
 
     def render(self, network) -> list:
-        """Render every prompt; the network goes back to train mode afterwards.
+        """Render every prompt at each of its strengths; the network goes back to train mode and its multiplier
+        afterwards.
 
         Args:
             network (LoRANetwork): the applied network.
 
         Returns:
-            list[PIL.Image.Image]: one image per prompt.
+            list[PIL.Image.Image]: per prompt, one image per strength, in file order.
         """
-        was_training = network.training
+        was_training, multiplier = network.training, network.multiplier
         network.eval()
         try:
             with torch.random.fork_rng():  # sampling must not shift the training RNG streams
-                return [image for p in self.prompts for image in self._render_one(p)]
+                return [image for p in self.prompts for image in self._render_one(p, network)]
         finally:
+            network.multiplier = multiplier
             network.train(was_training)
 
-    def _render_one(self, p: SamplePrompt) -> list:
+    def _render_one(self, p: SamplePrompt, network) -> list:
         from lora_trainer.models.sampling import SampleSettings, sample_images
 
         settings = SampleSettings(
             width=p.width or self.size[0], height=p.height or self.size[1], steps=p.steps, guidance_scale=p.scale,
             negative_prompt=p.negative, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
+            sampler=p.sampler or self.sampler,
         )
-        return sample_images(self.adapter, [p.prompt], seed=self.seed if p.seed is None else p.seed, settings=settings)
+        images = []
+        for strength in p.strengths:
+            network.multiplier = strength
+            images.extend(sample_images(self.adapter, [p.prompt], seed=self.seed if p.seed is None else p.seed,
+                                        settings=settings))
+        return images

@@ -46,6 +46,9 @@ class TrainState:
         config_hash (str): `config_hash()` of the run that wrote the state.
         losses (list[float]): the per-step losses so far (for the average shown and the result).
         seed (int, optional): the run's seed (data order and noise follow it).
+        steps_per_epoch (int): optimizer steps in one epoch of the run that saved it (0: not recorded), so a run
+            with another process count or batch size can place `step_in_epoch` in its own epoch.
+        processes (int): data-parallel processes of the run that saved it.
     """
 
     global_step: int
@@ -54,6 +57,8 @@ class TrainState:
     config_hash: str = ""
     losses: list[float] = field(default_factory=list)
     seed: int | None = None
+    steps_per_epoch: int = 0
+    processes: int = 1
 
 
 @dataclass

@@ -59,7 +59,7 @@ def _input(f: views.FormField, elem_id: str):
 
 
 def _fields(p: TrainPanel, group: str, per_row: int = 5) -> None:
-    fields = [f for f in views.FORM if f.group == group]
+    fields = [f for f in views.FORM if f.group == group and f.key not in p.c]
     for start in range(0, len(fields), per_row):
         with gr.Row():
             for f in fields[start:start + per_row]:
@@ -71,8 +71,14 @@ def elem_id(key: str) -> str:
     return f"lt-tr-{key.replace('_', '-')}"
 
 
-def _options(p: TrainPanel, host_name: str) -> None:
+def _options(p: TrainPanel, host_name: str, models_dir: Path | None) -> None:
     with gr.Group(visible=host_name == "standalone"):
+        if models_dir is not None:  # a dropdown of the folder's checkpoints (a path can still be typed)
+            from lora_trainer.ui.checkpoint_picker import checkpoint_dropdown
+
+            key = "pretrained_model_name_or_path"
+            label = next(f.label for f in views.FORM if f.key == key)
+            p.c[key] = checkpoint_dropdown(models_dir, INITIAL[key], label, elem_id(key))
         _fields(p, "model", per_row=1)
     for group in ("basic", "network", "optimizer", "steps"):
         with gr.Group():
@@ -113,7 +119,7 @@ def _controls(p: TrainPanel) -> None:
     p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
 
 
-def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str) -> None:
+def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str, models_dir: Path | None = None) -> None:
     p.c["base"] = gr.State(None)
     p.c["seen"] = gr.State(None)
     with gr.Row():
@@ -123,7 +129,7 @@ def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str) -> None:
                                            scale=4, elem_id="lt-tr-folder")
                 p.c["preset"] = gr.Dropdown(views.preset_choices(), value=views.NO_PRESET, label="Preset",
                                             scale=2, elem_id="lt-tr-preset")
-            _options(p, host_name)
+            _options(p, host_name, models_dir)
             _toml_box(p)
         with gr.Column(scale=2, elem_id="lt-tr-run"):
             _controls(p)
@@ -284,7 +290,7 @@ def build_train_panel(host, manager: JobManager | None = None, dataset_dir: str 
     """
     panel = TrainPanel(manager or JobManager(host))
     with gr.Column(elem_id="lt-train-panel"):
-        _layout(panel, dataset_dir, getattr(host, "name", ""))
+        _layout(panel, dataset_dir, getattr(host, "name", ""), getattr(host, "models_dir", None))
     _wire_config(panel)
     _wire_run(panel)
     c = panel.c

@@ -90,9 +90,11 @@ FORM: tuple[FormField, ...] = (
     _f("sample_every_n_epochs", "text", "Sample every N epochs", "Saving and samples"),
     _f("sample_prompts", "lines", "Sample prompts (one a line, kohya --w --h --s --d options; or a .txt file)",
        "Saving and samples"),
-    _f("v_parameterization", "bool", "v-parameterization (SD2 768-v)", "Model files"),
-    _f("diffusers_config_dir", "text", "Diffusers config folder (empty: shipped)", "Model files"),
-    _f("tokenizer_dir", "text", "Tokenizer folder (empty: shipped)", "Model files"),
+    _f("v_parameterization", "bool", "v-parameterization (SD2 768-v; also set by the checkpoint's .yaml)",
+       "Model files"),
+    _f("diffusers_config_dir", "text", "Diffusers config folder (empty: sizes from the checkpoint and its .yaml)",
+       "Model files"),
+    _f("tokenizer_dir", "text", "Tokenizer folder (empty: built in)", "Model files"),
 )
 FORM_KEYS: tuple[str, ...] = tuple(f.key for f in FORM)
 BASIC_GROUPS = ("model", "basic", "network", "optimizer", "steps")

@@ -1,0 +1,120 @@
+"""The Train panel's checkpoint dropdown in a real headless Chromium: `python -m lora_trainer ui --models-dir DIR`
+lists the checkpoints of a WebUI-style models folder (subfolders too) with their architecture; picking the tiny SD1
+model (no config or tokenizer folder anywhere) trains a few steps to a file."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def models_server(chromium_path, tiny_sd1, tmp_path_factory):
+    """`ui --models-dir` over a models folder: the tiny SD1 model (with its yaml) in a subfolder, and a file that is
+    no model at all."""
+    work = tmp_path_factory.mktemp("model_picker")
+    models = work / "Stable-diffusion"
+    (models / "tiny").mkdir(parents=True)
+    shutil.copyfile(tiny_sd1.checkpoint, models / "tiny" / tiny_sd1.checkpoint.name)
+    shutil.copyfile(tiny_sd1.yaml, models / "tiny" / tiny_sd1.yaml.name)
+    (models / "notes.safetensors").write_bytes(b"not a model")
+    port, lora_dir, log = _free_port(), work / "loras", work / "server.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
+                                 str(lora_dir), "--models-dir", str(models), "--device", "cpu"], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=_interruptible)  # noqa: PLW1509
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+    yield url, models, lora_dir, log
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _fill(page, elem_id: str, text: str) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
+                 f"#{elem_id} input:not([type])").first.fill(str(text))
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
+
+
+def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_server, tmp_path):
+    url, models, lora_dir, log = models_server
+    data = tmp_path / "train" / "2_square"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 + 80 * i, 60, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"square, item{i}", encoding="utf-8")
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(15000)
+    page = context.new_page()
+    try:
+        page.goto(url)
+        page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
+        field = "lt-tr-pretrained-model-name-or-path"
+        expect(page.locator(f"#{field}-note").first).to_contain_text("2 checkpoint(s)")
+        page.locator(f"#{field} input").first.click()
+        expect(page.locator("ul.options li", has_text="notes.safetensors [?]").first).to_be_visible()
+        assert page.locator("ul.options li", has_text="later.safetensors").count() == 0
+        page.keyboard.press("Escape")
+        shutil.copyfile(models / "tiny" / "tiny_sd1.safetensors", models / "tiny" / "later.safetensors")
+        page.click(f"#{field}-refresh")                              # a model added while the app runs
+        expect(page.locator(f"#{field}-note").first).to_contain_text("3 checkpoint(s)")
+        _choose(page, field, "tiny/tiny_sd1.safetensors [SD1]")
+        expect(page.locator(f"#{field}-note").first).to_contain_text("SD1")
+        expect(page.locator(f"#{field}-note").first).to_contain_text("tiny_sd1.yaml")
+        expect(page.locator(f"#{field} input").first).to_have_value(str(models / "tiny" / "tiny_sd1.safetensors"))
+
+        _fill(page, "lt-tr-folder", str(tmp_path / "train"))
+        for key, value in (("output-name", "picked"), ("network-dim", "4"), ("max-train-steps", "3"),
+                           ("resolution", "64"), ("train-batch-size", "1"), ("seed", "1")):
+            _fill(page, f"lt-tr-{key}", value)
+        page.get_by_text("Precision and memory", exact=True).first.click()
+        _choose(page, "lt-tr-mixed-precision", "no")
+        page.click("#lt-tr-start")
+        expect(page.locator("#lt-tr-message").first).to_contain_text("Started")
+        try:
+            expect(page.locator("#lt-tr-status").first).to_contain_text("finished", timeout=75_000)
+        except AssertionError:
+            status = page.locator("#lt-tr-status").first.inner_text()
+            pytest.fail(f"{status}\n{log.read_text(errors='replace')[-3000:]}")
+        assert (lora_dir / "picked.safetensors").is_file()
+    finally:
+        context.close()
