@@ -17,6 +17,8 @@ wall times depend on the other work on the machine.
 With SD_SCRIPTS_DIR (a checkout of kohya-ss/sd-scripts) and SD_SCRIPTS_PYTHON (a Python where it runs), kohya's
 `networks/extract_lora_from_models.py` extracts the same B - A at the same rank for the full-size model and the
 ratio ours/theirs is printed (kohya cannot load the tiny checkpoints: it builds full-size modules). Unset: skipped.
+Both extractions are also scored the same way by "kept": the share of the Frobenius norm of the baked LoRA's
+delta (B - A up to fp16 rounding) that the extracted LoRA reproduces, read back from the written file.
 
     python benchmarks/ckpt_tools_speed.py                       # both models
     python benchmarks/ckpt_tools_speed.py --models tiny_sdxl --dim 8
@@ -82,6 +84,20 @@ def make_lora(checkpoint: str, out: str, dim: int) -> dict:
     return {"modules": len(targets)}
 
 
+def kept_energy(exact: str, out: str) -> float:
+    """Share of the Frobenius norm of the LoRA `exact`'s delta that the LoRA file `out` reproduces."""
+    from lora_trainer.tools import read_lora
+
+    want, got = read_lora(exact), read_lora(out)
+    total = error = 0.0
+    for name in want.modules:
+        delta = want.delta(name).double()
+        mine = got.delta(name).double() if name in got.modules else delta * 0
+        total += float(delta.square().sum())
+        error += float((mine.reshape(delta.shape) - delta).square().sum())
+    return max(0.0, 1 - error / total) ** 0.5
+
+
 def run_job(spec: dict) -> dict:
     from lora_trainer.tools.bake import LoraToBake, bake_loras
     from lora_trainer.tools.ckpt_merge import merge_checkpoints
@@ -92,6 +108,8 @@ def run_job(spec: dict) -> dict:
     started = time.perf_counter()
     if job == "model":
         return make_model(spec["name"], Path(spec["cache"]))
+    if job == "kept":
+        return {"kept": kept_energy(spec["exact"], spec["out"])}
     if job == "lora":
         result = make_lora(spec["checkpoint"], spec["out"], spec["dim"])
     elif job == "bake":
@@ -128,7 +146,8 @@ def kohya_extract(a: Path, b: Path, out: Path, dim: int, work: Path) -> tuple[fl
         return None
     cmd = [python, "networks/extract_lora_from_models.py", "--model_org", str(a), "--model_tuned", str(b),
            "--save_to", str(out), "--dim", str(dim), "--save_precision", "fp16", "--device", "cpu"]
-    run = run_child(cmd, sd_dir, dict(os.environ), work / "kohya_extract.log")
+    # networks/ scripts import sd-scripts' `library` package, which is only importable from its root folder
+    run = run_child(cmd, sd_dir, dict(os.environ, PYTHONPATH=sd_dir), work / "kohya_extract.log")
     if run.returncode != 0:
         print(f"kohya extract failed (see {work / 'kohya_extract.log'}):\n{run.text[-2000:]}")
         return None
@@ -155,14 +174,20 @@ def bench_model(name: str, args, work: Path, env: dict) -> list[tuple]:
         rows.append((name, job, wall, result["seconds"], rss, rss / size_gb))
         energy = f"  retained energy min {result['retained_min']:.4f} mean {result['retained_mean']:.4f}" \
             if "retained_min" in result else ""
+        if job.startswith("extract"):
+            kept = child({"job": "kept", "exact": str(lora), "out": spec["out"]}, work, env)[0]["kept"]
+            energy += f"  kept {kept:.5f}"
         print(f"  {job:12s} wall {wall:7.1f} s  (in the job {result['seconds']:7.1f} s)  peak RSS {rss:5.2f} GiB  "
               f"RSS/file {rss / size_gb:5.2f}{energy}", flush=True)
     if name == "full_sd1":
         theirs = kohya_extract(a, b, folder / "kohya_extracted.safetensors", args.dim, work)
         if theirs is not None:
             ours = next(r for r in rows if r[1] == "extract")
-            print(f"  kohya extract wall {theirs[0]:7.1f} s peak RSS {theirs[1]:5.2f} GiB -> ours/theirs: time "
-                  f"{ours[2] / theirs[0]:.2f}x, RSS {ours[4] / theirs[1]:.2f}x", flush=True)
+            out = str(folder / "kohya_extracted.safetensors")
+            kept = child({"job": "kept", "exact": str(lora), "out": out}, work, env)[0]["kept"]
+            print(f"  kohya extract wall {theirs[0]:7.1f} s peak RSS {theirs[1]:5.2f} GiB  kept {kept:.5f} -> "
+                  f"ours/theirs: time {ours[2] / theirs[0]:.2f}x, RSS {ours[4] / theirs[1]:.2f}x; load "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     return rows
 
 
