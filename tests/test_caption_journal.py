@@ -128,7 +128,7 @@ def test_disk_full_mid_save_says_what_changed_and_how_to_undo(tmp_path):
         assert done.returncode == 1
         assert "[Errno" not in done.stdout and "Traceback" not in done.stderr
         message = done.stdout
-        assert "No space left on device" in message and f"of 120 captions were changed" in message
+        assert "No space left on device" in message and "of 120 captions were changed" in message
         assert str(root / JOURNAL_FILE) in message
         assert f"python -m lora_trainer tags {root} --undo" in message
         assert f"python -m lora_trainer tags {root} --complete" in message

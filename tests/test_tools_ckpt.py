@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.atomic_io import FileWriteError
 from lora_trainer.models.checkpoint import checkpoint_hash
 from lora_trainer.tools.ckpt_merge import block_alphas, merge_checkpoints, merge_slot, merge_slots
 from lora_trainer.tools.prune import prune_checkpoint

@@ -68,7 +68,7 @@ def lora_entries(loras: Mapping[str, Any], route: str) -> list[tuple[str, float,
         RequestError: an empty object, or an entry of the wrong type (400, naming the entry).
     """
     if not loras:
-        raise RequestError(f'loras: empty. Send at least one file, e.g. {{"loras": {{"a.safetensors": 1.0}}}}.')
+        raise RequestError('loras: empty. Send at least one file, e.g. {"loras": {"a.safetensors": 1.0}}.')
     entries = []
     for name, value in loras.items():
         field = f"loras[{name!r}]"

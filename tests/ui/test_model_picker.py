@@ -3,30 +3,15 @@ lists the checkpoints of a WebUI-style models folder (subfolders too) with their
 model (no config or tokenizer folder anywhere) trains a few steps to a file."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from PIL import Image
 
+from ui_server import fill, serve_ui
+
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _interruptible() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -39,35 +24,9 @@ def models_server(chromium_path, tiny_sd1, tmp_path_factory):
     shutil.copyfile(tiny_sd1.checkpoint, models / "tiny" / tiny_sd1.checkpoint.name)
     shutil.copyfile(tiny_sd1.yaml, models / "tiny" / tiny_sd1.yaml.name)
     (models / "notes.safetensors").write_bytes(b"not a model")
-    port, lora_dir, log = _free_port(), work / "loras", work / "server.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
-                                 str(lora_dir), "--models-dir", str(models), "--device", "cpu"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=_interruptible)  # noqa: PLW1509
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-    yield url, models, lora_dir, log
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _fill(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
-                 f"#{elem_id} input:not([type])").first.fill(str(text))
+    lora_dir, log = work / "loras", work / "server.log"
+    with serve_ui(["--lora-dir", str(lora_dir), "--models-dir", str(models)], log) as url:
+        yield url, models, lora_dir, log
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -102,10 +61,10 @@ def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_serv
         expect(page.locator(f"#{field}-note").first).to_contain_text("tiny_sd1.yaml")
         expect(page.locator(f"#{field} input").first).to_have_value(str(models / "tiny" / "tiny_sd1.safetensors"))
 
-        _fill(page, "lt-tr-folder", str(tmp_path / "train"))
+        fill(page, "lt-tr-folder", str(tmp_path / "train"))
         for key, value in (("output-name", "picked"), ("network-dim", "4"), ("max-train-steps", "3"),
                            ("resolution", "64"), ("train-batch-size", "1"), ("seed", "1")):
-            _fill(page, f"lt-tr-{key}", value)
+            fill(page, f"lt-tr-{key}", value)
         page.get_by_text("Precision and memory", exact=True).first.click()
         _choose(page, "lt-tr-mixed-precision", "no")
         page.click("#lt-tr-start")

@@ -8,7 +8,8 @@ import re
 
 import pytest
 from PIL import Image
-from test_train_panel import _fill, _fill_run, _status, page, server, train_dataset  # noqa: F401 (fixtures)
+from test_train_panel import _fill_run, _status, page, server, train_dataset  # noqa: F401 (fixtures)
+from ui_server import fill
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
@@ -38,23 +39,23 @@ def test_grid_of_the_last_run_with_bad_input_estimate_and_tag(page, server, tiny
     expect(page.locator("#lt-te-snapshots label", has_text="te_lora")).to_be_visible()
     expect(page.locator("#lt-te-send")).to_be_hidden()                 # no txt2img outside the WebUI
     for elem_id, text in (("lt-te-width", "32"), ("lt-te-height", "32"), ("lt-te-steps", "2")):
-        _fill(page, elem_id, text)
+        fill(page, elem_id, text)
 
-    _fill(page, "lt-te-strengths", "0-1 [9]")
-    _fill(page, "lt-te-seeds", "1, 2, 3, 4")
+    fill(page, "lt-te-strengths", "0-1 [9]")
+    fill(page, "lt-te-seeds", "1, 2, 3, 4")
     page.click("#lt-te-render")
     expect(_message(page)).to_contain_text("72 cells exceed the limit of 64")
-    _fill(page, "lt-te-width", "36")
+    fill(page, "lt-te-width", "36")
     page.click("#lt-te-render")
     expect(_message(page)).to_contain_text("width: 36 is not a positive multiple of 8")
-    _fill(page, "lt-te-width", "32")
-    _fill(page, "lt-te-prompt", " ")
+    fill(page, "lt-te-width", "32")
+    fill(page, "lt-te-prompt", " ")
     page.click("#lt-te-render")
     expect(_message(page)).to_contain_text("prompt: empty")
 
-    _fill(page, "lt-te-prompt", "square, red")
-    _fill(page, "lt-te-strengths", "0, 1")
-    _fill(page, "lt-te-seeds", "5")
+    fill(page, "lt-te-prompt", "square, red")
+    fill(page, "lt-te-strengths", "0, 1")
+    fill(page, "lt-te-seeds", "5")
     page.click("#lt-te-estimate")
     expect(_message(page)).to_contain_text("Estimate: 4 cells (3 renders)", timeout=30_000)
     page.click("#lt-te-render")

@@ -7,30 +7,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
 from lora_trainer.testing.lora_files import random_lora, tiny_targets
 from lora_trainer.tools import inspect_lora
 
+from ui_server import fill, serve_ui
+
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _interruptible() -> None:
-    """Let Ctrl-C reach the server even when the test runs in a background job (whose SIGINT is ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +29,9 @@ def server(chromium_path, tiny_sd1, tmp_path_factory):
     random_lora(targets, loras / "a.safetensors", seed=1)
     random_lora(targets, loras / "b.safetensors", seed=2, dim=2)
     shutil.copy(tiny_sd1.checkpoint, checkpoints / "base.safetensors")
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
-                                 str(loras), "--models-dir", str(checkpoints), "--device", "cpu"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_interruptible)  # noqa: PLW1509 (one signal call)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-    yield url, loras, checkpoints, log
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with serve_ui(["--lora-dir", str(loras), "--models-dir", str(checkpoints)], log) as url:
+        yield url, loras, checkpoints, log
 
 
 @pytest.fixture
@@ -82,11 +44,6 @@ def page(browser, server):
     page.wait_for_selector("#lt-tl-lbw-preview")
     yield page
     context.close()
-
-
-def _fill(page, elem_id: str, text) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
-                 f"#{elem_id} input:not([type])").first.fill(str(text))
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -117,24 +74,24 @@ def test_preset_merge_and_inspect(page, server):
     table = _result(page).inner_text()
     assert re.search(r"OUT03\s+12\s+1", table) and re.search(r"IN01\s+12\s+0", table), table
     assert not (loras / "a_outd.safetensors").exists()
-    _fill(page, "lt-tl-lbw-out", "a_outd.safetensors")
+    fill(page, "lt-tl-lbw-out", "a_outd.safetensors")
     page.click("#lt-tl-lbw-run")
     expect(_result(page)).to_contain_text(": written", timeout=30_000)
     assert inspect_lora(loras / "a_outd.safetensors").keys_ok
 
     _section(page, "Merge")
     _choose(page, "lt-tl-merge-add-file", "a.safetensors")
-    _fill(page, "lt-tl-merge-add-ratio", "0.7")
+    fill(page, "lt-tl-merge-add-ratio", "0.7")
     page.click("#lt-tl-merge-add")
     expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7")
     _choose(page, "lt-tl-merge-add-file", "b.safetensors")
-    _fill(page, "lt-tl-merge-add-ratio", "-0.4")
+    fill(page, "lt-tl-merge-add-ratio", "-0.4")
     page.click("#lt-tl-merge-add")
     expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7\nb.safetensors:-0.4")
     page.click("#lt-tl-merge-preview")
     expect(_result(page)).to_contain_text("exact merge of 2 sd1 LoRAs")
     assert re.search(r"Retained Frobenius norm: 1\.0000", _result(page).inner_text())
-    _fill(page, "lt-tl-merge-out", "merged.safetensors")
+    fill(page, "lt-tl-merge-out", "merged.safetensors")
     page.click("#lt-tl-merge-run")
     expect(_result(page)).to_contain_text(": written", timeout=30_000)
     assert sorted(set(inspect_lora(loras / "merged.safetensors").ranks.values())) == [6]
@@ -159,7 +116,7 @@ def test_bake_writes_a_checkpoint_and_errors_show_in_the_page(page, server):
     expect(_result(page)).to_contain_text("(sd1, 1131 tensors")
     page.click("#lt-tl-bake-run")                       # no name for the new file
     expect(_result(page)).to_contain_text("Error: new file: no name given")
-    _fill(page, "lt-tl-bake-out", "baked.safetensors")
+    fill(page, "lt-tl-bake-out", "baked.safetensors")
     page.click("#lt-tl-bake-run")
     expect(_result(page)).to_contain_text("weights in", timeout=60_000)
     assert (checkpoints / "baked.safetensors").is_file()

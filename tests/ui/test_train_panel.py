@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
+from ui_server import fill, serve_ui
+
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
 FINISH_TIMEOUT_MS = 75_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,41 +30,13 @@ def train_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def _interruptible() -> None:
-    """Let Ctrl-C reach the server even when the test runs in a background job (whose SIGINT is ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture(scope="module")
 def server(chromium_path, tmp_path_factory):
     """`python -m lora_trainer ui` with LoRAs going to a temp folder; one torch thread (the CI machine is small)."""
-    port = _free_port()
     work = tmp_path_factory.mktemp("train_panel_server")
-    lora_dir = work / "loras"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--port", str(port), "--lora-dir",
-                                 str(lora_dir), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_interruptible)  # noqa: PLW1509 (one signal call)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the ui command did not serve {url}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-    yield url, lora_dir, log
-    proc.send_signal(signal.SIGINT)
-    try:
-        assert proc.wait(timeout=20) == 0, log.read_text(errors="replace")[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    lora_dir, log = work / "loras", work / "server.log"
+    with serve_ui(["--lora-dir", str(lora_dir)], log) as url:
+        yield url, lora_dir, log
 
 
 @pytest.fixture
@@ -90,11 +52,6 @@ def page(browser, server):
 
 
 # --- page helpers ------------------------------------------------------------------------------------------------
-
-def _fill(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
-                 f"#{elem_id} input:not([type])").first.fill(str(text))
-
 
 def _choose(page, elem_id: str, option: str) -> None:
     """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
@@ -120,24 +77,24 @@ def _message(page):
 
 
 def _fill_run(page, tiny, dataset: Path, name: str = "ui_lora", steps: int = 6, samples: bool = True) -> None:
-    _fill(page, "lt-tr-folder", str(dataset))
-    _fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny.checkpoint))
-    _fill(page, "lt-tr-output-name", name)
-    _fill(page, "lt-tr-network-dim", "4")
-    _fill(page, "lt-tr-network-alpha", "4")
-    _fill(page, "lt-tr-max-train-steps", str(steps))
-    _fill(page, "lt-tr-resolution", "64")
-    _fill(page, "lt-tr-train-batch-size", "1")
-    _fill(page, "lt-tr-seed", "3")
+    fill(page, "lt-tr-folder", str(dataset))
+    fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny.checkpoint))
+    fill(page, "lt-tr-output-name", name)
+    fill(page, "lt-tr-network-dim", "4")
+    fill(page, "lt-tr-network-alpha", "4")
+    fill(page, "lt-tr-max-train-steps", str(steps))
+    fill(page, "lt-tr-resolution", "64")
+    fill(page, "lt-tr-train-batch-size", "1")
+    fill(page, "lt-tr-seed", "3")
     _open(page, "Model files")
-    _fill(page, "lt-tr-diffusers-config-dir", str(tiny.config_dir))
-    _fill(page, "lt-tr-tokenizer-dir", str(tiny.tokenizer_dir))
+    fill(page, "lt-tr-diffusers-config-dir", str(tiny.config_dir))
+    fill(page, "lt-tr-tokenizer-dir", str(tiny.tokenizer_dir))
     _open(page, "Precision and memory")
     _choose(page, "lt-tr-mixed-precision", "no")
     _open(page, "Saving and samples")
     if samples:
-        _fill(page, "lt-tr-sample-every-n-steps", "3")
-        _fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
+        fill(page, "lt-tr-sample-every-n-steps", "3")
+        fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
@@ -193,8 +150,8 @@ def test_stop_and_save_then_resume(page, server, tiny_sd1, train_dataset):
     state = lora_dir / "resumable-state"
     assert state.is_dir()
 
-    _fill(page, "lt-tr-max-train-steps", str(stopped_at + 3))   # resume and finish 3 steps later
-    _fill(page, "lt-tr-resume-dir", str(state))
+    fill(page, "lt-tr-max-train-steps", str(stopped_at + 3))   # resume and finish 3 steps later
+    fill(page, "lt-tr-resume-dir", str(state))
     page.click("#lt-tr-resume")
     expect(_message(page)).to_contain_text("Resuming")
     expect(_status(page)).to_contain_text("finished", timeout=45_000)
@@ -203,12 +160,12 @@ def test_stop_and_save_then_resume(page, server, tiny_sd1, train_dataset):
 
 def test_bad_dataset_folder_shows_error(page, server, tiny_sd1, tmp_path):
     missing = tmp_path / "missing_dataset"
-    _fill(page, "lt-tr-folder", str(missing))
-    _fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny_sd1.checkpoint))
+    fill(page, "lt-tr-folder", str(missing))
+    fill(page, "lt-tr-pretrained-model-name-or-path", str(tiny_sd1.checkpoint))
     _open(page, "Model files")
-    _fill(page, "lt-tr-diffusers-config-dir", str(tiny_sd1.config_dir))
-    _fill(page, "lt-tr-tokenizer-dir", str(tiny_sd1.tokenizer_dir))
-    _fill(page, "lt-tr-resolution", "64")
+    fill(page, "lt-tr-diffusers-config-dir", str(tiny_sd1.config_dir))
+    fill(page, "lt-tr-tokenizer-dir", str(tiny_sd1.tokenizer_dir))
+    fill(page, "lt-tr-resolution", "64")
     page.click("#lt-tr-start")
     # checked before the model loads: the error comes instead of "Started", and no job begins
     expect(_message(page)).to_contain_text("Error", timeout=30_000)
@@ -218,10 +175,10 @@ def test_bad_dataset_folder_shows_error(page, server, tiny_sd1, tmp_path):
 
 def test_dataset_folder_is_shared_with_the_dataset_panel(page, train_dataset):
     page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Dataset\s*$")).first.click()
-    _fill(page, "lt-ds-folder", str(train_dataset))
+    fill(page, "lt-ds-folder", str(train_dataset))
     page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
     expect(page.locator("#lt-tr-folder textarea, #lt-tr-folder input").first).to_have_value(str(train_dataset))
-    _fill(page, "lt-tr-folder", str(train_dataset / "2_square"))
+    fill(page, "lt-tr-folder", str(train_dataset / "2_square"))
     page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Dataset\s*$")).first.click()
     expect(page.locator("#lt-ds-folder textarea, #lt-ds-folder input").first).to_have_value(
         str(train_dataset / "2_square"))
@@ -241,7 +198,7 @@ def test_import_toml_file_fills_the_fields(page, tmp_path):
 
 
 def test_invalid_value_is_a_message_and_nothing_starts(page):
-    _fill(page, "lt-tr-resolution", "big")
+    fill(page, "lt-tr-resolution", "big")
     page.click("#lt-tr-start")
     expect(_message(page)).to_contain_text("Error")
     expect(_message(page)).to_contain_text("resolution")

@@ -126,6 +126,7 @@ def test_merged_and_block_weighted_loras_from_the_api_load_and_render(webui, too
                                   "out": f"{a}_merged.safetensors"})
     weighted = webui.tool("lbw", {"file": f"{a}.safetensors", "weights": "OUTD", "out": f"{a}_outd.safetensors"})
     assert merged["mode"] == "exact" and merged["retained_overall"] > 0.999999
+    assert Path(weighted["written"]).name == f"{a}_outd.safetensors"
     assert Path(merged["written"]).parent == Path(A1111_DIR) / "models" / "Lora"
     assert webui.loaded_weights_lines(lines_before) == [], "the tools must not reload or unload the model"
     assert {f"{a}_merged", f"{a}_outd"} <= webui.lora_names(), "the new files are listed without a manual refresh"
