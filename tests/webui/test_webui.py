@@ -50,6 +50,23 @@ def test_train_through_the_api_then_generate_with_the_lora(webui, dataset, arch)
     assert any("compatibility self-test: all" in line for line in new_lines)
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_files_with_conv_load_with_every_key_matched(webui, dataset, algo):
+    """LoHa and LoKr (incl. 3x3 convs): the WebUI's Lora extension reads every key and the LoRA changes the image."""
+    webui.use_checkpoint(webui.titles["sd1"])
+    name = f"lt_test_{algo}_{STAMP}"
+    base = webui.txt2img("box, red")
+    lines_before = len(webui.log_lines())
+    status = webui.train(_config(dataset, name, network_module="lycoris.kohya", conv_dim=2, conv_alpha=1,
+                                 network_args=[f"algo={algo}", "factor=4"]))
+    assert status["state"] == "finished", status["message"]
+    diff = abs(webui.txt2img(f"box, red <lora:{name}:1>") - base).mean()
+    print(f"{algo}: mean |pixel diff| with the LoRA {diff:.2f}")
+    assert diff > 1.0
+    new_lines = webui.log_lines()[lines_before:]
+    assert unmatched_lines(new_lines) == []
+
+
 def test_a_merged_lora_is_restored_before_training(webui, dataset):
     webui.use_checkpoint(webui.titles["sd1"])
     first = f"lt_test_sd1_{STAMP}_m"
