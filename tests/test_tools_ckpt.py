@@ -113,7 +113,7 @@ def test_disk_full_is_a_clear_error_with_no_partial_file(tiny_sd1, tmp_path):
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert "FileWriteError" in done.stdout and str(out) in done.stdout and "no file was written" in done.stdout
+    assert "FileWriteError" in done.stdout and str(out) in done.stdout and "the file on disk is unchanged" in done.stdout
     assert list(tmp_path.iterdir()) == []
 
 

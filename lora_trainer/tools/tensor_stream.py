@@ -14,21 +14,16 @@ header order. The file goes to a temporary name in the target's folder, is fsync
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import secrets
-import stat
 import struct
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_trainer.atomic_io import FileWriteError, fsync_dirs
+from lora_trainer.atomic_io import atomic_writer
 from lora_trainer.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -177,49 +172,6 @@ def build_header(infos: Iterable[TensorInfo], metadata: dict[str, str] | None) -
     return struct.pack("<Q", len(text)) + text
 
 
-@contextmanager
-def atomic_stream(path: str | Path):
-    """Open a temporary file beside `path` for writing; on success fsync it and rename it over `path`.
-
-    Args:
-        path (str | Path): the target; a missing folder is created. An existing target keeps its permissions.
-
-    Yields:
-        BinaryIO: the open temporary file.
-
-    Raises:
-        FileWriteError: the file cannot be created or written (disk full, file too large, read-only folder); the
-            temporary file is removed and the target is unchanged.
-    """
-    path = Path(path)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(tmp, "xb")
-    except OSError as err:
-        raise FileWriteError(f"{path}: cannot create a file in {path.parent} ({err.strerror}). Check that the "
-                             "folder exists and is writable.") from err
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise FileWriteError(f"{path}: writing failed ({err.strerror}); no file was written. Free disk space "
-                                 "or write to another folder.") from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dirs([path.parent])
-
-
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
@@ -245,7 +197,7 @@ def write_safetensors(path: str | Path, infos: list[TensorInfo], tensor_for: Cal
     """
     path = Path(path)
     header = build_header(infos, metadata)
-    with atomic_stream(path) as handle:
+    with atomic_writer(path, make_folder=True) as handle:
         handle.write(header)
         for info in infos:
             tensor = tensor_for(info)
@@ -275,5 +227,5 @@ def output_dtype(dtype: torch.dtype, precision: str | None) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-__all__ = ["PRECISIONS", "TensorInfo", "TensorReader", "atomic_stream", "build_header", "output_dtype",
+__all__ = ["PRECISIONS", "TensorInfo", "TensorReader", "build_header", "output_dtype",
            "write_safetensors"]
