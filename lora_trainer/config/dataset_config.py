@@ -42,8 +42,10 @@ UNUSED_KEYS: dict[str, tuple[str, Any]] = {
     "token_warmup_min": ("token warm-up is not supported", 1),
     "token_warmup_step": ("token warm-up is not supported", 0),
     "alpha_mask": ("alpha masks are not supported", False),
-    "validation_split": ("validation splits are not supported", 0),
-    "validation_seed": ("validation splits are not supported", ANY),
+    "validation_split": ("the held-out split is set for the whole run; set validation_split in the training "
+                         "config", 0),
+    "validation_seed": ("the held-out split is set for the whole run; set validation_seed in the training "
+                        "config", ANY),
     "network_multiplier": ("the LoRA is trained at multiplier 1", 1),
     "caption_separator": ("tags are separated by commas", ","),
     "resize_interpolation": ("images are resized with Lanczos", ANY),
