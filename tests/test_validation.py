@@ -122,3 +122,20 @@ def test_epoch_validation_and_max_validation_steps(tiny_sd1, dataset, adapter, t
     validations = [e for e in events if isinstance(e, Validation)]
     assert result.steps == 2 and [(v.step, v.epoch) for v in validations] == [(1, 1), (2, 2)]
     assert all(len(v.per_concept) == 1 for v in validations)
+
+
+def test_job_status_keeps_the_validation_losses(tiny_sd1, dataset, tmp_path):
+    from lora_trainer.host import StandaloneHost
+    from lora_trainer.train.job import JobState, TrainingJob
+
+    cfg = _config(tiny_sd1, dataset, tmp_path, diffusers_config_dir=str(tiny_sd1.config_dir),
+                  tokenizer_dir=str(tiny_sd1.tokenizer_dir), validation_split=0.25, validate_every_n_steps=1,
+                  max_train_steps=2)
+    status = TrainingJob(cfg, StandaloneHost(tmp_path / "loras", device="cpu")).run()
+    assert status.state is JobState.FINISHED
+    assert [step for step, _ in status.validation_losses] == [1, 2]
+    assert set(status.validation_per_concept) == {"red", "green"}
+    data = status.to_dict()
+    assert data["validation_losses"] == status.validation_losses and math.isfinite(data["validation_losses"][0][1])
+    status.validation_losses.append((3, float("nan")))
+    assert status.to_dict()["validation_losses"][-1] == (3, None)
