@@ -14,6 +14,7 @@ from lora_trainer.models.loading import load_checkpoint_adapter
 from lora_trainer.networks import LoRANetwork, load_lora
 from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train import EventBus, Step, Trainer, Validation, split_validation
+from lora_trainer.train.validation import concept_name
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -66,6 +67,33 @@ def test_split_is_deterministic_per_concept_and_needs_a_training_image(dataset):
         split_validation(index, 0.9, seed=3)
 
 
+def test_a_dataset_config_sets_the_split_per_dataset(dataset, tmp_path):
+    from lora_trainer.config.schema import DatasetConfig
+
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""
+[general]
+resolution = 64
+validation_seed = 5
+[[datasets]]
+validation_split = 0.5
+  [[datasets.subsets]]
+  image_dir = '{dataset / "1_red"}'
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = '{dataset / "1_green"}'
+""", encoding="utf-8")
+    index = scan_dataset(DatasetConfig(dataset_config=str(toml)))
+    held = split_validation(index, 0.0, seed=3).held_out.items
+    assert [concept_name(i) for i in held] == ["1_red"] * 2  # round(5 x 0.5); the second dataset takes the run's 0
+    with_run_split = split_validation(index, 0.25, seed=3).held_out.items
+    assert [concept_name(i) for i in with_run_split] == ["1_red", "1_red", "1_green"]
+    assert [i.path for i in with_run_split[:2]] == [i.path for i in held], "the dataset's own seed wins"
+    toml.write_text(toml.read_text().replace("validation_split = 0.5", "validation_split = 1.0"))
+    with pytest.raises(ConfigError, match="validation_split = 1.0: must be in \\[0, 1\\)"):
+        scan_dataset(DatasetConfig(dataset_config=str(toml)))
+
+
 def test_config_keys_are_checked(tiny_sd1, dataset, tmp_path):
     for key, value, text in (("validation_split", 1.0, "must be in \\[0, 1\\)"),
                              ("validation_split", -0.1, "must be in \\[0, 1\\)"),
@@ -116,8 +144,9 @@ def test_validation_is_deterministic_and_leaves_training_unchanged(tiny_sd1, dat
 
 
 def test_epoch_validation_and_max_validation_steps(tiny_sd1, dataset, adapter, tmp_path):
+    # no validate_every_n_*: after every epoch, as kohya does
     cfg = _config(tiny_sd1, dataset, tmp_path, validation_split=0.25, validation_seed=11, max_train_epochs=2,
-                  max_train_steps=100, train_batch_size=7, validate_every_n_epochs=1, max_validation_steps=1)
+                  max_train_steps=100, train_batch_size=7, max_validation_steps=1)
     _, result, events = _run(cfg, adapter)
     validations = [e for e in events if isinstance(e, Validation)]
     assert result.steps == 2 and [(v.step, v.epoch) for v in validations] == [(1, 1), (2, 2)]

@@ -157,7 +157,7 @@ class TrainingConfig:
     validation_split: float = 0.0             # share of each concept folder held out for the validation loss
     validation_seed: int | None = None        # chooses the held-out images; None: the run's seed
     validate_every_n_steps: int | None = None
-    validate_every_n_epochs: int | None = None
+    validate_every_n_epochs: int | None = None  # None: after every epoch (kohya's default)
     max_validation_steps: int | None = None   # held-out images evaluated per validation, None: all
 
 

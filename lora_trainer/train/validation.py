@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,11 +52,25 @@ def _folder_key(item: ImageItem) -> tuple[int, int, str]:
     return item.dataset, item.subset, item.folder or item.concept
 
 
+def concept_name(item: ImageItem) -> str:
+    """The name a validation figure is reported under: the concept, else the folder (dataset config subsets)."""
+    return item.concept or item.folder or os.path.basename(os.path.dirname(item.path))
+
+
+def _split_of(index: DatasetIndex, item: ImageItem, split: float, seed: int) -> tuple[float, int]:
+    """A dataset config's `validation_split`/`validation_seed` for the item's dataset, else the run's."""
+    if index.description is None:
+        return split, seed
+    spec = index.description.datasets[item.dataset]
+    return (split if spec.validation_split is None else spec.validation_split,
+            seed if spec.validation_seed is None else spec.validation_seed)
+
+
 def split_validation(index: DatasetIndex, split: float, seed: int) -> ValidationSplit:
     """Hold out `split` of every training concept folder (regularisation images are never held out).
 
     Args:
-        index (DatasetIndex): the scanned dataset.
+        index (DatasetIndex): the scanned dataset; a dataset config's datasets may set their own split and seed.
         split (float): share in [0, 1) held out per folder; a folder with any share holds out at least one image.
         seed (int): `validation_seed`; with the folder's name it picks the images.
 
@@ -65,23 +80,26 @@ def split_validation(index: DatasetIndex, split: float, seed: int) -> Validation
     Raises:
         ConfigError: a folder would keep no training image.
     """
-    if not split:
-        return ValidationSplit(index, DatasetIndex(description=index.description))
     folders: dict[tuple[int, int, str], list[ImageItem]] = defaultdict(list)
     for item in index.items:
         if not item.is_reg:
             folders[_folder_key(item)].append(item)
     held: set[tuple] = set()
     for key, items in sorted(folders.items()):
+        share, folder_seed = _split_of(index, items[0], split, seed)
+        if not share:
+            continue
         items = sorted(items, key=lambda i: i.path)
-        count = max(1, round(len(items) * split))
+        count = max(1, round(len(items) * share))
         if count >= len(items):
             raise ConfigError(
-                f"validation_split = {split:g}: the concept folder {key[2]} has {len(items)} image(s), so holding "
+                f"validation_split = {share:g}: the concept folder {key[2]} has {len(items)} image(s), so holding "
                 f"out {count} leaves none to train on. Lower validation_split or add images to {key[2]}."
             )
-        rng = random.Random(f"validation:{seed}:{key[0]}:{key[1]}:{key[2]}")
+        rng = random.Random(f"validation:{folder_seed}:{key[0]}:{key[1]}:{key[2]}")
         held.update((key, items[i].path) for i in rng.sample(range(len(items)), count))
+    if not held:
+        return ValidationSplit(index, DatasetIndex(description=index.description))
     is_held = lambda item: not item.is_reg and (_folder_key(item), item.path) in held  # noqa: E731
     held_items = sorted((i for i in index.items if is_held(i)), key=lambda i: (_folder_key(i), i.path))
     dirs = {name: dict(entry) for name, entry in index.dirs.items()}
@@ -130,12 +148,13 @@ class Validator:
         return process_caption(self.dataset.items[i].caption, self.dataset.item_options[i], rng, epoch=1)
 
     def due(self, step: int | None = None, epoch: int | None = None) -> bool:
-        """True after a step or epoch that `validate_every_n_steps` / `validate_every_n_epochs` names."""
+        """True after a step that `validate_every_n_steps` names, or after an epoch that `validate_every_n_epochs`
+        names (every epoch when it is not set, as kohya does)."""
         if self.dataset is None:
             return False
         if step is not None:
             return bool(self.every_steps) and step % self.every_steps == 0
-        return bool(self.every_epochs) and epoch is not None and epoch % self.every_epochs == 0
+        return epoch is not None and epoch % (self.every_epochs or 1) == 0
 
     def evaluate(self, network, text, precision, loss_options) -> ValidationResult:
         """The validation loss of `network` as applied to the model now.
@@ -158,7 +177,7 @@ class Validator:
                 for position, i in enumerate(self.indexes):
                     loss = self._image_loss(i, self.captions[position], text, precision, loss_options)
                     if loss is not None:
-                        sums[self.dataset.items[i].concept].append(loss)
+                        sums[concept_name(self.dataset.items[i])].append(loss)
         finally:
             network.train(was_training)
         every = [value for values in sums.values() for value in values]
