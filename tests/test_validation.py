@@ -168,3 +168,28 @@ def test_job_status_keeps_the_validation_losses(tiny_sd1, dataset, tmp_path):
     assert data["validation_losses"] == status.validation_losses and math.isfinite(data["validation_losses"][0][1])
     status.validation_losses.append((3, float("nan")))
     assert status.to_dict()["validation_losses"][-1] == (3, None)
+
+
+def test_two_processes_report_the_validation_of_one(tiny_sd1, dataset, tmp_path):
+    from test_distributed import TOTAL_BATCH, launch_two, write_config
+
+    from lora_trainer.__main__ import main
+
+    extra = "validation_split = 0.25\nvalidate_every_n_steps = 1\n"
+    one = write_config(tmp_path / "one.toml", tiny_sd1, dataset, tmp_path / "one", TOTAL_BATCH)
+    one.write_text(one.read_text(encoding="utf-8") + extra, encoding="utf-8")
+    two = write_config(tmp_path / "two.toml", tiny_sd1, dataset, tmp_path / "two", TOTAL_BATCH // 2)
+    two.write_text(two.read_text(encoding="utf-8") + extra, encoding="utf-8")
+    assert main(["train", "--config", str(one), "--device", "cpu"]) == 0
+    launch_two(two, tmp_path)
+
+    def rows(run: str) -> list[list[str]]:
+        (folder,) = (tmp_path / run / "logs").iterdir()
+        return list(csv.reader((folder / "validation.csv").open(encoding="utf-8")))
+
+    single, double = rows("one"), rows("two")
+    assert single[0] == double[0] == ["step", "epoch", "loss", "loss_green", "loss_red"]
+    # step 2 also ends epoch 1 (7 images, total batch 4): one validation there
+    assert [r[0] for r in single[1:]] == [r[0] for r in double[1:]] == ["1", "2", "3"]
+    for a, b in zip(single[1:], double[1:]):
+        assert [float(x) for x in b[2:]] == pytest.approx([float(x) for x in a[2:]], rel=1e-5)

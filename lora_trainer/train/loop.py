@@ -92,6 +92,7 @@ class Trainer:
         self.commands = commands or TrainCommands()
         self.preflight = preflight
         self._last_saved: str | None = None
+        self._validated_at: int | None = None
 
     def run(self) -> TrainResult:
         """Train. Errors are emitted as `Failed` and raised (`TrainingError` for NaN loss and out of memory).
@@ -332,6 +333,9 @@ class Trainer:
 
     def _validate(self, pos: _Position) -> None:
         """Every process has the same weights, so the main one evaluates alone."""
+        if self._validated_at == pos.global_step:  # a step and an epoch ending together validate once
+            return
+        self._validated_at = pos.global_step
         if self.group.is_main:
             result = self.validator.evaluate(self.network, self.text, self.precision, self.loss_options)
             logger.info("step %d: validation loss %.6f", pos.global_step, result.loss)
