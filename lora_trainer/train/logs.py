@@ -158,8 +158,9 @@ class TensorBoardLogger:
 
 
 def build_log_subscribers(logging_config: Any, run_name: str) -> list[Callable[[Any], None]]:
-    """The writers a `LoggingConfig` asks for: with `logging_dir` set, CSV (steps, validation) + JSON lines always, and TensorBoard
-    when `log_with` is "tensorboard" or "all", in `<logging_dir>/<log_prefix><run_name>_<timestamp>/`.
+    """The writers a `LoggingConfig` asks for: with `logging_dir` set, CSV (steps.csv, validation.csv) + JSON lines
+    always, and TensorBoard when `log_with` is "tensorboard" or "all", in
+    `<logging_dir>/<log_prefix><run_name>_<timestamp>/`.
 
     Args:
         logging_config (LoggingConfig): `log_with`, `logging_dir`, `log_prefix`.

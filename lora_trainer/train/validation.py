@@ -100,7 +100,10 @@ def split_validation(index: DatasetIndex, split: float, seed: int) -> Validation
         held.update((key, items[i].path) for i in rng.sample(range(len(items)), count))
     if not held:
         return ValidationSplit(index, DatasetIndex(description=index.description))
-    is_held = lambda item: not item.is_reg and (_folder_key(item), item.path) in held  # noqa: E731
+
+    def is_held(item: ImageItem) -> bool:
+        return not item.is_reg and (_folder_key(item), item.path) in held
+
     held_items = sorted((i for i in index.items if is_held(i)), key=lambda i: (_folder_key(i), i.path))
     dirs = {name: dict(entry) for name, entry in index.dirs.items()}
     for item in held_items:
