@@ -51,7 +51,8 @@ def test_tensorboard(tmp_path):
 def test_build_from_config(tmp_path):
     cfg = SimpleNamespace(log_with="tensorboard", logging_dir=str(tmp_path), log_prefix="p_")
     subs = build_log_subscribers(cfg, "run")
-    assert [type(s).__name__ for s in subs] == ["CsvLogger", "JsonLinesLogger", "TensorBoardLogger"]
+    assert [type(s).__name__ for s in subs] == ["CsvLogger", "CsvLogger", "JsonLinesLogger", "TensorBoardLogger"]
+    assert subs[1].path.name == "validation.csv"
     assert subs[0].path.parent.name.startswith("p_run_")
     _emit(*subs)
     assert build_log_subscribers(SimpleNamespace(log_with="tensorboard", logging_dir=None, log_prefix=None), "r") == []

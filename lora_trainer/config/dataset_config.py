@@ -34,6 +34,7 @@ SUBSET_ONLY = ("image_dir", "is_reg")
 DATASET_KEYS: dict[str, str] = {
     "resolution": "tuple[int, int]", "batch_size": "int", "enable_bucket": "bool", "min_bucket_reso": "int",
     "max_bucket_reso": "int", "bucket_reso_steps": "int", "bucket_no_upscale": "bool",
+    "validation_split": "float | None", "validation_seed": "int | None",
 }
 # kohya keys read but not used here: key -> (reason, the value that changes nothing; ANY = every value, None = none)
 UNUSED_KEYS: dict[str, tuple[str, Any]] = {
@@ -42,8 +43,6 @@ UNUSED_KEYS: dict[str, tuple[str, Any]] = {
     "token_warmup_min": ("token warm-up is not supported", 1),
     "token_warmup_step": ("token warm-up is not supported", 0),
     "alpha_mask": ("alpha masks are not supported", False),
-    "validation_split": ("validation splits are not supported", 0),
-    "validation_seed": ("validation splits are not supported", ANY),
     "network_multiplier": ("the LoRA is trained at multiplier 1", 1),
     "caption_separator": ("tags are separated by commas", ","),
     "resize_interpolation": ("images are resized with Lanczos", ANY),
@@ -102,6 +101,8 @@ class DatasetSpec:
         resolution (tuple[int, int]): (width, height).
         batch_size (int): samples per batch (kohya's dataset key; `train_batch_size` is the same value).
         enable_bucket, min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale: kohya's bucket keys.
+        validation_split (float, optional): share of each of its concept folders held out; None: the run's.
+        validation_seed (int, optional): the seed choosing them; None: the run's.
         subsets (tuple[SubsetSpec, ...]): in file order.
     """
 
@@ -112,6 +113,8 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float | None = None
+    validation_seed: int | None = None
     subsets: tuple[SubsetSpec, ...] = ()
 
     @property
@@ -303,6 +306,8 @@ def _range_problem(key: str, value: Any) -> str | None:
         return f"must start with '.'. Use \".{value}\""
     if key == "resolution" and not all(64 <= side <= MAX_SIDE and side % 8 == 0 for side in value):
         return f"sides must be multiples of 8 from 64 to {MAX_SIDE}. Use e.g. 512 or [768, 1024] (width, height)"
+    if key == "validation_split" and not 0 <= value < 1:
+        return "must be in [0, 1). Use e.g. 0.1, or 0 for no validation"
     if key == "bucket_reso_steps" and value % 8:
         return "must be a multiple of 8. Use 64"
     if key == "image_dir" and not value.strip():

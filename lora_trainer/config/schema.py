@@ -154,6 +154,11 @@ class TrainingConfig:
     debiased_estimation_loss: bool = False
     min_timestep: int = 0
     max_timestep: int = 1000
+    validation_split: float = 0.0             # share of each concept folder held out for the validation loss
+    validation_seed: int | None = None        # chooses the held-out images; None: the run's seed
+    validate_every_n_steps: int | None = None
+    validate_every_n_epochs: int | None = None  # None: after every epoch (kohya's default)
+    max_validation_steps: int | None = None   # held-out images evaluated per validation, None: all
 
 
 @dataclass(frozen=True)

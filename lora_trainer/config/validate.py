@@ -31,6 +31,8 @@ LIMITS: dict[str, tuple[int, int]] = {
     "min_bucket_reso": (1, MAX_SIDE), "max_bucket_reso": (1, MAX_SIDE), "bucket_reso_steps": (8, 1024),
     "keep_tokens": (0, 10_000), "max_data_loader_n_workers": (0, 256), "multires_noise_iterations": (0, 100),
     "seed": (0, 2**64 - 1),  # torch.manual_seed's range
+    "validation_seed": (0, 2**64 - 1), "validate_every_n_steps": (1, MAX_STEPS),
+    "validate_every_n_epochs": (1, MAX_EPOCHS), "max_validation_steps": (1, MAX_STEPS),
 }
 _LIST_LIMITS = {"block_dims": MAX_RANK, "conv_block_dims": MAX_RANK}
 
@@ -254,4 +256,15 @@ def _rest(config: TrainConfig) -> list[str]:
            "must be part of a folder name (the run's log folder inside logging_dir)", "Put folders in logging_dir.")
     if (p.sample_every_n_steps or p.sample_every_n_epochs) and not p.sample_prompts:
         warnings.append("sample_every_n_*: set but sample_prompts is not, so no samples are made during training.")
-    return warnings
+    return warnings + _validation(t)
+
+
+def _validation(t) -> list[str]:
+    _check(0 <= t.validation_split < 1, "validation_split", t.validation_split, "must be in [0, 1)",
+           "Use e.g. 0.1 to hold out a tenth of each concept folder, or 0 for no validation.")
+    for key in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        value = getattr(t, key)
+        _check(value is None or value >= 1, key, value, "must be at least 1", f"Use 1 or more, or remove {key}.")
+    if (t.validate_every_n_steps or t.validate_every_n_epochs) and not t.validation_split:
+        return ["validate_every_n_*: set but validation_split is 0, so no validation loss is computed."]
+    return []

@@ -85,6 +85,23 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """The validation loss on the held-out images (fixed timesteps and noise, comparable across steps).
+
+    Attributes:
+        step (int): global step.
+        epoch (int): epochs finished.
+        loss (float): mean loss over every held-out image and timestep.
+        per_concept (dict[str, float]): mean loss per concept folder.
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    per_concept: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Saved:
     """A LoRA file was written.
 
@@ -121,7 +138,7 @@ class Failed:
     message: str
 
 
-Event = Started | Progress | Step | Sample | Saved | Finished | Failed
+Event = Started | Progress | Step | Sample | Validation | Saved | Finished | Failed
 
 
 class EventBus:

@@ -20,7 +20,7 @@ from typing import Any
 from lora_trainer.errors import BUG_NOTE, TrainingError, describe_error
 from lora_trainer.train.preflight import check_for_host
 from lora_trainer.train.events import (
-    EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands,
+    EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands, Validation,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class JobStatus:
         saved (list[str]): every LoRA file written, in order.
         losses (list[tuple[int, float]]): (step, loss) of every step.
         samples (list[str]): sample image files, in order.
+        validation_losses (list[tuple[int, float]]): (step, validation loss) of every validation.
+        validation_per_concept (dict[str, float]): the last validation's loss per concept folder.
         started_at (float, optional): `time.time()` at start.
         finished_at (float, optional): `time.time()` at the end.
     """
@@ -86,12 +88,16 @@ class JobStatus:
     saved: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_per_concept: dict[str, float] = field(default_factory=dict)
     started_at: float | None = None
     finished_at: float | None = None
 
     def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
-        return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples))
+        return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples),
+                                   validation_losses=list(self.validation_losses),
+                                   validation_per_concept=dict(self.validation_per_concept))
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as a JSON-ready dict: `state` as text; NaN/inf (which JSON cannot carry) as None, each named
@@ -105,7 +111,10 @@ class JobStatus:
         for key in _NUMBERS:
             data[key] = data[key] if _finite(data[key]) else None
         data["losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.losses]
-        bad_losses = sum(not _finite(loss) for _, loss in self.losses)
+        data["validation_losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.validation_losses]
+        data["validation_per_concept"] = {name: loss if _finite(loss) else None
+                                          for name, loss in self.validation_per_concept.items()}
+        bad_losses = sum(not _finite(loss) for _, loss in self.losses + self.validation_losses)
         if bad_losses:
             replaced.append(f"{bad_losses} loss values")
         if replaced:
@@ -350,6 +359,11 @@ class TrainingJob:
         with self._lock:
             self._status.samples.extend(paths)
 
+    def _on_validation(self, event: Validation) -> None:
+        with self._lock:
+            self._status.validation_losses.append((event.step, event.loss))
+            self._status.validation_per_concept = dict(event.per_concept)
+
     def _on_saved(self, event: Saved) -> None:
         with self._lock:
             self._status.saved.append(event.path)
@@ -382,7 +396,7 @@ def with_output_dir(config, host):
 _HANDLERS = {
     Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
     Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
-    Finished: TrainingJob._on_finished,
+    Finished: TrainingJob._on_finished, Validation: TrainingJob._on_validation,
 }
 
 

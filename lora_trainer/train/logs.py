@@ -11,36 +11,53 @@ from typing import Any
 from collections.abc import Callable
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.train.events import Failed, Finished, Sample, Step
+from lora_trainer.train.events import Failed, Finished, Sample, Step, Validation
 
 logger = logging.getLogger(__name__)
 
 STEP_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s")
+VALIDATION_COLUMNS = ("step", "epoch", "loss")
 
 
 class CsvLogger:
-    """Writes one row per `Step` to a CSV file (header first), flushed after every row.
+    """Writes one row per `Step` (or per event of `kind`) to a CSV file (header first), flushed after every row.
 
     Args:
         path (str | Path): the `.csv` file (its folder is created).
+        kind (type, optional): the event class written, defaults to `Step`; `Validation` rows are step, epoch,
+            loss, then one column per concept folder (named by the first validation).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, kind: type = Step):
         self.path = Path(path)
+        self.kind = kind
         self._file = None
         self._writer = None
+        self._concepts: list[str] = []
 
     def __call__(self, event: Any) -> None:
-        if isinstance(event, Step):
+        if isinstance(event, self.kind):
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = self.path.open("w", newline="", encoding="utf-8")
                 self._writer = csv.writer(self._file)
-                self._writer.writerow(STEP_COLUMNS)
-            self._writer.writerow([getattr(event, name) for name in STEP_COLUMNS])
+                self._writer.writerow(self._header(event))
+            self._writer.writerow(self._row(event))
             self._file.flush()
         elif isinstance(event, (Finished, Failed)):
             self.close()
+
+    def _header(self, event: Any) -> list[str]:
+        if isinstance(event, Validation):
+            self._concepts = sorted(event.per_concept)
+            return list(VALIDATION_COLUMNS) + [f"loss_{name}" for name in self._concepts]
+        return list(STEP_COLUMNS)
+
+    def _row(self, event: Any) -> list:
+        if isinstance(event, Validation):
+            return [getattr(event, name) for name in VALIDATION_COLUMNS] + \
+                [event.per_concept.get(name, "") for name in self._concepts]
+        return [getattr(event, name) for name in STEP_COLUMNS]
 
     def close(self) -> None:
         if self._file is not None:
@@ -92,7 +109,8 @@ class JsonLinesLogger:
 
 
 class TensorBoardLogger:
-    """Scalars `loss/current`, `loss/average`, `lr` per step and sample images, via torch's SummaryWriter.
+    """Scalars `loss/current`, `loss/average`, `lr` per step, `loss/validation` (and per concept folder) per
+    validation, and sample images, via torch's SummaryWriter.
 
     Args:
         log_dir (str | Path): the run folder TensorBoard reads.
@@ -117,6 +135,10 @@ class TensorBoardLogger:
             self._writer.add_scalar("loss/current", event.loss, event.step)
             self._writer.add_scalar("loss/average", event.avg_loss, event.step)
             self._writer.add_scalar("lr", event.lr, event.step)
+        elif isinstance(event, Validation):
+            self._writer.add_scalar("loss/validation", event.loss, event.step)
+            for name, loss in event.per_concept.items():
+                self._writer.add_scalar(f"loss/validation_{name}", loss, event.step)
         elif isinstance(event, Sample):
             self._add_images(event)
         elif isinstance(event, (Finished, Failed)):
@@ -136,8 +158,9 @@ class TensorBoardLogger:
 
 
 def build_log_subscribers(logging_config: Any, run_name: str) -> list[Callable[[Any], None]]:
-    """The writers a `LoggingConfig` asks for: with `logging_dir` set, CSV + JSON lines always, and TensorBoard
-    when `log_with` is "tensorboard" or "all", in `<logging_dir>/<log_prefix><run_name>_<timestamp>/`.
+    """The writers a `LoggingConfig` asks for: with `logging_dir` set, CSV (steps.csv, validation.csv) + JSON lines
+    always, and TensorBoard when `log_with` is "tensorboard" or "all", in
+    `<logging_dir>/<log_prefix><run_name>_<timestamp>/`.
 
     Args:
         logging_config (LoggingConfig): `log_with`, `logging_dir`, `log_prefix`.
@@ -155,6 +178,7 @@ def build_log_subscribers(logging_config: Any, run_name: str) -> list[Callable[[
     prefix = getattr(logging_config, "log_prefix", None) or ""
     folder = Path(root) / f"{prefix}{run_name}_{time.strftime('%Y%m%d%H%M%S')}"
     subscribers: list[Callable[[Any], None]] = [CsvLogger(folder / "steps.csv"),
+                                                CsvLogger(folder / "validation.csv", Validation),
                                                 JsonLinesLogger(folder / "events.jsonl")]
     if log_with in ("tensorboard", "all"):
         subscribers.append(TensorBoardLogger(folder))

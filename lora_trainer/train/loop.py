@@ -18,7 +18,9 @@ from lora_trainer.errors import OUT_OF_MEMORY_FIX, LoraTrainerError, TrainingErr
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
 from lora_trainer.train.distributed import ProcessGroup, process_share
-from lora_trainer.train.events import EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands
+from lora_trainer.train.events import (
+    EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands, Validation,
+)
 from lora_trainer.train.logs import build_log_subscribers
 from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
@@ -32,6 +34,7 @@ from lora_trainer.train.preparation import (
 from lora_trainer.train.samples import Sampler
 from lora_trainer.train.schedulers import build_scheduler
 from lora_trainer.train.state import TrainState, capture_rng, config_hash, load_state, restore_rng, save_state
+from lora_trainer.train.validation import Validator, split_validation
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class Trainer:
         self.commands = commands or TrainCommands()
         self.preflight = preflight
         self._last_saved: str | None = None
+        self._validated_at: int | None = None
 
     def run(self) -> TrainResult:
         """Train. Errors are emitted as `Failed` and raised (`TrainingError` for NaN loss and out of memory).
@@ -130,9 +134,11 @@ class Trainer:
         check_resources(cfg, self.adapter, checked.plan, self.folder)
         self.network = build_network(cfg, self.adapter)
         train_te = bool(self.network.te_names())
+        split = self._split(checked.index)
         with self.group.main_first():  # a disk latent cache is written once, then read by the others
             self.data = prepare_data(cfg, self.adapter, self.events, train_te, cancel=self.commands,
-                                     index=checked.index)
+                                     index=split.train)
+        self.validator = self._validator(split.held_out)
         self.data.dataset.processes = self.group.world_size
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -144,6 +150,24 @@ class Trainer:
                 return self._train(resumed)
             finally:
                 self.network.remove()
+
+    def _split(self, index):
+        """The held-out images come out of the index before anything is cached or planned."""
+        from lora_trainer.data.folders import scan_dataset
+
+        t = self.config.training
+        index = index if index is not None else scan_dataset(self.config.dataset)
+        self.validation_seed = self.seed if t.validation_seed is None else t.validation_seed
+        return split_validation(index, t.validation_split, self.validation_seed)
+
+    def _validator(self, held_out) -> Validator:
+        """The evaluator; its fixed captions join the text-encoder cache while the encoders are still loaded."""
+        validator = Validator(self.config, self.adapter, held_out, self.validation_seed)
+        if self.data.text_cache is not None and validator.captions:
+            model = self.config.model
+            self.data.text_cache.encode_all(
+                validator.captions, lambda c: self.adapter.encode_captions(c, model.clip_skip, model.max_token_length))
+        return validator
 
     def _train(self, resumed) -> TrainResult:
         cfg, opt, t = self.config, self.config.optimizer, self.config.training
@@ -293,6 +317,8 @@ class Trainer:
             self._save(pos, checkpoints.checkpoint_stem(self.config.save.output_name, step=pos.global_step))
         if self.sampler.due(step=pos.global_step):
             self._sample(pos)
+        if self.validator.due(step=pos.global_step):
+            self._validate(pos)
 
     def _after_epoch(self, pos: _Position) -> None:
         save, name, every = self.config.save, self.config.save.output_name, self.config.save.save_every_n_epochs
@@ -302,6 +328,19 @@ class Trainer:
                 checkpoints.prune_old_epochs(self.folder, name, pos.epoch, every, save.save_last_n_epochs)
         if self.sampler.due(epoch=pos.epoch):
             self._sample(pos)
+        if self.validator.due(epoch=pos.epoch):
+            self._validate(pos)
+
+    def _validate(self, pos: _Position) -> None:
+        """Every process has the same weights, so the main one evaluates alone."""
+        if self._validated_at == pos.global_step:  # a step and an epoch ending together validate once
+            return
+        self._validated_at = pos.global_step
+        if self.group.is_main:
+            result = self.validator.evaluate(self.network, self.text, self.precision, self.loss_options)
+            logger.info("step %d: validation loss %.6f", pos.global_step, result.loss)
+            self.events.emit(Validation(pos.global_step, pos.epoch, result.loss, result.per_concept))
+        self.group.barrier()
 
     def _sample(self, pos: _Position) -> None:
         if self.group.is_main:
