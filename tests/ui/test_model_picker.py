@@ -9,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from ui_server import fill, serve_ui
+from ui_server import choose, fill, serve_ui
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
@@ -27,11 +27,6 @@ def models_server(chromium_path, tiny_sd1, tmp_path_factory):
     lora_dir, log = work / "loras", work / "server.log"
     with serve_ui(["--lora-dir", str(lora_dir), "--models-dir", str(models)], log) as url:
         yield url, models, lora_dir, log
-
-
-def _choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").first.click()
-    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
 
 
 def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_server, tmp_path):
@@ -56,7 +51,7 @@ def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_serv
         shutil.copyfile(models / "tiny" / "tiny_sd1.safetensors", models / "tiny" / "later.safetensors")
         page.click(f"#{field}-refresh")                              # a model added while the app runs
         expect(page.locator(f"#{field}-note").first).to_contain_text("3 checkpoint(s)")
-        _choose(page, field, "tiny/tiny_sd1.safetensors [SD1]")
+        choose(page, field, "tiny/tiny_sd1.safetensors [SD1]")
         expect(page.locator(f"#{field}-note").first).to_contain_text("SD1")
         expect(page.locator(f"#{field}-note").first).to_contain_text("tiny_sd1.yaml")
         expect(page.locator(f"#{field} input").first).to_have_value(str(models / "tiny" / "tiny_sd1.safetensors"))
@@ -66,7 +61,7 @@ def test_pick_a_checkpoint_from_the_models_folder_and_train(browser, models_serv
                            ("resolution", "64"), ("train-batch-size", "1"), ("seed", "1")):
             fill(page, f"lt-tr-{key}", value)
         page.get_by_text("Precision and memory", exact=True).first.click()
-        _choose(page, "lt-tr-mixed-precision", "no")
+        choose(page, "lt-tr-mixed-precision", "no")
         page.click("#lt-tr-start")
         expect(page.locator("#lt-tr-message").first).to_contain_text("Started")
         try:

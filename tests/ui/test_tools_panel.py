@@ -13,7 +13,7 @@ import pytest
 from lora_trainer.testing.lora_files import random_lora, tiny_targets
 from lora_trainer.tools import inspect_lora
 
-from ui_server import fill, serve_ui
+from ui_server import choose, fill, open_panel, serve_ui
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
@@ -36,20 +36,8 @@ def server(chromium_path, tiny_sd1, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(15000)
-    page = context.new_page()
-    page.goto(server[0])
-    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Tools\s*$")).first.click()
-    page.wait_for_selector("#lt-tl-lbw-preview")
-    yield page
-    context.close()
-
-
-def _choose(page, elem_id: str, option: str) -> None:
-    """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
-    page.locator(f"#{elem_id} input").first.click()
-    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
+    with open_panel(browser, server[0], "Tools", "#lt-tl-lbw-preview") as page:
+        yield page
 
 
 def _value(page, elem_id: str) -> str:
@@ -66,8 +54,8 @@ def _result(page):
 
 def test_preset_merge_and_inspect(page, server):
     _, loras, _, _ = server
-    _choose(page, "lt-tl-lbw-file", "a.safetensors")
-    _choose(page, "lt-tl-lbw-preset", "OUTD")
+    choose(page, "lt-tl-lbw-file", "a.safetensors")
+    choose(page, "lt-tl-lbw-preset", "OUTD")
     expect(page.locator("#lt-tl-lbw-weights textarea, #lt-tl-lbw-weights input").first).to_have_value("OUTD")
     page.click("#lt-tl-lbw-preview")
     expect(_result(page)).to_contain_text("preview, nothing written")
@@ -80,11 +68,11 @@ def test_preset_merge_and_inspect(page, server):
     assert inspect_lora(loras / "a_outd.safetensors").keys_ok
 
     _section(page, "Merge")
-    _choose(page, "lt-tl-merge-add-file", "a.safetensors")
+    choose(page, "lt-tl-merge-add-file", "a.safetensors")
     fill(page, "lt-tl-merge-add-ratio", "0.7")
     page.click("#lt-tl-merge-add")
     expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7")
-    _choose(page, "lt-tl-merge-add-file", "b.safetensors")
+    choose(page, "lt-tl-merge-add-file", "b.safetensors")
     fill(page, "lt-tl-merge-add-ratio", "-0.4")
     page.click("#lt-tl-merge-add")
     expect(page.locator("#lt-tl-merge-list textarea")).to_have_value("a.safetensors:0.7\nb.safetensors:-0.4")
@@ -97,7 +85,7 @@ def test_preset_merge_and_inspect(page, server):
     assert sorted(set(inspect_lora(loras / "merged.safetensors").ranks.values())) == [6]
 
     _section(page, "Inspect")   # the merged file is in the list: refreshed after the run
-    _choose(page, "lt-tl-inspect-file", "merged.safetensors")
+    choose(page, "lt-tl-inspect-file", "merged.safetensors")
     page.click("#lt-tl-inspect-run")
     expect(_result(page)).to_contain_text("sd1 lora, 264 modules", timeout=60_000)
     expect(_result(page)).to_contain_text("every key maps onto the architecture")
@@ -109,8 +97,8 @@ def test_preset_merge_and_inspect(page, server):
 def test_bake_writes_a_checkpoint_and_errors_show_in_the_page(page, server):
     _, loras, checkpoints, _ = server
     _section(page, "Bake")
-    _choose(page, "lt-tl-bake-checkpoint", "base.safetensors")
-    _choose(page, "lt-tl-bake-add-file", "a.safetensors")
+    choose(page, "lt-tl-bake-checkpoint", "base.safetensors")
+    choose(page, "lt-tl-bake-add-file", "a.safetensors")
     page.click("#lt-tl-bake-add")
     page.click("#lt-tl-bake-preview")
     expect(_result(page)).to_contain_text("(sd1, 1131 tensors")
@@ -123,7 +111,7 @@ def test_bake_writes_a_checkpoint_and_errors_show_in_the_page(page, server):
     page.click("#lt-tl-bake-run")                       # the same name again: refused, the file kept
     expect(_result(page)).to_contain_text("the file exists")
     _section(page, "Prune")
-    _choose(page, "lt-tl-prune-checkpoint", "baked.safetensors")  # listed after the run
+    choose(page, "lt-tl-prune-checkpoint", "baked.safetensors")  # listed after the run
     page.click("#lt-tl-prune-preview")
     expect(_result(page)).to_contain_text("keeps 1131 tensors, drops 0")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["baked.safetensors", "base.safetensors"]

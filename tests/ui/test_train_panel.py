@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from ui_server import fill, serve_ui
+from ui_server import choose, fill, open_panel, serve_ui
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
 
@@ -41,23 +41,11 @@ def server(chromium_path, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.set_default_timeout(15000)
-    page = context.new_page()
-    page.goto(server[0])
-    page.locator("#lt-tabs button", has_text=re.compile(r"^\s*Train\s*$")).first.click()
-    page.wait_for_selector("#lt-tr-start")
-    yield page
-    context.close()
+    with open_panel(browser, server[0], "Train", "#lt-tr-start") as page:
+        yield page
 
 
 # --- page helpers ------------------------------------------------------------------------------------------------
-
-def _choose(page, elem_id: str, option: str) -> None:
-    """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
-    page.locator(f"#{elem_id} input").first.click()
-    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
-
 
 def _open(page, title: str) -> None:
     """Unfold an Accordion by its title."""
@@ -90,7 +78,7 @@ def _fill_run(page, tiny, dataset: Path, name: str = "ui_lora", steps: int = 6, 
     fill(page, "lt-tr-diffusers-config-dir", str(tiny.config_dir))
     fill(page, "lt-tr-tokenizer-dir", str(tiny.tokenizer_dir))
     _open(page, "Precision and memory")
-    _choose(page, "lt-tr-mixed-precision", "no")
+    choose(page, "lt-tr-mixed-precision", "no")
     _open(page, "Saving and samples")
     if samples:
         fill(page, "lt-tr-sample-every-n-steps", "3")
@@ -101,7 +89,7 @@ def _fill_run(page, tiny, dataset: Path, name: str = "ui_lora", steps: int = 6, 
 
 def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_dataset):
     _, lora_dir, log = server
-    _choose(page, "lt-tr-preset", "sd1_character_lora")
+    choose(page, "lt-tr-preset", "sd1_character_lora")
     expect(_message(page)).to_contain_text("sd1_character_lora")
     assert _value(page, "lt-tr-network-dim") == "32"            # the preset filled the fields
     assert _value(page, "lt-tr-optimizer-type") == "AdamW8bit"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,3 +67,34 @@ def fill(page, elem_id: str, text) -> None:
     """Type into a panel's text or number field by its element id."""
     page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number], "
                  f"#{elem_id} input:not([type])").first.fill(str(text))
+
+
+@contextlib.contextmanager
+def open_panel(browser, url: str, tab: str, ready: str):
+    """A fresh browser context (a new gradio session) on one tab of the app, once `ready` (a selector) shows.
+
+    Args:
+        browser: Playwright's browser.
+        url (str): the app.
+        tab (str): the tab's title ("Train", "Tools", ...).
+        ready (str): a selector that exists once the panel is built.
+
+    Yields:
+        Page: the page.
+    """
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(15000)
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#lt-tabs button", has_text=re.compile(rf"^\s*{re.escape(tab)}\s*$")).first.click()
+        page.wait_for_selector(ready)
+        yield page
+    finally:
+        context.close()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick a Dropdown option (gradio 3 marks options with data-value, gradio 4 with aria-label)."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"ul.options li[data-value='{option}'], ul.options li[aria-label='{option}']").first.click()
