@@ -17,7 +17,7 @@ import torch
 
 from ..errors import NetworkError
 from ..networks.files import load_lora
-from ..networks.functional import lora_diff_weight, loha_diff_weight
+from ..networks.functional import loha_diff_weight, lokr_diff_weight, lora_diff_weight
 from ..networks.keys import component_of, split_key
 from .architectures import architecture_modules, detect_lora_architecture
 
@@ -148,9 +148,7 @@ class LoraModuleWeights:
     def _lokr(self, t: dict) -> torch.Tensor:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = _lokr_w2(t)
-        if w2.dim() == 4:
-            w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2).reshape(self.shape)
+        return lokr_diff_weight(w1, w2, self.shape)
 
 
 def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

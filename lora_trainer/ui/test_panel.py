@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from lora_trainer.errors import BUG_NOTE, describe_error
 from lora_trainer.grids import format_strength
 from lora_trainer.host.grid_service import GridService
 from lora_trainer.ui import compat
 from lora_trainer.ui import test_actions as actions
+from lora_trainer.ui.panel_errors import error_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,7 @@ class TestPanel:
 
 
 def _error_text(exc: BaseException) -> str:
-    report = describe_error(exc)
-    if report.expected:
-        logger.info("test panel: %s", report.message)
-        return f"**Error:** {report.message}"
-    logger.error("test panel: internal error", exc_info=exc)
-    return f"**Error:** {report.message}. {BUG_NOTE.replace('above', 'in the log')}"
+    return f"**Error:** {error_text(exc, 'test panel')}"
 
 
 def _form(p: TestPanel, samplers: list[str]) -> None:

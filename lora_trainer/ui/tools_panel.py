@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from lora_trainer.errors import BUG_NOTE, describe_error
 from lora_trainer.ui import compat
 from lora_trainer.ui import tools_views as views
+from lora_trainer.ui.panel_errors import error_text
 from lora_trainer.ui.tools_actions import ToolProgress, ToolReport, parse_specs
 from lora_trainer.ui.tools_ckpt_actions import Tools
 
@@ -58,12 +58,7 @@ def elem_id(name: str) -> str:
 
 def _error_text(exc: BaseException) -> str:
     """An error as the panel shows it: the message (file or key, and the fix); a bug also says so."""
-    report = describe_error(exc)
-    if report.expected:
-        logger.info("tools panel: %s", report.message)
-        return f"**Error:** {report.message}"
-    logger.error("tools panel: internal error", exc_info=exc)
-    return f"**Error:** {report.message}. {BUG_NOTE.replace('above', 'in the log')}"
+    return f"**Error:** {error_text(exc, 'tools panel')}"
 
 
 # -- layout -----------------------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_trainer.errors import BUG_NOTE, describe_error
 from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat, folder_access
 from lora_trainer.ui import train_views as views
+from lora_trainer.ui.panel_errors import error_text
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,7 @@ def _guard(p: TrainPanel, fn: Callable, n_outputs: int) -> Callable:
         try:
             return fn(*args)
         except Exception as exc:  # shown in the panel by the package's one rule (errors.describe_error)
-            report = describe_error(exc)
-            if report.expected:
-                logger.info("train panel: %s", report.message)
-                text = report.message
-            else:
-                logger.exception("train panel: internal error")
-                text = f"{report.message}. {BUG_NOTE.replace('above', 'in the log')}"
-            message = p.message(text, error=True)
+            message = p.message(error_text(exc, "train panel"), error=True)
             return message if n_outputs == 1 else [gr.update()] * (n_outputs - 1) + [message]
     return handler
 
