@@ -1,5 +1,8 @@
 """Tiny real-architecture Stable Diffusion checkpoints (SD1, SD2, SDXL) with random weights, for tests and demos.
 
+The VAE is the exception: its weights are set so that it reconstructs images (`tiny_vae`), so samples are images and
+what a LoRA learns can be seen and measured.
+
 Block structure, transformer depths, text-encoder layer counts, vocabulary (49408) and positions (77) are the real
 ones, so key names and module counts match full-size files; only widths are small. The checkpoint is written in
 the original single-file format (`.safetensors` + same-named ldm/sgm `.yaml`), beside a diffusers config folder
@@ -19,15 +22,17 @@ from lora_trainer.models.configs import TOKENIZERS
 from lora_trainer.models.configs import config_dir as full_config_dir
 from lora_trainer.models.convert import OPEN_CLIP_LAYERS, pipeline_to_original
 from lora_trainer.models.tokenizer import write_clip_tokenizer
+from lora_trainer.testing.tiny_vae import make_vae_reconstruct
 from lora_trainer.testing.tiny_yaml import tiny_yaml
 
 logger = logging.getLogger(__name__)
 
 TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl")
-FORMAT_VERSION = 4  # bump when the tiny layout changes, so cached builds are rebuilt
+FORMAT_VERSION = 5  # bump when the tiny layout changes, so cached builds are rebuilt
 # Widths: channel changes at the same levels as the real models (so the same shortcut convs exist).
 UNET_CHANNELS = {"sd1": [32, 64, 96, 96], "sd2": [32, 64, 96, 96], "sdxl": [32, 64, 96]}
-VAE_CHANNELS = [32, 64, 96, 96]
+# 64 = 2 channels per GroupNorm group before both conv_outs, which the reconstructing VAE needs (tiny_vae.py)
+VAE_CHANNELS = [64, 128, 64, 64]
 HEAD_CHANNELS = 16  # SD2/SDXL use num_head_channels (64 in the real models)
 TE_HIDDEN = {"clip_l": 32, "open_clip_sd2": 32, "open_clip_sdxl": 64}
 TIME_EMBED_DIM_XL = 8  # SDXL size-conditioning embedding per number (256 in the real model)
@@ -138,6 +143,7 @@ def _build_components(arch: str, configs: dict[str, dict], seed: int) -> dict[st
     for name in sorted(models):
         _randomize(models[name], generator)
         models[name].eval()
+    make_vae_reconstruct(models["vae"])
     return models
 
 
