@@ -245,3 +245,22 @@ def test_tiny_vae_reconstructs_in_the_webui_ldm_classes(tiny):
         blocky = _blocky_image(2)
         back = vae.decode(vae.encode(blocky).sample())
     assert (back - blocky).abs().max() < 1e-3
+
+
+def test_identity_unet_predicts_its_input_as_the_noise(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    model = build_tiny_model("sd1", tmp_path, identity_unet=True)
+    pipe = StableDiffusionPipeline.from_single_file(str(model.checkpoint), config=str(model.config_dir),
+                                                    local_files_only=True)
+    ids = pipe.tokenizer(["a cat", "a red square"], padding="max_length", max_length=77, return_tensors="pt")
+    noise = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        text = pipe.text_encoder(ids.input_ids).last_hidden_state
+        out = pipe.unet(noise, torch.tensor([999, 10]), encoder_hidden_states=text).sample
+    rms = out.pow(2).mean(dim=(2, 3)).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)  # each latent channel's prediction has unit RMS
+    similarity = torch.nn.functional.cosine_similarity(out.flatten(1), noise.flatten(1))
+    assert (similarity > 0.9).all()  # the input itself, slightly blurred by the skip connections from below
+    # prompt and timestep reach only the blocks a LoRA trains, not the prediction
+    assert torch.allclose(out[0], out[1], atol=1e-5)
