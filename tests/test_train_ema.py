@@ -147,3 +147,11 @@ def test_ema_keys_are_checked_and_round_trip(tmp_path):
     (tmp_path / "k.toml").write_text(text, encoding="utf-8")
     loaded = load_toml(tmp_path / "k.toml")
     assert loaded.config.training.ema and loaded.config.training.ema_decay == 0.995 and not loaded.unknown_keys
+
+
+def test_old_epoch_ema_files_are_pruned_with_their_lora(tiny_sd1, dataset, adapter, tmp_path):
+    cfg = _config(tiny_sd1, dataset, tmp_path, max_train_epochs=3, max_train_steps=100, train_batch_size=4,
+                  save_every_n_epochs=1, save_last_n_epochs=1)
+    _recording_run(cfg, adapter)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "e-000002-ema.safetensors", "e-000002.safetensors", "e-ema.safetensors", "e.safetensors"]
