@@ -155,3 +155,17 @@ def test_old_epoch_ema_files_are_pruned_with_their_lora(tiny_sd1, dataset, adapt
     _recording_run(cfg, adapter)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
         "e-000002-ema.safetensors", "e-000002.safetensors", "e-ema.safetensors", "e.safetensors"]
+
+
+def test_resource_estimate_counts_the_ema_copy_and_files():
+    from lora_trainer.train.preparation import plan_steps
+    from lora_trainer.train.resources import estimate_resources
+
+    plan = plan_steps(4, 1, 8, None)
+    base = {"save_every_n_steps": 4, "save_state": True, "save_precision": "fp16"}
+    off = estimate_resources(update_config(TrainConfig(), base), 1000, plan)
+    on = estimate_resources(update_config(TrainConfig(), {**base, "ema": True}), 1000, plan)
+    on_cpu = estimate_resources(update_config(TrainConfig(), {**base, "ema": True, "ema_device": "cpu"}), 1000, plan)
+    assert on.training_bytes == off.training_bytes + 4000 and on_cpu.training_bytes == off.training_bytes
+    assert on.saves == off.saves == 2
+    assert on.disk_bytes == off.disk_bytes + 2 * (1000 * 2 + 1000 * 4)  # per save: the -ema file and the state's
