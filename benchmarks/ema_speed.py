@@ -131,7 +131,8 @@ def main() -> None:
         for device, ema_device in cases:
             _measure(f"sd1_r{args.dim}", full, device, ema_device, args.repeats)
         if args.steps > 2:
-            print(f"tiny model training step (CPU, EMA off), for scale: {_tiny_step_s(tiny, root, args.steps) * 1e3:.1f} ms")
+            step = _tiny_step_s(tiny, root, args.steps)
+            print(f"tiny model training step (CPU, EMA off), for scale: {step * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
