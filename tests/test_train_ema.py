@@ -169,3 +169,18 @@ def test_resource_estimate_counts_the_ema_copy_and_files():
     assert on.training_bytes == off.training_bytes + 4000 and on_cpu.training_bytes == off.training_bytes
     assert on.saves == off.saves == 2
     assert on.disk_bytes == off.disk_bytes + 2 * (1000 * 2 + 1000 * 4)  # per save: the -ema file and the state's
+
+
+def test_the_train_panel_form_sets_the_ema_keys():
+    from lora_trainer.ui import train_views as views
+
+    base = TrainConfig()
+    values = dict(zip(views.FORM_KEYS, views.config_to_form(base)))
+    assert (values["ema"], values["ema_decay"], values["ema_device"]) == (False, 0.999, "same")
+    values.update(ema=True, ema_decay=0.995, ema_warmup=False, ema_update_every=3, ema_device="cpu")
+    config = views.form_to_config(base, "/data", [values[key] for key in views.FORM_KEYS])
+    t = config.training
+    assert (t.ema, t.ema_decay, t.ema_warmup, t.ema_update_every, t.ema_device) == (True, 0.995, False, 3, "cpu")
+    values.update(ema_decay=2.0)
+    with pytest.raises(ConfigError, match="ema_decay = 2.0"):
+        views.form_to_config(base, "/data", [values[key] for key in views.FORM_KEYS])
