@@ -87,9 +87,15 @@ class GridService:
     def host(self):
         return self.manager.host
 
+    def _busy(self) -> bool:
+        """A run holds the model (running, not paused)."""
+        current = self.manager.current
+        return current is not None and not current.paused
+
     def _job(self):
-        if self.manager.current is not None:
-            raise TrainingError("grid: a training run is in progress. Wait until it ends (or stop it), then test.")
+        if self._busy():
+            raise TrainingError("grid: a training run is in progress. Pause it, or wait until it ends (or stop "
+                                "it), then test.")
         job = self.manager.last
         if job is None:
             raise TrainingError("grid: nothing trained yet. Train a LoRA first; the grid renders the last run.")
@@ -98,7 +104,7 @@ class GridService:
     def snapshot_labels(self) -> list[str]:
         """Labels of the snapshots of the last run: saved files in order, then "in memory" (empty before a run)."""
         job = self.manager.last
-        if job is None or self.manager.current is not None:
+        if job is None or self._busy():
             return []
         labels = [snapshot_label(path) for path in job.status().saved if Path(path).is_file()]
         return list(dict.fromkeys(labels)) + ([IN_MEMORY] if job.live_lora is not None else [])
