@@ -153,10 +153,12 @@ class Resumed:
     Attributes:
         step (int): global steps done.
         stopping (bool): a stop was requested during the pause.
+        reason (str, optional): why the run stops when the host could not give the model back, defaults to "".
     """
 
     step: int
     stopping: bool = False
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class PausableJob:
         self._paused_lora = None
         with self._lock:
             self._status.state = JobState.STOPPING if event.stopping else JobState.RUNNING
-            self._status.message = "stopping" if event.stopping else "training"
+            self._status.message = event.reason or ("stopping" if event.stopping else "training")
 
 
 class PausableManager:

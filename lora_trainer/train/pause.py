@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.events import Paused, Resumed
 from lora_trainer.train.model_state import lent_out
 from lora_trainer.train.state import capture_rng, restore_rng
@@ -31,8 +32,8 @@ def pause_here(trainer, step: int, epoch: int) -> None:
         step (int): global steps done.
         epoch (int): current epoch, 1-based.
 
-    Raises:
-        TrainingError: the host cannot give the model back as it was (e.g. the WebUI loaded another checkpoint).
+    When the host cannot give the model back as it was (the WebUI loaded another checkpoint meanwhile), the run
+    stops and saves what it trained so far; the reason is logged and carried on `Resumed.reason`.
     """
     commands = trainer.commands
     if trainer.group.world_size > 1:
@@ -42,19 +43,30 @@ def pause_here(trainer, step: int, epoch: int) -> None:
     rng = capture_rng({})
     network = trainer.network
     network.remove()
+    reason = ""
     try:
-        with lent_out(trainer.adapter, trainer.model_modes), _host_pause(trainer.host_job) as watch:
-            trainer.events.emit(Paused(step, epoch, paused_lora(network, trainer.adapter, trainer.config)))
-            logger.info("paused after step %d; the model is free for generations until resumed", step)
-            while commands.wait_while_paused(POLL_SECONDS):
-                if watch.interrupted:
-                    logger.info("the host's Interrupt was pressed during the pause: stopping and saving")
-                    commands.request_stop(save=True)
+        with lent_out(trainer.adapter, trainer.model_modes):
+            _wait_lent_out(trainer, step, epoch)
+    except LoraTrainerError as error:  # the model cannot be trained on any more; keep what was trained
+        reason = str(error)
+        logger.error("%s", reason)
+        commands.request_stop(save=True)
     finally:
         network.apply()
         restore_rng(rng, {})
     logger.info("resumed at step %d%s", step, "; stopping" if commands.stop_requested else "")
-    trainer.events.emit(Resumed(step, commands.stop_requested))
+    trainer.events.emit(Resumed(step, commands.stop_requested, reason))
+
+
+def _wait_lent_out(trainer, step: int, epoch: int) -> None:
+    commands = trainer.commands
+    with _host_pause(trainer.host_job) as watch:
+        trainer.events.emit(Paused(step, epoch, paused_lora(trainer.network, trainer.adapter, trainer.config)))
+        logger.info("paused after step %d; the model is free for generations until resumed", step)
+        while commands.wait_while_paused(POLL_SECONDS):
+            if watch.interrupted:
+                logger.info("the host's Interrupt was pressed during the pause: stopping and saving")
+                commands.request_stop(save=True)
 
 
 def paused_lora(network, adapter, config):
