@@ -166,3 +166,17 @@ def test_pause_and_resume_routes(tiny_sd1, dataset, host, tmp_path):
     answer = api.resume({})
     assert answer["resume_requested"] is True
     assert job.wait(60).state is JobState.FINISHED
+
+
+def test_the_json_log_records_a_pause_without_its_lora_copy():
+    from lora_trainer.train.events import Paused, Resumed
+    from lora_trainer.train.logs import event_record
+
+    class Unloggable:
+        def __deepcopy__(self, memo):
+            raise AssertionError("the LoRA copy (bound to the model) must not be copied into a log record")
+
+    record = event_record(Paused(3, 1, lora=Unloggable()))
+    assert {k: record[k] for k in ("event", "step", "epoch")} == {"event": "Paused", "step": 3, "epoch": 1}
+    assert "lora" not in record
+    assert event_record(Resumed(3, True))["stopping"] is True
