@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lora_trainer.config import TrainConfig, update_config
+from lora_trainer.errors import TrainingError
 from lora_trainer.host import StandaloneHost, StandaloneJobHandle
 from lora_trainer.host.a1111_api import TrainApi
 from lora_trainer.host.grid_service import IN_MEMORY, GridRequest, GridService
@@ -153,6 +154,33 @@ def test_stop_while_paused_ends_the_run(tiny_sd1, dataset, host, tmp_path, save)
     assert final.step == PAUSE_AT
     assert (tmp_path / "p.safetensors").is_file() is save
     assert not job.resume()  # nothing left to resume
+
+
+class _ModelSwappingHost(_PausingHost):
+    """A host that cannot give the model back after the pause (as the WebUI when another checkpoint was loaded)."""
+
+    @contextmanager
+    def job(self, title, total_steps):
+        with super().job(title, total_steps) as handle:
+            @contextmanager
+            def paused():
+                yield handle
+                raise TrainingError("host: another checkpoint was loaded during the pause. Load the first again.")
+
+            handle.paused = paused
+            yield handle
+
+
+def test_a_model_that_cannot_be_taken_back_stops_the_run_and_saves(tiny_sd1, dataset, host, tmp_path):
+    swapping = _ModelSwappingHost(host, PAUSE_AT)
+    job = swapping.job_to_pause = TrainingJob(_config(tiny_sd1, dataset, tmp_path), swapping)
+    job.start()
+    assert _wait_for(job, JobState.PAUSED).state is JobState.PAUSED
+    job.resume()
+    final = job.wait(60)
+
+    assert final.state is JobState.STOPPED, final.message
+    assert final.step == PAUSE_AT and (tmp_path / "p.safetensors").is_file()
 
 
 def test_pause_and_resume_routes(tiny_sd1, dataset, host, tmp_path):

@@ -157,9 +157,9 @@ class A1111Host:
             loaded = getattr(self.checkpoint_info(now), "filename", None) if now is not None else None
             if now is not sd_model or loaded != before:
                 raise TrainingError(
-                    f"WebUI: another checkpoint ({loaded}) was loaded during the pause; the run trained on {before} "
-                    "cannot go on. It stops and saves the LoRA trained so far; load that checkpoint again and "
-                    "resume from the saved state to continue.")
+                    f"WebUI: another checkpoint ({loaded}) was loaded during the pause; the run on {before} cannot "
+                    "go on, so it stops and saves the LoRA trained so far. Load that checkpoint again before "
+                    "resuming a paused run (with save_state on, Resume from the saved state folder goes on).")
             restore_merged_loras(sd_model)
 
         return check
