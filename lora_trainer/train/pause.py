@@ -15,6 +15,7 @@ import logging
 import torch
 
 from lora_trainer.errors import LoraTrainerError
+from lora_trainer.progress import ProgressTracker
 from lora_trainer.train.events import Paused, Resumed
 from lora_trainer.train.model_state import lent_out
 from lora_trainer.train.state import capture_rng, restore_rng
@@ -27,13 +28,13 @@ POLL_SECONDS = 0.2
 def pause_here(trainer, step: int, epoch: int) -> None:
     """Wait here until the run is resumed or stopped, the model lent out to the host meanwhile.
 
+    When the host cannot give the model back as it was (the WebUI loaded another checkpoint meanwhile), the run
+    stops and saves what it trained so far; the reason is logged and carried on `Resumed.reason`.
+
     Args:
         trainer (Trainer): the run (its network applied, the model in `training_mode`).
         step (int): global steps done.
         epoch (int): current epoch, 1-based.
-
-    When the host cannot give the model back as it was (the WebUI loaded another checkpoint meanwhile), the run
-    stops and saves what it trained so far; the reason is logged and carried on `Resumed.reason`.
     """
     commands = trainer.commands
     if trainer.group.world_size > 1:
@@ -54,6 +55,7 @@ def pause_here(trainer, step: int, epoch: int) -> None:
     finally:
         network.apply()
         restore_rng(rng, {})
+        trainer.tracker = ProgressTracker(trainer.plan.total_steps, done=step)  # it/s and ETA leave out the pause
     logger.info("resumed at step %d%s", step, "; stopping" if commands.stop_requested else "")
     trainer.events.emit(Resumed(step, commands.stop_requested, reason))
 
