@@ -15,7 +15,7 @@ from lora_trainer.config import TrainConfig, update_config
 from lora_trainer.errors import TrainingError
 from lora_trainer.host import StandaloneHost, StandaloneJobHandle
 from lora_trainer.host.a1111_api import TrainApi
-from lora_trainer.host.grid_service import IN_MEMORY, GridRequest, GridService
+from lora_trainer.host.grid_service import IN_MEMORY, IN_MEMORY_EMA, GridRequest, GridService
 from lora_trainer.testing.datasets import write_square_dataset
 from lora_trainer.train.job import JobManager, JobState, TrainingJob
 
@@ -141,6 +141,19 @@ def test_a_grid_during_the_pause_renders_the_lora_and_leaves_the_losses_alone(ti
     assert _losses(final) == _losses(uninterrupted)
     with pytest.raises(Exception, match="nothing trained|in progress"):
         GridService(JobManager(host)).snapshots()
+
+
+def test_a_paused_run_with_ema_offers_its_ema_to_grids(tiny_sd1, dataset, host, tmp_path):
+    manager = JobManager(host)
+    job, paused = _paused_job(tiny_sd1, dataset, host, tmp_path, manager=manager, ema=True, ema_decay=0.5)
+    assert paused.state is JobState.PAUSED, paused.message
+    service = GridService(manager)
+    assert service.snapshot_labels() == [IN_MEMORY, IN_MEMORY_EMA]
+    raw, ema = job.live_lora, job.live_lora.ema
+    differs = [not torch.equal(a, b) for a, b in zip(raw.network.parameters(), ema.network.parameters())]
+    assert any(differs)  # the EMA copy holds the averaged weights, not the raw ones
+    job.stop(save=False)
+    assert job.wait(60).state is JobState.STOPPED
 
 
 @pytest.mark.parametrize("save", [True, False])

@@ -63,7 +63,8 @@ def pause_here(trainer, step: int, epoch: int) -> None:
 def _wait_lent_out(trainer, step: int, epoch: int) -> None:
     commands = trainer.commands
     with _host_pause(trainer.host_job) as watch:
-        trainer.events.emit(Paused(step, epoch, paused_lora(trainer.network, trainer.adapter, trainer.config)))
+        lora = paused_lora(trainer.network, trainer.adapter, trainer.config, trainer.ema)
+        trainer.events.emit(Paused(step, epoch, lora))
         logger.info("paused after step %d; the model is free for generations until resumed", step)
         while commands.wait_while_paused(POLL_SECONDS):
             if watch.interrupted:
@@ -71,7 +72,7 @@ def _wait_lent_out(trainer, step: int, epoch: int) -> None:
                 commands.request_stop(save=True)
 
 
-def paused_lora(network, adapter, config):
+def paused_lora(network, adapter, config, ema=None):
     """A frozen copy of `network` (same weights, own parameters) that test renders can apply at any strength
     without touching the training network's modes, multiplier or gradients.
 
@@ -79,6 +80,7 @@ def paused_lora(network, adapter, config):
         network (LoRANetwork): the training network (removed from the model).
         adapter (ModelAdapter): the model it trains on.
         config (TrainConfig): the run's config (conv targets).
+        ema (LoraEma, optional): the run's EMA; its weights at pause time render as "in memory (EMA)".
 
     Returns:
         LiveLoRA: the copy, bound to the same model modules.
@@ -93,7 +95,7 @@ def paused_lora(network, adapter, config):
     device = next((p.device for p in network.parameters()), None)
     if device is not None:
         copy.to(device=device)
-    return LiveLoRA(copy, lambda adapter: adapter.lora_targets(include_conv))
+    return LiveLoRA(copy, lambda adapter: adapter.lora_targets(include_conv), ema=ema)
 
 
 class _NoWatch:
