@@ -26,6 +26,7 @@ _LAZY = {
     "ResourceEstimate": "lora_trainer.train.resources",
     "SCHEDULERS": "lora_trainer.train.schedulers",
     "Sample": "lora_trainer.train.events",
+    "SampleInfo": "lora_trainer.train.events",
     "Validation": "lora_trainer.train.events",
     "ValidationResult": "lora_trainer.train.validation",
     "ValidationSplit": "lora_trainer.train.validation",
