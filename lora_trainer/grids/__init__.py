@@ -4,6 +4,9 @@ settings) -> PIL.Image`; nothing here knows a WebUI class."""
 from lora_trainer.grids.axes import (
     AXIS_KINDS, DEFAULT_STRENGTHS, Axis, format_strength, parse_numbers, seed_axis, snapshot_axis, strength_axis,
 )
+from lora_trainer.grids.best_snapshot import (
+    SnapshotValidation, best_snapshot, lora_file_step, rank_snapshots, read_validation_csv,
+)
 from lora_trainer.grids.image import (
     PNG_GRID_KEY, PNG_PARAMETERS_KEY, annotate, draw_labelled_grid, grid_path_beside, infotext, save_grid_png,
 )
@@ -22,4 +25,5 @@ __all__ = [
     "check_cell_limit", "draw_labelled_grid", "estimate_grid", "format_strength", "grid_path_beside", "infotext",
     "measure_speed", "parse_numbers", "plan_grid", "prompt_from_metadata", "run_grid", "run_snapshot_files",
     "save_grid_png", "seed_axis", "snapshot_axis", "snapshot_label", "strength_axis",
+    "SnapshotValidation", "best_snapshot", "lora_file_step", "rank_snapshots", "read_validation_csv",
 ]

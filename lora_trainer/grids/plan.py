@@ -103,6 +103,7 @@ class GridPlan:
         settings (GridSettings): prompt and render settings.
         x (Axis): columns. y (Axis): rows. z (Axis): sub-grids side by side.
         cells (list[GridCell]): every cell.
+        best_snapshot (SnapshotValidation, optional): the snapshot with the lowest validation loss, when known.
     """
 
     settings: GridSettings
@@ -110,6 +111,7 @@ class GridPlan:
     y: Axis
     z: Axis
     cells: list[GridCell] = field(default_factory=list)
+    best_snapshot: object = None
 
     @property
     def axes(self) -> tuple[Axis, Axis, Axis]:
@@ -126,7 +128,8 @@ class GridPlan:
                 **{k: v for k, v in asdict(self.settings.render).items() if k != "lora_state"},
                 "axes": {name: {"kind": a.kind, "labels": list(a.labels),
                                 **({} if a.kind == "snapshot" else {"values": list(a.values)})}
-                         for name, a in zip("xyz", self.axes)}}
+                         for name, a in zip("xyz", self.axes)},
+                **({"best_snapshot": self.best_snapshot.describe()} if self.best_snapshot is not None else {})}
 
 
 def plan_grid(settings: GridSettings, strengths: Axis, snapshots: Axis, seeds: Axis,

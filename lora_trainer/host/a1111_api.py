@@ -203,7 +203,8 @@ class GridApi:
                 raise RequestError(str(error), status=409) from error
             raise
         result = outcome.result
-        return {"grid": _png_base64(result.image),
+        best = result.plan.best_snapshot  # the lowest validation loss among the grid's snapshots
+        return {"grid": _png_base64(result.image), "best_snapshot": best.label if best is not None else None,
                 "cells": [{"image": _png_base64(c.image), "strength": c.cell.strength, "seed": c.cell.seed,
                            "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z}
                           for c in result.cells],

@@ -16,8 +16,9 @@ from pathlib import Path
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.grids import (
     DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
-    LiveSnapshot, RenderSettings, check_cell_limit, estimate_grid, grid_path_beside, measure_speed, plan_grid,
-    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis,
+    LiveSnapshot, RenderSettings, SnapshotValidation, best_snapshot, check_cell_limit, estimate_grid,
+    grid_path_beside, lora_file_step, measure_speed, plan_grid, prompt_from_metadata, rank_snapshots, save_grid_png,
+    seed_axis, snapshot_axis, snapshot_label, strength_axis,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,24 @@ class GridService:
         """
         return self._snapshots(self._job(), tuple(labels))
 
+    def _ranked(self, job, snapshots: list) -> list[SnapshotValidation]:
+        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory at the run's last step."""
+        status = job.status()
+        steps = [(s.label, lora_file_step(s.path) if isinstance(s, FileSnapshot) else
+                  status.step if isinstance(s, LiveSnapshot) else None) for s in snapshots]
+        return rank_snapshots(steps, dict(status.validation_losses))
+
+    def best_snapshot(self) -> SnapshotValidation | None:
+        """The last run's snapshot with the lowest validation loss (None without validation, or before a run).
+
+        Returns:
+            SnapshotValidation | None: its label, step and loss.
+        """
+        job = self.manager.last
+        if job is None or self.manager.current is not None or not job.status().validation_losses:
+            return None
+        return best_snapshot(self._ranked(job, self._snapshots(job, ())))
+
     def release_memory(self) -> None:
         """Give the host its GPU memory back after a grid: the LoRA in memory goes to the CPU when the host keeps
         idle LoRAs there (the WebUI's setting)."""
@@ -187,8 +206,11 @@ class GridService:
         settings = GridSettings(request.prompt, render, request.negative_prompt)
         settings.check()
         self.host.check_sampler(request.sampler_name)
+        snapshots = self._snapshots(job, tuple(request.snapshots))
+        ranked = self._ranked(job, snapshots)  # the lowest validation loss is marked on the snapshot axis
         plan = plan_grid(settings, strength_axis(request.strengths),
-                         snapshot_axis(self._snapshots(job, tuple(request.snapshots))), seed_axis(request.seeds))
+                         snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds))
+        plan.best_snapshot = best_snapshot(ranked)
         check_cell_limit(plan, self.cell_limit, confirmed=request.confirmed)
         return plan
 

@@ -67,6 +67,20 @@ def lora_tag(name: str, strength) -> str:
     return f"<lora:{name}:{format_strength(float(strength))}>"
 
 
+def best_text(best) -> str:
+    """The sentence naming the snapshot with the lowest validation loss ("" when none is known).
+
+    Args:
+        best (SnapshotValidation, optional): from `GridService.best_snapshot` or `GridPlan.best_snapshot`.
+
+    Returns:
+        str: e.g. " Lowest validation loss: **epoch 4** (0.1234 at step 8)."
+    """
+    if best is None:
+        return ""
+    return f" Lowest validation loss: **{best.label}** ({best.loss:.4f} at step {best.step})."
+
+
 def cell_caption(cell) -> str:
     """A gallery caption: "in memory, strength 0.6, seed 1"."""
     return f"{cell.snapshot.label}, strength {format_strength(cell.strength)}, seed {cell.seed}"
@@ -110,4 +124,4 @@ class GridRun:
         return self.thread is not None and self.thread.is_alive()
 
 
-__all__ = ["DEFAULT_STRENGTHS_TEXT", "GridRun", "cell_caption", "lora_tag", "request_from_form"]
+__all__ = ["DEFAULT_STRENGTHS_TEXT", "GridRun", "best_text", "cell_caption", "lora_tag", "request_from_form"]

@@ -94,7 +94,8 @@ def _wire(p: TestPanel) -> None:
         if not labels:
             return [gr.update()] * 3 + ["Nothing to test yet: train a LoRA in the Train panel (and let it end)."]
         return [service.lora_name(), service.default_prompt(), gr.update(choices=labels, value=labels),
-                f"Last run **{service.lora_name()}**: {len(labels)} snapshots."]
+                f"Last run **{service.lora_name()}**: {len(labels)} snapshots."
+                + actions.best_text(service.best_snapshot())]
 
     def guarded_load():
         try:
@@ -169,7 +170,8 @@ def _finished(run: actions.GridRun, request, lora: str) -> list:
     pick = strengths[-1] if strengths else None
     name = outcome.lora_name or lora
     message = (f"Done: {len(result.cells)} cells in {result.seconds:.1f} s "
-               f"({result.seconds_per_render():.2f} s per image). Saved `{outcome.path}`.")
+               f"({result.seconds_per_render():.2f} s per image). Saved `{outcome.path}`."
+               + actions.best_text(result.plan.best_snapshot))
     return [message, gallery, result.image, gr.update(choices=strengths, value=pick),
             actions.lora_tag(name, pick) if pick else ""]
 
