@@ -17,6 +17,7 @@ from lora_trainer.grids.plan import (
 from lora_trainer.grids.runner import CellResult, GridResult, run_grid
 from lora_trainer.grids.snapshots import FileSnapshot, LiveSnapshot, run_snapshot_files, snapshot_label
 from lora_trainer.grids.standalone import adapter_renderer
+from lora_trainer.grids.weights import UNET_ONLY, WHOLE, ModuleWeights, parse_weights, weigh_network, weights_axis
 
 __all__ = [
     "AXIS_KINDS", "DEFAULT_CELL_LIMIT", "DEFAULT_STRENGTHS", "PNG_GRID_KEY", "PNG_PARAMETERS_KEY", "Axis",
@@ -26,4 +27,5 @@ __all__ = [
     "measure_speed", "parse_numbers", "plan_grid", "prompt_from_metadata", "run_grid", "run_snapshot_files",
     "save_grid_png", "seed_axis", "snapshot_axis", "snapshot_label", "strength_axis",
     "SnapshotValidation", "best_snapshot", "lora_file_step", "rank_snapshots", "read_validation_csv",
+    "ModuleWeights", "UNET_ONLY", "WHOLE", "parse_weights", "weigh_network", "weights_axis",
 ]
