@@ -83,7 +83,8 @@ def test_cli_train_names_the_best_file_and_the_grid_marks_it(tiny_sd1, tmp_path,
     assert main(["train", "--config", str(config), "--device", "cpu"]) == 0
     losses = _csv_losses(logs)
     assert sorted(losses) == [1, 2, 3] and len(set(losses.values())) == 3
-    files = {1: out / "val-step00000001.safetensors", 2: out / "val-step00000002.safetensors", 3: out / "val.safetensors"}
+    files = {1: out / "val-step00000001.safetensors", 2: out / "val-step00000002.safetensors",
+             3: out / "val.safetensors"}
     assert {step: lora_file_step(path) for step, path in files.items()} == {1: 1, 2: 2, 3: 3}
     best_step = min(losses, key=losses.get)
     assert f"best snapshot: {files[best_step]} (validation loss {losses[best_step]:.4f} at step {best_step})" in \

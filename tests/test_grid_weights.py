@@ -14,6 +14,7 @@ from lora_trainer.grids import (
 from lora_trainer.networks import load_lora, save_lora
 from lora_trainer.tools import read_lora, resolve_weights
 from lora_trainer.tools.block_weights import weighted_state_dict
+from test_grid_api import trained  # noqa: F401  (a JobManager whose last run trained a tiny LoRA)
 from test_grids import random_live_lora, sd1  # noqa: F401  (the module's adapter fixture)
 
 SETTINGS = GridSettings("square, red", RenderSettings(width=32, height=32, steps=3, sampler="Euler"), "blurry")
@@ -106,3 +107,45 @@ def test_weights_values_and_layouts_are_checked(sd1, full_file):  # noqa: F811
     plan = plan_grid(SETTINGS, *axes, weights=weights_axis(["UNet only"]))
     assert (plan.x.kind, plan.y.kind, plan.z.kind) == ("strength", "seed", "snapshot")
     assert all(c.weights.unet_only for c in plan.cells)  # one value: every cell uses it
+
+
+def test_the_grid_route_panel_form_and_cli_take_weights(trained, full_file, tiny_sd1, capsys,  # noqa: F811
+                                                        single_thread):
+    import json
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lora_trainer.__main__ import main
+    from lora_trainer.grids import PNG_GRID_KEY
+    from lora_trainer.host.a1111_api import GRID_ROUTE, GridApi
+    from lora_trainer.host.grid_service import IN_MEMORY, GridService
+    from lora_trainer.ui.test_actions import cell_caption, request_from_form
+
+    app = FastAPI()
+    GridApi(GridService(trained)).register(app)
+    client = TestClient(app)
+    body = {"prompt": "dot", "strengths": [1], "seeds": [1], "snapshots": [IN_MEMORY], "width": 32, "height": 32,
+            "steps": 1, "sampler_name": "Euler", "weights": ["UNet + TE", "UNet only"]}
+    answer = client.post(GRID_ROUTE, json=body)
+    assert answer.status_code == 200, answer.text
+    cells = answer.json()["cells"]
+    assert [(c["weights"], c["y"]) for c in cells] == [("UNet + TE", 0), ("UNet only", 1)]
+    assert answer.json()["parameters"]["axes"]["y"]["labels"] == ["Weights: UNet + TE", "Weights: UNet only"]
+    bad = client.post(GRID_ROUTE, json={**body, "weights": ["FANCY"]})
+    assert bad.status_code == 400 and "preset 'FANCY': unknown" in bad.text
+
+    request = request_from_form("dot", "", "Euler", 1, 7, 32, 32, "1", "1", [IN_MEMORY], False, "UNet only\n\nOUTD\n")
+    assert request.weights == ("UNet only", "OUTD")
+    plan = GridService(trained).plan(request)
+    assert cell_caption(plan.cells[0]) == "in memory, strength 1, UNet only, seed 1"
+
+    assert main(["grid", str(full_file), "--checkpoint", str(tiny_sd1.checkpoint), "--config-dir",
+                 str(tiny_sd1.config_dir), "--tokenizer-dir", str(tiny_sd1.tokenizer_dir), "--device", "cpu",
+                 "--width", "32", "--height", "32", "--steps", "1", "--strengths", "1", "--seeds", "1",
+                 "--prompt", "dot", "--weights", "UNet only", "--weights", "OUTD",
+                 "--out", str(full_file.parent / "w.png")]) == 0
+    assert "strength 1, UNet only, seed 1" in capsys.readouterr().out
+    data = json.loads(Image.open(full_file.parent / "w.png").text[PNG_GRID_KEY])
+    assert data["axes"]["y"] == {"kind": "weights", "labels": ["Weights: UNet only", "Weights: OUTD"]}

@@ -88,7 +88,8 @@ def lora_file_step(path: str | Path) -> int | None:
     return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
-def rank_snapshots(snapshots: Iterable[tuple[str, int | None]], losses: Mapping[int, float]) -> list[SnapshotValidation]:
+def rank_snapshots(snapshots: Iterable[tuple[str, int | None]],
+                   losses: Mapping[int, float]) -> list[SnapshotValidation]:
     """Each snapshot's validation loss (measured at its own step) and which is best (the lowest).
 
     Args:

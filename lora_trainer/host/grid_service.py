@@ -18,7 +18,7 @@ from lora_trainer.grids import (
     DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
     LiveSnapshot, RenderSettings, SnapshotValidation, best_snapshot, check_cell_limit, estimate_grid,
     grid_path_beside, lora_file_step, measure_speed, plan_grid, prompt_from_metadata, rank_snapshots, save_grid_png,
-    seed_axis, snapshot_axis, snapshot_label, strength_axis,
+    seed_axis, snapshot_axis, snapshot_label, strength_axis, weights_axis,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class GridRequest:
         sampler_name (str, optional): one of the host's samplers, defaults to "Euler a".
         width (int, optional): defaults to 512. height (int, optional): defaults to 512.
         confirmed (bool, optional): render even above the cell limit, defaults to False.
+        weights (tuple[str, ...], optional): a module-weights axis ("UNet + TE", "UNet only", LoRA Block Weight
+            presets or vectors; `grids.parse_weights`), defaults to none (the whole LoRA).
     """
 
     prompt: str
@@ -53,6 +55,7 @@ class GridRequest:
     width: int = 512
     height: int = 512
     confirmed: bool = False
+    weights: tuple[str, ...] = ()
 
 
 @dataclass
@@ -163,7 +166,7 @@ class GridService:
         return self._snapshots(self._job(), tuple(labels))
 
     def _ranked(self, job, snapshots: list) -> list[SnapshotValidation]:
-        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory at the run's last step."""
+        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory the last step's."""
         status = job.status()
         steps = [(s.label, lora_file_step(s.path) if isinstance(s, FileSnapshot) else
                   status.step if isinstance(s, LiveSnapshot) else None) for s in snapshots]
@@ -179,6 +182,13 @@ class GridService:
         if job is None or self.manager.current is not None or not job.status().validation_losses:
             return None
         return best_snapshot(self._ranked(job, self._snapshots(job, ())))
+
+    def _presets(self):
+        """Built-in block-weight presets, then LoRA Block Weight's file in the WebUI (when installed)."""
+        from lora_trainer.tools.presets import load_presets
+
+        webui_dir = getattr(self.host, "webui_dir", None)
+        return load_presets((), webui_dir() if callable(webui_dir) else None)
 
     def release_memory(self) -> None:
         """Give the host its GPU memory back after a grid: the LoRA in memory goes to the CPU when the host keeps
@@ -208,8 +218,10 @@ class GridService:
         self.host.check_sampler(request.sampler_name)
         snapshots = self._snapshots(job, tuple(request.snapshots))
         ranked = self._ranked(job, snapshots)  # the lowest validation loss is marked on the snapshot axis
+        weights = weights_axis(request.weights, self._presets()) if request.weights else None
         plan = plan_grid(settings, strength_axis(request.strengths),
-                         snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds))
+                         snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds),
+                         weights=weights)
         plan.best_snapshot = best_snapshot(ranked)
         check_cell_limit(plan, self.cell_limit, confirmed=request.confirmed)
         return plan

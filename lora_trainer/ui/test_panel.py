@@ -66,6 +66,9 @@ def _form(p: TestPanel, samplers: list[str]) -> None:
         c["seeds"] = gr.Textbox(value="1", label="Seeds", elem_id="lt-te-seeds")
     c["snapshots"] = gr.CheckboxGroup([], label="Snapshots (saved files of the last run, and the LoRA in memory)",
                                       elem_id="lt-te-snapshots")
+    c["weights"] = gr.Textbox(label="Module weights axis, one a line (UNet + TE, UNet only, a LoRA Block Weight "
+                              "preset such as OUTD, or a vector; empty: the whole LoRA)", lines=2,
+                              elem_id="lt-te-weights")
     c["confirm"] = gr.Checkbox(False, label="Render above the cell limit", elem_id="lt-te-confirm")
     with gr.Row():
         c["estimate"] = gr.Button("Estimate", elem_id="lt-te-estimate")
@@ -87,7 +90,7 @@ def _results(p: TestPanel, in_webui: bool) -> None:
 def _wire(p: TestPanel) -> None:
     c, service = p.c, p.service
     form = [c[k] for k in ("prompt", "negative", "sampler", "steps", "cfg", "width", "height", "seeds",
-                           "strengths", "snapshots", "confirm")]
+                           "strengths", "snapshots", "confirm", "weights")]
 
     def load():
         labels = service.snapshot_labels()
