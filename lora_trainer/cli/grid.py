@@ -15,9 +15,6 @@ def add_parser(sub) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="the base model (.safetensors or .ckpt)")
     parser.add_argument("--run-snapshots", action="store_true",
                         help="add every epoch/step file saved beside the first LoRA by its run")
-    parser.add_argument("--validation", type=Path, default=None, metavar="CSV",
-                        help="the run's validation.csv (in its logging_dir): labels each snapshot with the "
-                             "validation loss at its step and marks the lowest")
     parser.add_argument("--prompt", default=None, help="default: the LoRA's most frequent dataset tags")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--strengths", default="0, 0.2, 0.4, 0.6, 0.8, 1",
@@ -29,6 +26,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--clip-skip", type=int, default=1)
+    parser.add_argument("--validation", type=Path, default=None, metavar="CSV",
+                        help="the run's validation.csv (in its logging_dir): labels each snapshot with the "
+                             "validation loss at its step and marks the lowest")
     parser.add_argument("--weights", action="append", default=[], metavar="VALUE",
                         help='a module-weights axis value (repeatable): "UNet + TE", "UNet only", a LoRA Block '
                              'Weight preset such as OUTD, or a vector "1,0,0,..."')

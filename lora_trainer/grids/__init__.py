@@ -23,9 +23,9 @@ __all__ = [
     "AXIS_KINDS", "DEFAULT_CELL_LIMIT", "DEFAULT_STRENGTHS", "PNG_GRID_KEY", "PNG_PARAMETERS_KEY", "Axis",
     "CellLimitExceeded", "CellResult", "FileSnapshot", "GridCell", "GridEstimate", "GridPlan", "GridResult",
     "GridSettings", "LiveSnapshot", "Render", "RenderSettings", "RenderSpeed", "adapter_renderer", "annotate",
+    "ModuleWeights", "SnapshotValidation", "UNET_ONLY", "WHOLE", "best_snapshot", "lora_file_step", "parse_weights",
+    "rank_snapshots", "read_validation_csv", "weigh_network", "weights_axis",
     "check_cell_limit", "draw_labelled_grid", "estimate_grid", "format_strength", "grid_path_beside", "infotext",
     "measure_speed", "parse_numbers", "plan_grid", "prompt_from_metadata", "run_grid", "run_snapshot_files",
     "save_grid_png", "seed_axis", "snapshot_axis", "snapshot_label", "strength_axis",
-    "SnapshotValidation", "best_snapshot", "lora_file_step", "rank_snapshots", "read_validation_csv",
-    "ModuleWeights", "UNET_ONLY", "WHOLE", "parse_weights", "weigh_network", "weights_axis",
 ]

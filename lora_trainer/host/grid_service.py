@@ -16,10 +16,11 @@ from pathlib import Path
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.grids import (
     DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
-    LiveSnapshot, RenderSettings, SnapshotValidation, best_snapshot, check_cell_limit, estimate_grid,
-    grid_path_beside, lora_file_step, measure_speed, plan_grid, prompt_from_metadata, rank_snapshots, save_grid_png,
-    seed_axis, snapshot_axis, snapshot_label, strength_axis, weights_axis,
+    LiveSnapshot, RenderSettings, check_cell_limit, estimate_grid, grid_path_beside, measure_speed, plan_grid,
+    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis,
 )
+from lora_trainer.grids.best_snapshot import SnapshotValidation, best_snapshot, lora_file_step, rank_snapshots
+from lora_trainer.grids.weights import weights_axis
 
 logger = logging.getLogger(__name__)
 
