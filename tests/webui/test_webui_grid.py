@@ -97,6 +97,13 @@ def test_text_encoder_lora_changes_the_image(webui, dataset):
     diff = abs(cells[(1.0, 3, "in memory")] - cells[(0.0, 3, "in memory")]).mean()
     print(f"text-encoder LoRA: mean |diff| strength 1 vs 0: {diff:.3f}")
     assert diff > 0.5, "a stale conditioning cache would give the strength-0 image again"
+    # the same LoRA with its text-encoder modules at 0 ("UNet only") is the base model: the cache follows the weights
+    answer = webui.call(GRID, {"prompt": "box, red", "strengths": [1], "seeds": [3], "snapshots": ["in memory"],
+                               "weights": ["UNet + TE", "UNet only"], **SETTINGS})
+    Path(answer["path"]).unlink()
+    by_weights = {c["weights"]: decode_png(c["image"]) for c in answer["cells"]}
+    assert abs(by_weights["UNet + TE"] - cells[(1.0, 3, "in memory")]).max() == 0
+    assert abs(by_weights["UNet only"] - cells[(0.0, 3, "in memory")]).max() == 0
 
 
 def test_our_axes_in_the_xyz_plot_render_the_grid_images(webui, unet_and_te_lora, dataset):
