@@ -184,8 +184,12 @@ class GridService:
             return None
         return best_snapshot(self._ranked(job, self._snapshots(job, ())))
 
-    def _presets(self):
-        """Built-in block-weight presets, then LoRA Block Weight's file in the WebUI (when installed)."""
+    def presets(self):
+        """Built-in block-weight presets, then LoRA Block Weight's file in the WebUI (when installed).
+
+        Returns:
+            PresetBook: the presets the weights axis looks names up in.
+        """
         from lora_trainer.tools.presets import load_presets
 
         webui_dir = getattr(self.host, "webui_dir", None)
@@ -219,7 +223,7 @@ class GridService:
         self.host.check_sampler(request.sampler_name)
         snapshots = self._snapshots(job, tuple(request.snapshots))
         ranked = self._ranked(job, snapshots)  # the lowest validation loss is marked on the snapshot axis
-        weights = weights_axis(request.weights, self._presets()) if request.weights else None
+        weights = weights_axis(request.weights, self.presets()) if request.weights else None
         plan = plan_grid(settings, strength_axis(request.strengths),
                          snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds),
                          weights=weights)
