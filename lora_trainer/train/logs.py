@@ -66,7 +66,8 @@ class CsvLogger:
 
 
 def event_record(event: Any) -> dict[str, Any]:
-    """A JSON-ready dict of an event: its fields plus "event" (class name) and "time"; images become a count.
+    """A JSON-ready dict of an event: its fields plus "event" (class name) and "time"; images become a count (with
+    each image's prompt number and strength).
 
     Args:
         event: an event dataclass.
@@ -76,7 +77,7 @@ def event_record(event: Any) -> dict[str, Any]:
     """
     record: dict[str, Any] = {"event": type(event).__name__, "time": round(time.time(), 3)}
     if isinstance(event, Sample):
-        record.update(step=event.step, images=len(event.images))
+        record.update(step=event.step, images=len(event.images), infos=[dataclasses.asdict(i) for i in event.infos])
     elif dataclasses.is_dataclass(event):
         record.update(dataclasses.asdict(event))
     return record
