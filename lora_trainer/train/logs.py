@@ -77,7 +77,8 @@ def event_record(event: Any) -> dict[str, Any]:
     """
     record: dict[str, Any] = {"event": type(event).__name__, "time": round(time.time(), 3)}
     if isinstance(event, Sample):
-        record.update(step=event.step, images=len(event.images), infos=[dataclasses.asdict(i) for i in event.infos])
+        record["infos"] = [dataclasses.asdict(info) for info in event.infos]  # each image's prompt and strength
+        record.update(step=event.step, images=len(event.images))
     elif dataclasses.is_dataclass(event):
         record.update(dataclasses.asdict(event))
     return record
