@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     parser.add_argument("loras", nargs="+", type=Path, help="LoRA file(s): each is one snapshot")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the base model (.safetensors or .ckpt)")
     parser.add_argument("--run-snapshots", action="store_true",
-                        help="add every epoch/step file saved beside the first LoRA by its run")
+                        help="add every epoch/step file (and EMA file, <name>-ema) saved beside the first LoRA by "
+                        "its run")
     parser.add_argument("--prompt", default=None, help="default: the LoRA's most frequent dataset tags")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--strengths", default="0, 0.2, 0.4, 0.6, 0.8, 1",

@@ -1,8 +1,9 @@
 """The Test panel's and the grid route's engine: a strength x snapshot x seed grid on the last run's LoRA, rendered
 by the host the run trained on (the WebUI's own processing, or the standalone sampler) through `host.grid_session`.
 
-Snapshots are the LoRA still in memory ("in memory") and every file the last run saved; the grid is saved beside
-the run's LoRA with its settings in the PNG text. Nothing here imports the WebUI.
+Snapshots are the LoRA still in memory ("in memory"), its EMA when the run kept one ("in memory (EMA)"), and every
+file the last run saved (its `-ema` files too); the grid is saved beside the run's LoRA with its settings in the PNG
+text. Nothing here imports the WebUI.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.grids import (
-    DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
+    DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, EMA_LABEL, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
     LiveSnapshot, RenderSettings, check_cell_limit, estimate_grid, grid_path_beside, measure_speed, plan_grid,
-    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis,
+    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis, with_ema_files,
 )
 from lora_trainer.grids.best_snapshot import SnapshotValidation, best_snapshot, lora_file_step, rank_snapshots
 from lora_trainer.grids.weights import weights_axis
@@ -25,6 +26,7 @@ from lora_trainer.grids.weights import weights_axis
 logger = logging.getLogger(__name__)
 
 IN_MEMORY = "in memory"
+IN_MEMORY_EMA = IN_MEMORY + EMA_LABEL
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class GridRequest:
         negative_prompt (str, optional): defaults to "".
         strengths (tuple[float, ...], optional): defaults to 0, 0.2, ..., 1.
         seeds (tuple[int, ...], optional): defaults to (1,).
-        snapshots (tuple[str, ...], optional): snapshot labels ("in memory", "epoch 2", ...), defaults to all.
+        snapshots (tuple[str, ...], optional): snapshot labels ("in memory", "in memory (EMA)", "epoch 2",
+            "epoch 2 (EMA)", ...), defaults to all.
         steps (int, optional): defaults to 20. cfg_scale (float, optional): defaults to 7.
         sampler_name (str, optional): one of the host's samplers, defaults to "Euler a".
         width (int, optional): defaults to 512. height (int, optional): defaults to 512.
@@ -101,12 +104,13 @@ class GridService:
         return job
 
     def snapshot_labels(self) -> list[str]:
-        """Labels of the snapshots of the last run: saved files in order, then "in memory" (empty before a run)."""
+        """Labels of the snapshots of the last run: saved files in order (each EMA file after its LoRA file), then
+        "in memory" and "in memory (EMA)" (empty before a run)."""
         job = self.manager.last
         if job is None or self.manager.current is not None:
             return []
-        labels = [snapshot_label(path) for path in job.status().saved if Path(path).is_file()]
-        return list(dict.fromkeys(labels)) + ([IN_MEMORY] if job.live_lora is not None else [])
+        labels = [snapshot_label(path) for path in with_ema_files(job.status().saved)]
+        return list(dict.fromkeys(labels)) + list(_live_snapshots(job))
 
     def lora_name(self) -> str:
         """The last run's output name (what `<lora:NAME:S>` calls it), "" before a run."""
@@ -134,15 +138,13 @@ class GridService:
 
     def _snapshots(self, job, labels: tuple[str, ...]) -> list:
         by_label: dict[str, object] = {}
-        for path in job.status().saved:
-            if Path(path).is_file():
-                label = snapshot_label(path)
-                key = str(Path(path).resolve())
-                if key not in self._files:
-                    self._files[key] = FileSnapshot(path, label)
-                by_label[label] = self._files[key]
-        if job.live_lora is not None:
-            by_label[IN_MEMORY] = LiveSnapshot(job.live_lora, IN_MEMORY)
+        for path in with_ema_files(job.status().saved):
+            label = snapshot_label(path)
+            key = str(path.resolve())
+            if key not in self._files:
+                self._files[key] = FileSnapshot(path, label)
+            by_label[label] = self._files[key]
+        by_label.update(_live_snapshots(job))
         if not by_label:
             raise TrainingError("grid: the last run kept no LoRA (it failed or stopped without saving). Train again.")
         wanted = labels or tuple(by_label)
@@ -286,4 +288,15 @@ class GridService:
         return path
 
 
-__all__ = ["IN_MEMORY", "GridOutcome", "GridRequest", "GridService"]
+def _live_snapshots(job) -> dict[str, LiveSnapshot]:
+    """The LoRA in memory and its EMA (when the run kept one), by label."""
+    live = job.live_lora
+    if live is None:
+        return {}
+    found = {IN_MEMORY: LiveSnapshot(live, IN_MEMORY)}
+    if live.ema is not None:
+        found[IN_MEMORY_EMA] = LiveSnapshot(live.ema, IN_MEMORY_EMA)
+    return found
+
+
+__all__ = ["IN_MEMORY", "IN_MEMORY_EMA", "GridOutcome", "GridRequest", "GridService"]

@@ -9,6 +9,11 @@ from lora_trainer.lazy import lazy_names
 
 _LAZY = {
     "CsvLogger": "lora_trainer.train.logs",
+    "EmaSettings": "lora_trainer.train.ema",
+    "LoraEma": "lora_trainer.train.ema",
+    "ema_decay": "lora_trainer.train.ema",
+    "ema_path": "lora_trainer.train.ema",
+    "read_ema_metadata": "lora_trainer.train.ema",
     "EventBus": "lora_trainer.train.events",
     "Failed": "lora_trainer.train.events",
     "Finished": "lora_trainer.train.events",

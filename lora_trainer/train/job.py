@@ -316,7 +316,7 @@ class TrainingJob:
         if network is None:
             return
         include_conv = NetworkSettings.from_config(config.network).wants_conv
-        self._live = LiveLoRA(network, lambda adapter: adapter.lora_targets(include_conv))
+        self._live = LiveLoRA(network, lambda a: a.lora_targets(include_conv), ema=getattr(trainer, "ema", None))
         if getattr(self.host, "offload_idle", False):  # the host wants its GPU memory back between generations
             self._live.offload()
 

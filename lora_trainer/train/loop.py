@@ -18,6 +18,7 @@ from lora_trainer.errors import OUT_OF_MEMORY_FIX, LoraTrainerError, TrainingErr
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
 from lora_trainer.train.distributed import ProcessGroup, process_share
+from lora_trainer.train.ema import LoraEma
 from lora_trainer.train.events import (
     EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands, Validation,
 )
@@ -174,6 +175,7 @@ class Trainer:
         self.optimizer = build_optimizer(opt.optimizer_type, param_groups(cfg, self.network), opt.learning_rate,
                                          list(opt.optimizer_args))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ema = LoraEma.from_config(cfg, self.network, self.params, self.adapter.device)
         self.plan = plan_steps(self.data.dataset.batches_per_epoch(), opt.gradient_accumulation_steps,
                                t.max_train_steps, t.max_train_epochs)
         self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.plan.total_steps, opt.lr_warmup_steps,
@@ -204,6 +206,8 @@ class Trainer:
         if self.precision.scaler is not None and resumed.scaler:
             self.precision.scaler.load_state_dict(resumed.scaler)
         restore_rng(resumed.rng, {})
+        if self.ema is not None:
+            self.ema.load_state_dict(resumed.ema, str(self.config.save.resume))
         logger.info("resumed from %s at step %d (epoch %d)", self.config.save.resume, state.global_step,
                     state.epoch + 1)
         return _Position(state.global_step, state.epoch, self._step_in_epoch(state), list(state.losses))
@@ -307,6 +311,8 @@ class Trainer:
 
     # -- after steps and epochs ------------------------------------------------------------------------------------
     def _after_step(self, pos: _Position) -> None:
+        if self.ema is not None:
+            self.ema.after_step(pos.global_step)
         info = self.tracker.update()
         window = pos.losses[-self.plan.steps_per_epoch:]
         self.events.emit(Step(pos.global_step, self.plan.total_steps, pos.epoch + 1, pos.losses[-1],
@@ -360,12 +366,12 @@ class Trainer:
         return str(path)
 
     def _write(self, pos: _Position, path: Path, stem: str, final: bool) -> None:
-        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final))
+        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final), self.ema)
         if self.config.save.save_state:
             state = TrainState(pos.global_step, pos.epoch, pos.step_in_epoch, config_hash(self.config),
                                list(pos.losses), self.seed, self.plan.steps_per_epoch, self.group.world_size)
             save_state(self.folder / f"{stem}-state", state, self.network.state_dict(), self.optimizer,
-                       self.scheduler, capture_rng({}), self.precision.scaler)
+                       self.scheduler, capture_rng({}), self.precision.scaler, self.ema)
 
     def _metadata(self, pos: _Position, final: bool) -> dict[str, str]:
         from lora_trainer.networks import TrainingFacts, build_metadata

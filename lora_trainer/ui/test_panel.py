@@ -64,7 +64,8 @@ def _form(p: TestPanel, samplers: list[str]) -> None:
         c["strengths"] = gr.Textbox(value=actions.DEFAULT_STRENGTHS_TEXT, label="Strengths (0 = the base model)",
                                     elem_id="lt-te-strengths")
         c["seeds"] = gr.Textbox(value="1", label="Seeds", elem_id="lt-te-seeds")
-    c["snapshots"] = gr.CheckboxGroup([], label="Snapshots (saved files of the last run, and the LoRA in memory)",
+    c["snapshots"] = gr.CheckboxGroup([], label="Snapshots (saved files of the last run, and the LoRA in memory; "
+                                      "\"(EMA)\": the run's EMA of the weights)",
                                       elem_id="lt-te-snapshots")
     c["weights"] = gr.Textbox(label="Module weights axis, one a line (UNet + TE, UNet only, a LoRA Block Weight "
                               "preset such as OUTD, or a vector; empty: the whole LoRA)", lines=2,

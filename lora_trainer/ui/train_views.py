@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import (
-    MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS, VERSION_KEY,
-    TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
+    EMA_DEVICES, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS,
+    VERSION_KEY, TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
 )
 from lora_trainer.errors import ConfigError
 from lora_trainer.ui.train_plots import loss_rows, sample_caption, sample_gallery
@@ -105,6 +105,11 @@ FORM: tuple[FormField, ...] = (
     _f("sample_every_n_epochs", "text", "Sample every N epochs", "Saving and samples"),
     _f("sample_prompts", "lines", "Sample prompts (one a line, kohya --w --h --s --d options; or a .txt file)",
        "Saving and samples"),
+    _f("ema", "bool", "Keep an EMA of the LoRA weights (saved as <name>-ema.safetensors)", "EMA"),
+    _f("ema_decay", "float", "EMA decay (0.999: about the last 1000 updates)", "EMA"),
+    _f("ema_warmup", "bool", "EMA warm-up: decay min(decay, (1+n)/(10+n)) at update n", "EMA"),
+    _f("ema_update_every", "int", "Update the EMA every N steps", "EMA"),
+    _f("ema_device", "choice", "EMA device (same: the training device)", "EMA", EMA_DEVICES),
     _f("v_parameterization", "bool", "v-parameterization (SD2 768-v; also set by the checkpoint's .yaml)",
        "Model files"),
     _f("diffusers_config_dir", "text", "Diffusers config folder (empty: sizes from the checkpoint and its .yaml)",
