@@ -123,7 +123,8 @@ def test_the_test_panel_service_and_the_grid_route_mark_the_best_snapshot(tiny_s
         "tokenizer_dir": str(tiny_sd1.tokenizer_dir), "train_data_dir": str(data), "output_dir": str(tmp_path / "o"),
         "resolution": "64,64", "output_name": "svc", "max_train_steps": 3, "network_dim": 4, "network_alpha": 4,
         "learning_rate": 0.05, "seed": 7, "save_every_n_steps": 1, "save_precision": "float",
-        "validation_split": 0.35, "validate_every_n_steps": 1, "network_train_unet_only": True}).config
+        "validation_split": 0.35, "validate_every_n_steps": 1, "network_train_unet_only": True,
+        "ema": True, "ema_decay": 0.9}).config
     manager = JobManager(StandaloneHost(tmp_path / "loras", device="cpu"))
     status = manager.start(config).wait(300)
     assert status.state.value == "finished", status.message
@@ -138,8 +139,10 @@ def test_the_test_panel_service_and_the_grid_route_mark_the_best_snapshot(tiny_s
     plan = service.plan(GridRequest("square", strengths=(0.0, 1.0), seeds=(1,), steps=1, width=32, height=32,
                                     sampler_name="Euler"))
     marked = {3: f"val {losses[3]:.4f}"} | {best_step: f"best val {losses[best_step]:.4f}"}
-    expected = [f"{labels[s]} ({marked.get(s, f'val {losses[s]:.4f}')})" for s in (1, 2, 3)]
-    expected.append(f"{IN_MEMORY} ({marked[3]})")  # the LoRA in memory holds the last step
+    expected = []
+    for step in (1, 2, 3):  # each file, then its EMA file: averaged weights, not what validation measured
+        expected += [f"{labels[step]} ({marked.get(step, f'val {losses[step]:.4f}')})", f"{labels[step]} (EMA)"]
+    expected += [f"{IN_MEMORY} ({marked[3]})", f"{IN_MEMORY} (EMA)"]  # the LoRA in memory holds the last step
     assert list(plan.y.labels) == expected and plan.describe()["best_snapshot"]["label"] == labels[best_step]
 
     app = FastAPI()
@@ -152,3 +155,14 @@ def test_the_test_panel_service_and_the_grid_route_mark_the_best_snapshot(tiny_s
     among = min(shown, key=shown.get)  # the best among the snapshots the grid compares
     assert answer.json()["best_snapshot"] == {1: "step 1", 3: IN_MEMORY}[among]
     assert answer.json()["parameters"]["best_snapshot"]["step"] == among
+
+
+def test_an_ema_file_holds_no_validated_step(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"lora_unet_x.alpha": torch.tensor(1.0)}
+    save_file(tensors, str(tmp_path / "a.safetensors"), {"ss_steps": "4"})
+    save_file(tensors, str(tmp_path / "a-ema.safetensors"), {"ss_steps": "4", "lora_trainer_ema": "{}"})
+    assert lora_file_step(tmp_path / "a.safetensors") == 4
+    assert lora_file_step(tmp_path / "a-ema.safetensors") is None  # averaged weights: not what validation measured

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.train.ema import METADATA_KEY as EMA_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def lora_file_step(path: str | Path) -> int | None:
         path (str | Path): a `.safetensors` LoRA.
 
     Returns:
-        int | None: the step, None when the file does not record it.
+        int | None: the step, None when the file does not record it, or holds averaged (EMA) weights: the
+        validation loss was measured on the raw ones.
     """
     if Path(path).suffix.lower() != ".safetensors":
         return None
@@ -84,6 +86,8 @@ def lora_file_step(path: str | Path) -> int | None:
 
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
+    if EMA_METADATA_KEY in metadata:
+        return None
     value = metadata.get("ss_steps")
     return int(value) if isinstance(value, str) and value.isdigit() else None
 

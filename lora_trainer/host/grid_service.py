@@ -169,10 +169,11 @@ class GridService:
         return self._snapshots(self._job(), tuple(labels))
 
     def _ranked(self, job, snapshots: list) -> list[SnapshotValidation]:
-        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory the last step's."""
+        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory the last step's (EMA
+        weights have none: validation measures the raw ones)."""
         status = job.status()
         steps = [(s.label, lora_file_step(s.path) if isinstance(s, FileSnapshot) else
-                  status.step if isinstance(s, LiveSnapshot) else None) for s in snapshots]
+                  status.step if isinstance(s, LiveSnapshot) and s.label == IN_MEMORY else None) for s in snapshots]
         return rank_snapshots(steps, dict(status.validation_losses))
 
     def best_snapshot(self) -> SnapshotValidation | None:
