@@ -6,6 +6,9 @@ entry point (`lora_trainer.__main__`), which prints each one once.
 Under `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) every process trains on
 its share of each batch (train_batch_size is per process, as in kohya: a step takes N x train_batch_size images)
 and only the first one prints, logs and writes files.
+
+A single process pauses after its current step on SIGUSR1 (`kill -USR1 <pid>`) and goes on at the next one, with
+the losses of a run that never paused; Ctrl+C stops and saves, also while paused.
 """
 from __future__ import annotations
 
@@ -116,6 +119,18 @@ def train(config, device: str | None = None, extra_subscribers=(), threads: str 
     return _train_in_group(config, process_device(device, launch), extra_subscribers)
 
 
+def toggle_pause(commands) -> None:
+    """The SIGUSR1 handler: pause after the current step, or go on when paused (or pausing).
+
+    Args:
+        commands (TrainCommands): the run's commands.
+    """
+    if commands.pause_requested:
+        commands.resume()
+    else:
+        commands.pause()
+
+
 def _train_in_group(config, device: str | None, extra_subscribers) -> int:
     """One of several launched processes: the main one checks the output folder first (its probe file), then the
     others; only the main one shows progress."""
@@ -157,10 +172,14 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
     bus.subscribe(lambda event: _remember(event, saved, validation))
     commands = TrainCommands()
     previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
+    toggle = getattr(signal, "SIGUSR1", None) if group is None else None  # `kill -USR1 <pid>`: pause / go on
+    previous_toggle = signal.signal(toggle, lambda *_: toggle_pause(commands)) if toggle is not None else None
     try:
         result = Trainer(config, adapter, events=bus, commands=commands, preflight=checked, group=group).run()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if toggle is not None:
+            signal.signal(toggle, previous_toggle)
     if main:
         print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
         if validation:

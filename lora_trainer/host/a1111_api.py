@@ -6,6 +6,9 @@ browser. Registered on the WebUI's FastAPI app (`on_app_started`); nothing here 
   names the field or key), 403 for a path outside the allowed folders while the WebUI listens on the network
   (`folder_policy.py`), 409 while a job is running.
 - `POST /lora_trainer/v1/train/stop`: `{"save": true|false}` (JSON booleans; default true).
+- `POST /lora_trainer/v1/train/pause` and `/resume` (empty body): pause the running job after its current step
+  (the WebUI's queue is free meanwhile: txt2img and the grid route run) and go on; the answer is the status plus
+  `pause_requested` / `resume_requested` (false when no job could take it).
 - `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus.to_dict`), plus `compat`
   (the self-test of the saved file against the loaded model, once the job has ended). Always answers 200.
 - `POST /lora_trainer/v1/test/grid`: `{"prompt", "negative_prompt", "strengths": [...], "seeds": [...],
@@ -48,6 +51,7 @@ GRID_FIELDS = {
 }
 START_FIELDS = {"config": BodyField("object"), "toml": BodyField("path"), "overrides": BodyField("object")}
 STOP_FIELDS = {"save": BodyField("bool", default=True)}
+NO_FIELDS: dict[str, BodyField] = {}
 
 
 def status_dict(status: JobStatus) -> dict[str, Any]:
@@ -94,7 +98,7 @@ def config_from_request(body: Any, policy: FolderPolicy | None = None):
 
 
 class TrainApi:
-    """The three routes over a JobManager.
+    """The training routes (start, stop, pause, resume, status) over a JobManager.
 
     Args:
         manager (JobManager): the WebUI's job manager (shared with the tab).
@@ -128,6 +132,16 @@ class TrainApi:
         save = read_body(body, STOP_FIELDS, "train/stop")["save"]
         stopped = self.manager.stop(save)
         return dict(status_dict(self.manager.status()), stop_requested=stopped)
+
+    def pause(self, body: Any) -> dict[str, Any]:
+        read_body(body, NO_FIELDS, "train/pause")
+        asked = self.manager.pause()
+        return dict(status_dict(self.manager.status()), pause_requested=asked)
+
+    def resume(self, body: Any) -> dict[str, Any]:
+        read_body(body, NO_FIELDS, "train/resume")
+        asked = self.manager.resume()
+        return dict(status_dict(self.manager.status()), resume_requested=asked)
 
     def status(self) -> dict[str, Any]:
         """The last job's status; never raises (a snapshot that cannot be read is reported in `message`)."""
@@ -164,6 +178,8 @@ class TrainApi:
         """
         add_json_route(app, f"{PREFIX}/start", self.start, credentials=credentials)
         add_json_route(app, f"{PREFIX}/stop", self.stop, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/pause", self.pause, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/resume", self.resume, credentials=credentials)
         add_json_route(app, f"{PREFIX}/status", self.status, method="GET", credentials=credentials)
         logger.info("API routes added under %s", PREFIX)
 

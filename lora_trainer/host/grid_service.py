@@ -95,9 +95,15 @@ class GridService:
     def host(self):
         return self.manager.host
 
+    def _busy(self) -> bool:
+        """A run holds the model (running, not paused)."""
+        current = self.manager.current
+        return current is not None and not current.paused
+
     def _job(self):
-        if self.manager.current is not None:
-            raise TrainingError("grid: a training run is in progress. Wait until it ends (or stop it), then test.")
+        if self._busy():
+            raise TrainingError("grid: a training run is in progress. Pause it, or wait until it ends (or stop "
+                                "it), then test.")
         job = self.manager.last
         if job is None:
             raise TrainingError("grid: nothing trained yet. Train a LoRA first; the grid renders the last run.")
@@ -107,7 +113,7 @@ class GridService:
         """Labels of the snapshots of the last run: saved files in order (each EMA file after its LoRA file), then
         "in memory" and "in memory (EMA)" (empty before a run)."""
         job = self.manager.last
-        if job is None or self.manager.current is not None:
+        if job is None or self._busy():
             return []
         labels = [snapshot_label(path) for path in with_ema_files(job.status().saved)]
         return list(dict.fromkeys(labels)) + list(_live_snapshots(job))

@@ -20,8 +20,9 @@ from typing import Any
 from lora_trainer.errors import BUG_NOTE, TrainingError, describe_error
 from lora_trainer.train.preflight import check_for_host
 from lora_trainer.train.events import (
-    EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands, Validation,
+    EventBus, Failed, Finished, Paused, Progress, Resumed, Sample, Saved, Started, Step, TrainCommands, Validation,
 )
+from lora_trainer.train.job_pause import PausableJob, PausableManager
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class JobState(str, enum.Enum):
     IDLE = "idle"
     PREPARING = "preparing"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     FINISHED = "finished"
     STOPPED = "stopped"
@@ -41,8 +43,8 @@ class JobState(str, enum.Enum):
 
     @property
     def active(self) -> bool:
-        """True while the job holds the model (preparing, running, stopping)."""
-        return self in (JobState.PREPARING, JobState.RUNNING, JobState.STOPPING)
+        """True while the job holds the model (preparing, running, paused, stopping)."""
+        return self in (JobState.PREPARING, JobState.RUNNING, JobState.PAUSED, JobState.STOPPING)
 
 
 @dataclass
@@ -158,8 +160,8 @@ def error_message(exc: BaseException) -> str:
     return f"training failed: {report.message}. {BUG_NOTE.replace('above', 'in the log')}"
 
 
-class TrainingJob:
-    """One training run on a host.
+class TrainingJob(PausableJob):
+    """One training run on a host (pause / resume: `job_pause.PausableJob`).
 
     Args:
         config (TrainConfig): the run's config; an unset `output_dir` becomes `host.lora_dir()`.
@@ -240,8 +242,9 @@ class TrainingJob:
 
     @property
     def live_lora(self):
-        """The trained network in memory (`LiveLoRA`) once the run finished or stopped; None before or on error."""
-        return self._live
+        """The trained network in memory (`LiveLoRA`) once the run finished or stopped, or its copy while paused;
+        None before, while running or on error."""
+        return self._live if self._live is not None else self._paused_lora
 
     @property
     def done(self) -> bool:
@@ -294,7 +297,7 @@ class TrainingJob:
 
         bus = EventBus()
         bus.subscribe(self._on_event)
-        trainer = Trainer(config, adapter, bus, self.commands, preflight=checked)
+        trainer = Trainer(config, adapter, bus, self.commands, preflight=checked, host_job=self._handle)
         result = trainer.run()
         self._keep_network(trainer, config)
         if result.lora_path or self._status.saved:
@@ -415,11 +418,13 @@ _HANDLERS = {
     Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
     Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
     Finished: TrainingJob._on_finished, Validation: TrainingJob._on_validation,
+    Paused: TrainingJob._on_paused, Resumed: TrainingJob._on_resumed,
 }
 
 
-class JobManager:
-    """One training job at a time on a host; keeps the last job (and its LoRA) after it ends.
+class JobManager(PausableManager):
+    """One training job at a time on a host; keeps the last job (and its LoRA) after it ends (pause / resume:
+    `job_pause.PausableManager`).
 
     Args:
         host (Host): the host jobs run on.

@@ -11,7 +11,7 @@ from typing import Any
 from collections.abc import Callable
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.train.events import Failed, Finished, Sample, Step, Validation
+from lora_trainer.train.events import Failed, Finished, Paused, Sample, Step, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def event_record(event: Any) -> dict[str, Any]:
     if isinstance(event, Sample):
         record["infos"] = [dataclasses.asdict(info) for info in event.infos]  # each image's prompt and strength
         record.update(step=event.step, images=len(event.images))
+    elif isinstance(event, Paused):  # its LoRA copy is no log material (and asdict would deep-copy the model)
+        record.update(step=event.step, epoch=event.epoch)
     elif dataclasses.is_dataclass(event):
         record.update(dataclasses.asdict(event))
     return record

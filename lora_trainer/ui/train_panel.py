@@ -1,5 +1,6 @@
 """The Train panel: dataset folder, preset, training options (basic shown, advanced folded), kohya TOML import and
-export, Start / Stop / Stop and save / Resume, and a live status with loss curve and samples polled once a second.
+export, Start / Stop / Stop and save / Pause / Continue (`train_pause.py`) / Resume, and a live status with loss
+curve and samples polled once a second.
 
 Layout and wiring only: configs come from `train_views` (`config_from_dict` underneath), runs from the
 `JobManager`. The status is a generator event started by page load, Start and Resume that yields once a second
@@ -20,6 +21,7 @@ from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat, folder_access
 from lora_trainer.ui import train_views as views
 from lora_trainer.ui.panel_errors import error_text
+from lora_trainer.ui.train_pause import add_pause_buttons, wire_pause_buttons
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ def _controls(p: TrainPanel) -> None:
         p.c["start"] = gr.Button("Start", variant="primary", elem_id="lt-tr-start")
         p.c["stop"] = gr.Button("Stop", variant="stop", elem_id="lt-tr-stop")
         p.c["stop_save"] = gr.Button("Stop and save", elem_id="lt-tr-stop-save")
+    add_pause_buttons(p)
     with gr.Row(equal_height=True):
         p.c["resume_dir"] = gr.Textbox(label="Resume from state folder (<name>-state)", scale=3,
                                        elem_id="lt-tr-resume-dir")
@@ -228,6 +231,7 @@ def _wire_run(p: TrainPanel) -> None:
                       outputs=[c["message"]])
     c["stop"].click(lambda: stop(False), outputs=[c["message"]])
     c["stop_save"].click(lambda: stop(True), outputs=[c["message"]])
+    wire_pause_buttons(p)
 
 
 def _render(p: TrainPanel, seen):
