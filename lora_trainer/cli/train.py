@@ -167,6 +167,9 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
         bus.subscribe(TrainingProgressBar())
     for subscriber in extra_subscribers:
         bus.subscribe(subscriber)
+    saved: list[tuple[str, int]] = []
+    validation: dict[int, float] = {}
+    bus.subscribe(lambda event: _remember(event, saved, validation))
     commands = TrainCommands()
     previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
     toggle = getattr(signal, "SIGUSR1", None) if group is None else None  # `kill -USR1 <pid>`: pause / go on
@@ -179,5 +182,36 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
             signal.signal(toggle, previous_toggle)
     if main:
         print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
+        if validation:
+            print(best_snapshot_line(saved, validation))
     return 0
+
+
+def _remember(event, saved: list[tuple[str, int]], validation: dict[int, float]) -> None:
+    from lora_trainer.train import Saved, Validation
+
+    if isinstance(event, Saved):
+        saved.append((event.path, event.step))
+    elif isinstance(event, Validation):
+        validation[event.step] = event.loss
+
+
+def best_snapshot_line(saved: list[tuple[str, int]], validation: dict[int, float]) -> str:
+    """The summary line naming the saved file with the lowest validation loss at its step.
+
+    Args:
+        saved (list[tuple[str, int]]): (file, step) of every file the run wrote.
+        validation (dict[int, float]): validation loss per step.
+
+    Returns:
+        str: "best snapshot: FILE (validation loss 0.1234 at step 8)", or the lowest loss's step when no file was
+        saved at a validated step.
+    """
+    from lora_trainer.grids.best_snapshot import best_snapshot, rank_snapshots
+
+    best = best_snapshot(rank_snapshots(saved, validation))
+    if best is not None:
+        return f"best snapshot: {best.label} (validation loss {best.loss:.4f} at step {best.step})"
+    step, loss = min(validation.items(), key=lambda item: item[1])
+    return f"lowest validation loss {loss:.4f} at step {step}; no file was saved at a validated step"
 

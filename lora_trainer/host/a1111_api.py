@@ -12,9 +12,11 @@ browser. Registered on the WebUI's FastAPI app (`on_app_started`); nothing here 
 - `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus.to_dict`), plus `compat`
   (the self-test of the saved file against the loaded model, once the job has ended). Always answers 200.
 - `POST /lora_trainer/v1/test/grid`: `{"prompt", "negative_prompt", "strengths": [...], "seeds": [...],
-  "snapshots": [...] (labels, optional), "steps", "cfg_scale", "sampler_name", "width", "height", "confirm"}`
-  renders a strength x snapshot x seed grid on the last run's LoRA in memory (`GridApi`); answers the grid PNG and
-  every cell as base64 PNG with its strength, seed and snapshot. 409 while a run is in progress.
+  "snapshots": [...] (labels, optional), "steps", "cfg_scale", "sampler_name", "width", "height", "confirm",
+  "weights": [...] (optional: "UNet + TE", "UNet only", block-weight presets or vectors)}` renders a strength x
+  snapshot x seed (x weights) grid on the last run's LoRA in memory (`GridApi`); answers the grid PNG, every cell as
+  base64 PNG with its strength, seed, snapshot and weights, and `best_snapshot` (the lowest validation loss among
+  the grid's snapshots, or null). 409 while a run is in progress.
 Errors are answered as `{"detail": message, "error": type}` (`api_routes.py`).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ GRID_FIELDS = {
     "width": BodyField("int", default=512, minimum=8, maximum=4096),
     "height": BodyField("int", default=512, minimum=8, maximum=4096),
     "confirm": BodyField("bool", default=False),
+    "weights": BodyField("list", items="str"),
 }
 START_FIELDS = {"config": BodyField("object"), "toml": BodyField("path"), "overrides": BodyField("object")}
 STOP_FIELDS = {"save": BodyField("bool", default=True)}
@@ -211,7 +214,7 @@ class GridApi:
             seeds=tuple(values["seeds"] if values["seeds"] is not None else (1,)),
             snapshots=tuple(values["snapshots"] or ()), steps=values["steps"], cfg_scale=values["cfg_scale"],
             sampler_name=values["sampler_name"], width=values["width"], height=values["height"],
-            confirmed=values["confirm"])
+            confirmed=values["confirm"], weights=tuple(values["weights"] or ()))
         try:
             outcome = self.service.run(request)
         except TrainingError as error:
@@ -219,9 +222,11 @@ class GridApi:
                 raise RequestError(str(error), status=409) from error
             raise
         result = outcome.result
-        return {"grid": _png_base64(result.image),
+        best = result.plan.best_snapshot  # the lowest validation loss among the grid's snapshots
+        return {"grid": _png_base64(result.image), "best_snapshot": best.label if best is not None else None,
                 "cells": [{"image": _png_base64(c.image), "strength": c.cell.strength, "seed": c.cell.seed,
-                           "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z}
+                           "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z,
+                           "weights": c.cell.weights.label if c.cell.weights is not None else None}
                           for c in result.cells],
                 "parameters": result.plan.describe(), "path": str(outcome.path) if outcome.path else None,
                 "lora": outcome.lora_name, "seconds": round(result.seconds, 3)}

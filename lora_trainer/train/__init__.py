@@ -33,6 +33,7 @@ _LAZY = {
     "Resumed": "lora_trainer.train.events",
     "SCHEDULERS": "lora_trainer.train.schedulers",
     "Sample": "lora_trainer.train.events",
+    "SampleInfo": "lora_trainer.train.events",
     "Validation": "lora_trainer.train.events",
     "ValidationResult": "lora_trainer.train.validation",
     "ValidationSplit": "lora_trainer.train.validation",

@@ -72,16 +72,33 @@ class Step:
 
 
 @dataclass(frozen=True)
+class SampleInfo:
+    """What one sample image shows.
+
+    Attributes:
+        prompt_index (int): the prompt's line among the prompt file's prompts, 1-based.
+        strength (float): the LoRA strength it was rendered at.
+        prompt (str, optional): the prompt text, defaults to "".
+    """
+
+    prompt_index: int
+    strength: float
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
 class Sample:
     """Sample images rendered during training.
 
     Attributes:
         step (int): global step.
         images (list): PIL images (or anything the sampler produced).
+        infos (list[SampleInfo]): one per image, in the same order (empty when the sampler gave none).
     """
 
     step: int
     images: list = field(default_factory=list)
+    infos: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,12 @@ class JobStatus:
         saved (list[str]): every LoRA file written, in order.
         losses (list[tuple[int, float]]): (step, loss) of every step.
         samples (list[str]): sample image files, in order.
+        sample_infos (list[tuple[int, int, float | None]]): (step, prompt number, strength) of each file in
+            `samples` (0 and None when the sampler did not say).
         validation_losses (list[tuple[int, float]]): (step, validation loss) of every validation.
         validation_per_concept (dict[str, float]): the last validation's loss per concept folder.
+        validation_concept_losses (list[tuple[int, dict[str, float]]]): (step, loss per concept folder) of every
+            validation.
         started_at (float, optional): `time.time()` at start.
         finished_at (float, optional): `time.time()` at the end.
     """
@@ -90,16 +94,20 @@ class JobStatus:
     saved: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    sample_infos: list[tuple[int, int, float | None]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     validation_per_concept: dict[str, float] = field(default_factory=dict)
+    validation_concept_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
 
     def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples),
+                                   sample_infos=list(self.sample_infos),
                                    validation_losses=list(self.validation_losses),
-                                   validation_per_concept=dict(self.validation_per_concept))
+                                   validation_per_concept=dict(self.validation_per_concept),
+                                   validation_concept_losses=list(self.validation_concept_losses))
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as a JSON-ready dict: `state` as text; NaN/inf (which JSON cannot carry) as None, each named
@@ -116,6 +124,9 @@ class JobStatus:
         data["validation_losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.validation_losses]
         data["validation_per_concept"] = {name: loss if _finite(loss) else None
                                           for name, loss in self.validation_per_concept.items()}
+        data["validation_concept_losses"] = [(step, {name: loss if _finite(loss) else None
+                                                     for name, loss in losses.items()})
+                                             for step, losses in self.validation_concept_losses]
         bad_losses = sum(not _finite(loss) for _, loss in self.losses + self.validation_losses)
         if bad_losses:
             replaced.append(f"{bad_losses} loss values")
@@ -351,21 +362,28 @@ class TrainingJob(PausableJob):
             handle.progress(event.step, event.total_steps)
 
     def _on_sample(self, event: Sample) -> None:
+        from lora_trainer.train.samples import sample_file_name
+
         folder = Path(self.config.save.output_dir) / "sample"
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+        paths, infos = [], []
+        known = len(event.infos) == len(event.images)
         for i, image in enumerate(event.images):
-            path = folder / f"{self.config.save.output_name}_{event.step:06d}_{i:02d}.png"
+            info = event.infos[i] if known else None
+            path = folder / sample_file_name(self.config.save.output_name, event.step, i, info)
             if hasattr(image, "save"):
                 image.save(path)
                 paths.append(str(path))
+                infos.append((event.step, info.prompt_index, info.strength) if info else (event.step, 0, None))
         with self._lock:
             self._status.samples.extend(paths)
+            self._status.sample_infos.extend(infos)
 
     def _on_validation(self, event: Validation) -> None:
         with self._lock:
             self._status.validation_losses.append((event.step, event.loss))
             self._status.validation_per_concept = dict(event.per_concept)
+            self._status.validation_concept_losses.append((event.step, dict(event.per_concept)))
 
     def _on_saved(self, event: Saved) -> None:
         with self._lock:

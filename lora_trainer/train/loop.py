@@ -356,7 +356,8 @@ class Trainer:
 
     def _sample(self, pos: _Position) -> None:
         if self.group.is_main:
-            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+            images = self.sampler.render(self.network)
+            self.events.emit(Sample(pos.global_step, images, self.sampler.image_infos()))
         self.group.barrier()
 
     def _save(self, pos: _Position, stem: str, final: bool = False) -> str:

@@ -124,9 +124,10 @@ def _controls(p: TrainPanel) -> None:
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
     p.c["refresh"] = gr.Button("Refresh status", size="sm", elem_id="lt-tr-refresh")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
-    p.c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
-                              tooltip=["step", "loss"], elem_id="lt-tr-loss")
-    p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
+    p.c["loss"] = gr.LinePlot(x="step", y="loss", color="series", title="Loss", label="Loss", height=240, width=440,
+                              tooltip=["series", "step", "loss"], elem_id="lt-tr-loss")
+    p.c["samples"] = gr.Gallery(label="Latest samples (newest first)", columns=4, height=260,
+                                elem_id="lt-tr-samples")
 
 
 def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str, models_dir: Path | None = None) -> None:
@@ -236,14 +237,14 @@ def _wire_run(p: TrainPanel) -> None:
 def _render(p: TrainPanel, seen):
     """The status outputs for the manager's job now; the plot and gallery only when they changed."""
     status = p.manager.status()
-    key = (id(p.manager.last), status.state.value, status.step, len(status.samples))
+    key = (id(p.manager.last), status.state.value, status.step, len(status.validation_losses), len(status.samples))
     plot = samples = gr.update()
-    if seen is None or seen[:3] != key[:3]:
+    if seen is None or seen[:4] != key[:4]:
         import pandas as pd
 
         plot = pd.DataFrame(views.loss_rows(status))
-    if seen is None or seen[0] != key[0] or seen[3] != key[3]:
-        samples = list(reversed(status.samples[-8:]))
+    if seen is None or seen[0] != key[0] or seen[4] != key[4]:
+        samples = views.sample_gallery(status)
     return status, [key, views.status_markdown(status), plot, samples]
 
 
