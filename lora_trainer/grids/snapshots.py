@@ -123,6 +123,11 @@ class FileSnapshot:
             logger.info("grid: loaded %s (%d modules)", self.path.name, len(network.loras))
         return self._network
 
+    @property
+    def network(self):
+        """The loaded `LoRANetwork` (None before the first `apply`)."""
+        return self._network
+
     def apply(self, adapter, strength: float) -> None:
         """Put the file's LoRA on `adapter`'s model at `strength` (idempotent; a new strength acts at once).
 
@@ -157,6 +162,11 @@ class LiveSnapshot:
         self.live = live
         self.label = label
         self._multiplier_before = float(live.multiplier)
+
+    @property
+    def network(self):
+        """The `LoRANetwork` in memory."""
+        return self.live.network
 
     def apply(self, adapter, strength: float) -> None:
         """Put the LoRA on `adapter`'s model at `strength`; idempotent."""

@@ -20,6 +20,8 @@ from lora_trainer.grids import (
     LiveSnapshot, RenderSettings, check_cell_limit, estimate_grid, grid_path_beside, measure_speed, plan_grid,
     prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis, with_ema_files,
 )
+from lora_trainer.grids.best_snapshot import SnapshotValidation, best_snapshot, lora_file_step, rank_snapshots
+from lora_trainer.grids.weights import weights_axis
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class GridRequest:
         sampler_name (str, optional): one of the host's samplers, defaults to "Euler a".
         width (int, optional): defaults to 512. height (int, optional): defaults to 512.
         confirmed (bool, optional): render even above the cell limit, defaults to False.
+        weights (tuple[str, ...], optional): a module-weights axis ("UNet + TE", "UNet only", LoRA Block Weight
+            presets or vectors; `grids.parse_weights`), defaults to none (the whole LoRA).
     """
 
     prompt: str
@@ -55,6 +59,7 @@ class GridRequest:
     width: int = 512
     height: int = 512
     confirmed: bool = False
+    weights: tuple[str, ...] = ()
 
 
 @dataclass
@@ -90,9 +95,15 @@ class GridService:
     def host(self):
         return self.manager.host
 
+    def _busy(self) -> bool:
+        """A run holds the model (running, not paused)."""
+        current = self.manager.current
+        return current is not None and not current.paused
+
     def _job(self):
-        if self.manager.current is not None:
-            raise TrainingError("grid: a training run is in progress. Wait until it ends (or stop it), then test.")
+        if self._busy():
+            raise TrainingError("grid: a training run is in progress. Pause it, or wait until it ends (or stop "
+                                "it), then test.")
         job = self.manager.last
         if job is None:
             raise TrainingError("grid: nothing trained yet. Train a LoRA first; the grid renders the last run.")
@@ -102,7 +113,7 @@ class GridService:
         """Labels of the snapshots of the last run: saved files in order (each EMA file after its LoRA file), then
         "in memory" and "in memory (EMA)" (empty before a run)."""
         job = self.manager.last
-        if job is None or self.manager.current is not None:
+        if job is None or self._busy():
             return []
         labels = [snapshot_label(path) for path in with_ema_files(job.status().saved)]
         return list(dict.fromkeys(labels)) + list(_live_snapshots(job))
@@ -163,6 +174,36 @@ class GridService:
         """
         return self._snapshots(self._job(), tuple(labels))
 
+    def _ranked(self, job, snapshots: list) -> list[SnapshotValidation]:
+        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory the last step's (EMA
+        weights have none: validation measures the raw ones)."""
+        status = job.status()
+        steps = [(s.label, lora_file_step(s.path) if isinstance(s, FileSnapshot) else
+                  status.step if isinstance(s, LiveSnapshot) and s.label == IN_MEMORY else None) for s in snapshots]
+        return rank_snapshots(steps, dict(status.validation_losses))
+
+    def best_snapshot(self) -> SnapshotValidation | None:
+        """The last run's snapshot with the lowest validation loss (None without validation, or before a run).
+
+        Returns:
+            SnapshotValidation | None: its label, step and loss.
+        """
+        job = self.manager.last
+        if job is None or self.manager.current is not None or not job.status().validation_losses:
+            return None
+        return best_snapshot(self._ranked(job, self._snapshots(job, ())))
+
+    def presets(self):
+        """Built-in block-weight presets, then LoRA Block Weight's file in the WebUI (when installed).
+
+        Returns:
+            PresetBook: the presets the weights axis looks names up in.
+        """
+        from lora_trainer.tools.presets import load_presets
+
+        webui_dir = getattr(self.host, "webui_dir", None)
+        return load_presets((), webui_dir() if callable(webui_dir) else None)
+
     def release_memory(self) -> None:
         """Give the host its GPU memory back after a grid: the LoRA in memory goes to the CPU when the host keeps
         idle LoRAs there (the WebUI's setting)."""
@@ -189,8 +230,13 @@ class GridService:
         settings = GridSettings(request.prompt, render, request.negative_prompt)
         settings.check()
         self.host.check_sampler(request.sampler_name)
+        snapshots = self._snapshots(job, tuple(request.snapshots))
+        ranked = self._ranked(job, snapshots)  # the lowest validation loss is marked on the snapshot axis
+        weights = weights_axis(request.weights, self.presets()) if request.weights else None
         plan = plan_grid(settings, strength_axis(request.strengths),
-                         snapshot_axis(self._snapshots(job, tuple(request.snapshots))), seed_axis(request.seeds))
+                         snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds),
+                         weights=weights)
+        plan.best_snapshot = best_snapshot(ranked)
         check_cell_limit(plan, self.cell_limit, confirmed=request.confirmed)
         return plan
 

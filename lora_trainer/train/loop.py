@@ -27,6 +27,7 @@ from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
 from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
 from lora_trainer.train.optimizers import build_optimizer, current_lr
+from lora_trainer.train.pause import pause_here
 from lora_trainer.train.preflight import Preflight, check_before_model, describe_plan
 from lora_trainer.train.resources import check_resources
 from lora_trainer.train.preparation import (
@@ -82,16 +83,19 @@ class Trainer:
         group (ProcessGroup, optional): the data-parallel processes training together (`train/distributed.py`);
             each trains on its share of every global batch and only the main one writes files, logs and samples.
             Defaults to this process alone.
+        host_job (JobHandle, optional): the host's job; its `paused()` lends the model out while paused
+            (`train/pause.py`), defaults to None (nothing to let go of).
     """
 
     def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None,
-                 preflight: Preflight | None = None, group: ProcessGroup | None = None):
+                 preflight: Preflight | None = None, group: ProcessGroup | None = None, host_job=None):
         self.config = config
         self.group = group or ProcessGroup()
         self.adapter = adapter
         self.events = events or EventBus()
         self.commands = commands or TrainCommands()
         self.preflight = preflight
+        self.host_job = host_job
         self._last_saved: str | None = None
         self._validated_at: int | None = None
 
@@ -144,7 +148,7 @@ class Trainer:
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            offload_vae=self.data.dataset.cache is not None,
-                           offload_text_encoders=self.data.text_cache is not None):
+                           offload_text_encoders=self.data.text_cache is not None) as self.model_modes:
             self.network.apply()
             self.network.train()
             try:
@@ -234,6 +238,8 @@ class Trainer:
         self.tracker = ProgressTracker(plan.total_steps, done=pos.global_step)
         while pos.global_step < plan.total_steps:
             for group in self._step_groups(pos.epoch, pos.step_in_epoch):
+                if self.commands.pause_requested and pos.global_step < plan.total_steps:
+                    pause_here(self, pos.global_step, pos.epoch + 1)
                 if self.group.any(self.commands.stop_requested):
                     return self._stop(pos)
                 if pos.global_step >= plan.total_steps:
@@ -350,7 +356,8 @@ class Trainer:
 
     def _sample(self, pos: _Position) -> None:
         if self.group.is_main:
-            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+            images = self.sampler.render(self.network)
+            self.events.emit(Sample(pos.global_step, images, self.sampler.image_infos()))
         self.group.barrier()
 
     def _save(self, pos: _Position, stem: str, final: bool = False) -> str:

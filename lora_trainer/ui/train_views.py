@@ -15,6 +15,7 @@ from lora_trainer.config import (
     VERSION_KEY, TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
 )
 from lora_trainer.errors import ConfigError
+from lora_trainer.ui.train_plots import loss_rows, sample_caption, sample_gallery
 
 NO_PRESET = "(defaults)"
 
@@ -84,6 +85,11 @@ FORM: tuple[FormField, ...] = (
     _f("multires_noise_iterations", "int", "Multires noise iterations", "Noise and loss"),
     _f("multires_noise_discount", "float", "Multires noise discount", "Noise and loss"),
     _f("min_snr_gamma", "text", "Min-SNR gamma (empty: off)", "Noise and loss"),
+    _f("validation_split", "float", "Held-out share of each concept folder (0: no validation)", "Validation"),
+    _f("validation_seed", "text", "Validation seed (empty: the run's seed)", "Validation"),
+    _f("validate_every_n_steps", "text", "Validate every N steps", "Validation"),
+    _f("validate_every_n_epochs", "text", "Validate every N epochs (empty: every epoch)", "Validation"),
+    _f("max_validation_steps", "text", "Held-out images per validation (empty: all)", "Validation"),
     _f("mixed_precision", "choice", "Mixed precision", "Precision and memory", MIXED_PRECISIONS),
     _f("save_precision", "choice", "Save precision", "Precision and memory", SAVE_PRECISIONS),
     _f("gradient_checkpointing", "bool", "Gradient checkpointing", "Precision and memory"),
@@ -293,6 +299,15 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _validation_line(status) -> list[str]:
+    finite = [(step, loss) for step, loss in getattr(status, "validation_losses", []) if math.isfinite(loss)]
+    if not finite:
+        return []
+    best_step, best = min(finite, key=lambda point: point[1])
+    step, loss = finite[-1]
+    return ["", f"validation loss {loss:.4f} at step {step} (lowest {best:.4f} at step {best_step})"]
+
+
 def status_markdown(status) -> str:
     """A `JobStatus` as Markdown: state, step/total, epoch, loss, lr, it/s, ETA, message, files.
 
@@ -314,6 +329,7 @@ def status_markdown(status) -> str:
     plan = getattr(status, "plan", "")
     if plan and plan not in status.message:
         lines += ["", plan]
+    lines += _validation_line(status)
     if status.lora_path:
         lines += ["", f"LoRA: `{status.lora_path}`"]
     elif status.saved:
@@ -321,27 +337,9 @@ def status_markdown(status) -> str:
     return "\n".join(lines)
 
 
-def loss_rows(status, limit: int = 2000) -> dict[str, list]:
-    """The loss curve as columns for a line plot (evenly thinned to at most `limit` points).
-
-    Args:
-        status (JobStatus): the snapshot.
-        limit (int, optional): most points, defaults to 2000.
-
-    Returns:
-        dict: {"step": [...], "loss": [...]}.
-    """
-    losses = status.losses
-    if len(losses) > limit:
-        stride = math.ceil(len(losses) / limit)
-        losses = losses[::stride] + ([losses[-1]] if (len(losses) - 1) % stride else [])
-    return {"step": [s for s, _ in losses], "loss": [float(v) for _, v in losses]}
-
-
 __all__ = [
     "ADVANCED_GROUPS", "BASIC_GROUPS", "FORM", "FORM_KEYS", "NO_PRESET", "FormField", "base_config",
     "config_from_text", "config_to_form", "form_to_config", "loss_rows", "preset_choices", "prompts_file",
-    "prompts_folder",
-    "status_markdown",
+    "prompts_folder", "sample_caption", "sample_gallery", "status_markdown",
     "toml_text",
 ]
