@@ -131,3 +131,26 @@ def test_forge_blocks_train_with_their_in_place_adds_made_out_of_place():
     assert torch.equal(out, expected)
     out.pow(2).sum().backward()
     assert torch.allclose(block.proj.weight.grad, grad)
+
+
+def test_quantised_unet_storage_is_refused_with_the_checkpoint_route():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.host.forge import refuse_quantised
+
+    def engine(storage, dtype):
+        kmodel = nn.Linear(4, 4).to(dtype)
+        kmodel.storage_dtype = storage
+        unet = SimpleNamespace(model=kmodel)
+        info = SimpleNamespace(filename="model.safetensors")
+        return SimpleNamespace(forge_objects=SimpleNamespace(unet=unet), sd_checkpoint_info=info)
+
+    refuse_quantised(engine(torch.float16, torch.float16))
+    for storage, dtype in (("nf4", torch.float32), ("gguf", torch.float32), (torch.float8_e4m3fn, torch.float8_e4m3fn),
+                           (torch.float32, torch.float8_e5m2)):
+        with pytest.raises(ModelLoadError) as info:
+            refuse_quantised(engine(storage, dtype))
+        assert "float weights" in str(info.value) and "model.safetensors" in str(info.value)
