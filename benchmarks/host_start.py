@@ -159,6 +159,8 @@ def main() -> None:
     pid = args.pid or find_pid(int(args.url.rsplit(":", 1)[1].split("/")[0]))
     model = call(args.url, "/sdapi/v1/options")["sd_model_checkpoint"]
     print(f"WebUI pid {pid}, model {model}, {os.cpu_count()} CPUs")
+    if args.lazy_load:  # the model is loaded by the first generation; the runs measure training on a loaded model
+        call(args.url, "/sdapi/v1/txt2img", {"prompt": "box", "steps": 1, "width": 64, "height": 64})
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or tiny_dataset(Path(tmp) / "data")
         runs = [time_to_first_step(args.url, pid, data, Path(tmp) / "out", args.steps, args.resolution)
