@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -61,8 +62,6 @@ def rss_bytes() -> int:
     """This process's resident memory now (Linux `/proc`; 0 elsewhere)."""
     try:
         with open("/proc/self/statm", encoding="ascii") as handle:
-            import os
-
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
