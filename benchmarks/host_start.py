@@ -103,8 +103,8 @@ def time_to_first_step(url: str, pid: int, data: Path, out: Path, steps: int, re
         raise SystemExit(f"the run did not finish: {status['message']}")
     lora_bytes = Path(status["lora_path"]).stat().st_size
     return {"ready_s": ready, "first_step_s": first, "run_s": total, "steps": status["step"],
-            "rss_before_mb": rss_before, "rss_first_step_mb": rss_first, "rss_peak_mb": peak.peak_mb, "rss_after_mb": rss_mb(pid),
-            "lora_mb": lora_bytes / 2**20, "lora_train_state_mb": 4 * lora_bytes / 2**20,
+            "rss_before_mb": rss_before, "rss_first_step_mb": rss_first, "rss_peak_mb": peak.peak_mb,
+            "rss_after_mb": rss_mb(pid), "lora_mb": lora_bytes / 2**20, "lora_train_state_mb": 4 * lora_bytes / 2**20,
             "lora_path": status["lora_path"]}
 
 
