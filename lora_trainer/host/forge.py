@@ -232,7 +232,7 @@ class ForgeHost(A1111Host):
     @contextlib.contextmanager
     def prepare_model(self, config):
         """Hand out Forge's loaded model as a ForgeAdapter and take it back as it was (see module doc)."""
-        _, memory_management, _, emphasis, _ = _forge()
+        memory_management = _forge()[1]
         with self._lock.held():
             engine = self.loaded_engine()
             engine_architecture(engine)
@@ -242,14 +242,32 @@ class ForgeHost(A1111Host):
             tree = nn.ModuleList(roots)
             before = self._fingerprint(tree)
             self.last_conversion = self._make_ordinary(roots)
-            adapter = ForgeAdapter(engine, emphasis.get_current_option("None")(), model_id=self.model_hash(engine))
-            info = self.checkpoint_info(engine)
-            adapter.checkpoint_sha256 = getattr(info, "sha256", None) if info is not None else None
+            adapter = self.adapter(engine)
             self.check_compat(adapter, include_conv=bool(config.network.conv_dim))
             with borrowed_model(tree, adapter, "Forge's loaded model"), torch.inference_mode(False), \
                     torch.enable_grad():
                 yield adapter
             self._check_unchanged(tree, before)
+
+    def adapter(self, sd_model):
+        """The ForgeAdapter over Forge's engine (captions taken literally, the checkpoint's hashes attached).
+
+        Args:
+            sd_model: `shared.sd_model` (a loaded Forge engine).
+
+        Returns:
+            ForgeAdapter: the adapter.
+        """
+        emphasis = _forge()[3]
+        adapter = ForgeAdapter(sd_model, emphasis.get_current_option("None")(), model_id=self.model_hash(sd_model))
+        info = self.checkpoint_info(sd_model)
+        adapter.checkpoint_sha256 = getattr(info, "sha256", None) if info is not None else None
+        return adapter
+
+    def grid_session(self, config):
+        """Test grids render through A1111's processing objects, which Forge's LoRA patchers do not follow yet."""
+        raise ModelLoadError("Forge: test grids of the LoRA in memory are not available on Forge yet. Use the saved "
+                             "snapshots in txt2img (<lora:NAME:strength>) or its X/Y/Z plot with Prompt S/R.")
 
     def _make_ordinary(self, roots):
         rss = rss_bytes()
