@@ -58,13 +58,26 @@ def forge_networks():
     return module if module is not None and hasattr(module, "load_lora_state_dict") else None
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux `/proc`; 0 elsewhere)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (`VmRSS`) or at its peak (`VmHWM`), from Linux `/proc`; 0 elsewhere."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start `VmHWM` (peak resident memory) again from the current RSS (Linux `clear_refs` 5); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _LentQueueLock(_QueueLock):
@@ -271,10 +284,12 @@ class ForgeHost(A1111Host):
 
     def _make_ordinary(self, roots):
         rss = rss_bytes()
+        measured = reset_peak_rss()
         report = make_ordinary(roots)
-        logger.info("handshake 3: %d inference tensors (%.1f MiB) made ordinary in place; largest copy %.1f MiB, "
-                    "resident memory %+.1f MiB", report.converted, report.bytes / 2**20,
-                    report.peak_extra_bytes / 2**20, (rss_bytes() - rss) / 2**20)
+        peak = f"peak {(rss_bytes('VmHWM') - rss) / 2**20:+.1f} MiB" if measured else "peak not measurable here"
+        logger.info("handshake 3: %d inference tensors (%.1f MiB) made ordinary in place; largest copy %.1f MiB; "
+                    "resident memory %+.1f MiB, %s", report.converted, report.bytes / 2**20,
+                    report.peak_extra_bytes / 2**20, (rss_bytes() - rss) / 2**20, peak)
         return report
 
     def _fingerprint(self, tree: nn.Module) -> str | None:
