@@ -72,6 +72,13 @@ def test_inference_weights_block_backward_until_made_ordinary():
     assert state_fingerprint(model) == fingerprint
 
 
+def test_make_ordinary_hands_freed_memory_back_as_it_goes():
+    calls = []
+    model = _inference_model()
+    make_ordinary([model], release=lambda: calls.append(1), release_every=256 * 64 * 4)
+    assert len(calls) == 2  # after each of the two 64 KiB weights
+
+
 def test_make_ordinary_leaves_ordinary_tensors_alone():
     model = nn.Linear(4, 4)
     weight = model.weight

@@ -246,7 +246,7 @@ class OrdinaryReport:
     peak_extra_bytes: int = 0
 
 
-def make_ordinary(roots: list[nn.Module]) -> OrdinaryReport:
+def make_ordinary(roots: list[nn.Module], release=None, release_every: int = 256 * 2**20) -> OrdinaryReport:
     """Turn every inference tensor (made under `torch.inference_mode`) under `roots` into an ordinary tensor in place.
 
     Autograd cannot save an inference tensor for backward, so frozen weights a LoRA's gradient flows through must be
@@ -255,11 +255,15 @@ def make_ordinary(roots: list[nn.Module]) -> OrdinaryReport:
 
     Args:
         roots (list[nn.Module]): the modules to convert (a tree may be shared between roots).
+        release (callable, optional): called after every `release_every` bytes converted, to hand the freed
+            originals back to the system (the host passes `malloc_trim`), defaults to None.
+        release_every (int, optional): bytes between `release` calls, defaults to 256 MiB.
 
     Returns:
         OrdinaryReport: counts and the peak extra memory.
     """
     report = OrdinaryReport()
+    since_release = 0
     seen: set[int] = set()
     with torch.inference_mode(False), torch.no_grad():
         for root in roots:
@@ -281,4 +285,8 @@ def make_ordinary(roots: list[nn.Module]) -> OrdinaryReport:
                         report.bytes += size
                         report.peak_extra_bytes = max(report.peak_extra_bytes, size)
                         del tensor, copy
+                        since_release += size
+                        if release is not None and since_release >= release_every:
+                            release()
+                            since_release = 0
     return report
