@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.grids.plan import Render, RenderSettings
-from lora_trainer.host.a1111 import restore_merged_loras, webui_shared
+from lora_trainer.host.a1111 import webui_shared
 from lora_trainer.host.handshake import state_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def grid_session(host, config):
         if sd_model is None:
             raise ModelLoadError("WebUI: no model is loaded. Pick a checkpoint at the top of the page first.")
         _check_same_model(host, sd_model, config)
-        restore_merged_loras(sd_model)
+        host.take_off_prompt_loras(sd_model)
         before = state_fingerprint(sd_model)
         adapter = host.adapter(sd_model)
         invalidate_cond_cache()
@@ -148,7 +148,7 @@ def grid_session(host, config):
             failed = False
         finally:
             invalidate_cond_cache()
-            restore_merged_loras(sd_model)  # a <lora:...> in the grid's prompt is merged until the next generation
+            host.take_off_prompt_loras(sd_model)  # a <lora:...> in the grid's prompt stays merged until the next one
             changed = state_fingerprint(sd_model) != before
             if changed:
                 logger.error("grid: the model's weights differ from before the grid")

@@ -1,0 +1,163 @@
+"""reForge's model objects made ready for training, through reForge's own memory manager and patchers.
+
+reForge keeps A1111's ldm object (`shared.sd_model`) and puts ComfyUI-style patchers beside it in
+`sd_model.forge_objects` (`unet`, `clip`, `vae`); `forge_objects_original` holds the patchers without prompt
+LoRAs. A prompt LoRA is a patched clone of the UNet/CLIP patcher: its weights are merged into the shared modules
+when the clone is loaded (`ModelPatcher.patch_weight_to_device`, the originals kept in the patcher's `backup`,
+which all clones share) and taken out when another clone of the same model is loaded. So loading the original
+patchers fully (`load_models_gpu(..., force_full_load=True)`) both takes every merged LoRA off with reForge's own
+unpatch and makes the weights fully resident. Functions here get reForge's objects passed in; only `reforge.py`
+imports reForge.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lora_trainer.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+UNET_KEY_PREFIX = "diffusion_model."
+
+
+@dataclass
+class ResidentReport:
+    """What `make_resident` did.
+
+    Attributes:
+        unpatched (list[str]): UNet weight keys ("diffusion_model....") that had a prompt LoRA merged in.
+        patchers (int): patchers loaded (UNet, CLIP, VAE).
+    """
+
+    unpatched: list[str] = field(default_factory=list)
+    patchers: int = 0
+
+
+def original_patchers(sd_model) -> list:
+    """The patchers without prompt LoRAs: UNet, CLIP (its `.patcher`) and VAE (its `.patcher`), those present."""
+    objects = sd_model.forge_objects_original
+    found = [objects.unet]
+    found += [getattr(part, "patcher", None) for part in (objects.clip, objects.vae) if part is not None]
+    return [patcher for patcher in found if patcher is not None]
+
+
+def check_sampler_modules(sd_model) -> None:
+    """Refuse a model whose ldm attributes are not the modules reForge's sampler and text encoder call.
+
+    Raises:
+        ModelLoadError: `sd_model.model.diffusion_model` is not `forge_objects_original.unet.model.diffusion_model`.
+    """
+    sampled = sd_model.forge_objects_original.unet.model.diffusion_model
+    if sd_model.model.diffusion_model is not sampled:
+        raise ModelLoadError("reForge: shared.sd_model.model.diffusion_model is not the UNet reForge samples with "
+                             "(forge_objects.unet); an extension replaced it. Disable that extension, reload the "
+                             "checkpoint and start again.")
+
+
+def make_resident(sd_model, model_management) -> ResidentReport:
+    """Take prompt LoRAs off and load UNet, CLIP and VAE fully, with reForge's memory manager (run it on reForge's
+    main thread).
+
+    Args:
+        sd_model: `shared.sd_model` (with `forge_objects_original`).
+        model_management: `ldm_patched.modules.model_management`.
+
+    Returns:
+        ResidentReport: the UNet keys that were unpatched.
+
+    Raises:
+        ModelLoadError: weight patches on the original patchers (an extension's), or a model left partly loaded
+            (reForge's --always-no-vram / low-VRAM modes).
+    """
+    patchers = original_patchers(sd_model)
+    unet = patchers[0]
+    unpatched = sorted(key for key in unet.backup if key.startswith(UNET_KEY_PREFIX))
+    for patcher in patchers:
+        if patcher.patches:
+            raise ModelLoadError(
+                f"reForge: the base {type(patcher.model).__name__} carries weight patches of an extension "
+                f"({len(patcher.patches)} keys). Training would learn on top of them; turn that extension off, "
+                "reload the checkpoint and start again.")
+    model_management.load_models_gpu(patchers, force_full_load=True)
+    for patcher in patchers:
+        model = patcher.model
+        if getattr(model, "model_lowvram", False):
+            raise ModelLoadError(
+                f"reForge: {type(model).__name__} is only partly loaded (low-VRAM mode: weights stream in during "
+                "each step, which training cannot go through). Restart reForge without --always-no-vram / "
+                "--always-low-vram, or train with `python -m lora_trainer train` on the checkpoint file.")
+        if patcher.backup:
+            raise ModelLoadError(f"reForge: {len(patcher.backup)} weights of {type(model).__name__} still hold a "
+                                 "merged LoRA after unpatching. Reload the checkpoint and start again.")
+    logger.info("reForge: %d patchers fully loaded, %d UNet weights had a prompt LoRA taken off", len(patchers),
+                len(unpatched))
+    return ResidentReport(unpatched=unpatched, patchers=len(patchers))
+
+
+def ordinary_tensors(root: nn.Module) -> int:
+    """Turn inference tensors under `root` into ordinary ones, one tensor at a time (no second copy of the model).
+
+    reForge loads under `no_grad`, but generation runs under `torch.inference_mode()`: weights moved or patched
+    there are inference tensors, which autograd refuses to save for backward. Values and Parameter objects stay.
+
+    Args:
+        root (nn.Module): the model.
+
+    Returns:
+        int: how many tensors were replaced.
+    """
+    replaced = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for module in root.modules():
+            for param in module.parameters(recurse=False):
+                if param.is_inference():
+                    param.data = param.data.clone()
+                    replaced += 1
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_inference():
+                    module._buffers[name] = buf.clone()
+                    replaced += 1
+    if replaced:
+        logger.info("reForge: %d inference tensors made ordinary (in place)", replaced)
+    return replaced
+
+
+@contextlib.contextmanager
+def original_objects(sd_model):
+    """Let `sd_model.forge_objects` be the LoRA-free patchers for the block (the text encoder wrappers load
+    `forge_objects.clip`, which after a generation with a prompt LoRA is that LoRA's patched clone)."""
+    saved = sd_model.forge_objects
+    sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+    try:
+        yield
+    finally:
+        sd_model.forge_objects = saved
+
+
+@contextlib.contextmanager
+def clip_loading_paused(forge_clip):
+    """No `move_clip_to_gpu` per caption batch for the block: the CLIP is already resident, and each call would run
+    reForge's memory manager, which may evict part of the training UNet to make room.
+
+    Args:
+        forge_clip: `modules_forge.forge_clip`.
+    """
+    saved = forge_clip.move_clip_to_gpu
+    forge_clip.move_clip_to_gpu = _already_resident
+    try:
+        yield
+    finally:
+        forge_clip.move_clip_to_gpu = saved
+
+
+def _already_resident() -> None:
+    """Stands in for `move_clip_to_gpu` while a training job holds the model (loaded by `make_resident`)."""
+
+
+__all__ = ["ResidentReport", "check_sampler_modules", "clip_loading_paused", "make_resident", "ordinary_tensors",
+           "original_objects", "original_patchers"]
