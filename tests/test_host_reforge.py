@@ -1,6 +1,5 @@
-"""The reForge host's parts that run without reForge: its main-thread queue holder (on a real worker loop shaped
-like reForge's), inference tensors made ordinary, the self-test on a key map, and the adapters over the real ldm
-modules of a tiny SD1 model (reForge's own ComfyUI classes are covered by tests/forge/test_reforge.py)."""
+"""The reForge host's parts that run without reForge: its main-thread queue (on a real worker loop shaped like
+reForge's), the self-test on a key map, and the adapters over the real ldm modules of a tiny SD1 model (reForge's own ComfyUI classes are covered by tests/forge/test_reforge.py)."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +11,6 @@ from torch import nn
 
 from lora_trainer.host.reforge_adapter import ReForgeLdmAdapter, penultimate_only, sample_latents
 from lora_trainer.host.reforge_keys import check_names, module_index
-from lora_trainer.host.reforge_model import ordinary_tensors
 from lora_trainer.host.reforge_queue import MainThreadWorker
 
 
@@ -84,23 +82,23 @@ def test_a_call_without_holding_the_queue_is_refused(worker_loop):
         MainThreadWorker(lambda: worker_loop).call(print)
 
 
-def test_inference_tensors_become_ordinary_in_place_with_the_same_values():
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    with torch.inference_mode():  # what moving or patching weights during generation leaves behind
-        for module in model.modules():
-            for param in module.parameters(recurse=False):
-                param.data = param.data.clone()
-        model[1].running_mean = model[1].running_mean.clone()
-    lora = nn.Linear(4, 4)
-    x = torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-        (model[0](lora(x))).sum().backward()
-    weight, before = model[0].weight, {k: v.clone() for k, v in model.state_dict().items()}
-    assert ordinary_tensors(model) == 5  # 2 weights, 2 biases, 1 buffer
-    assert model[0].weight is weight and not weight.is_inference()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    (model[0](lora(x))).sum().backward()
-    assert lora.weight.grad is not None and ordinary_tensors(model) == 0
+def test_a_job_body_runs_as_one_task_and_its_holds_and_calls_run_inline(worker_loop):
+    worker = MainThreadWorker(lambda: worker_loop)
+
+    def body():
+        with worker.held(), worker.held():  # prepare_model and job inside the body
+            return threading.get_ident(), worker.call(threading.get_ident)
+
+    assert worker.run(body) == (worker_loop.thread.ident, worker_loop.thread.ident)
+    assert not worker.holding
+
+    def fail():
+        raise ValueError("model: broken. Reload it.")
+
+    with pytest.raises(ValueError, match="broken"):
+        worker.run(fail)
+    with worker.held():  # a later grid from another thread still gets the worker
+        assert worker.call(threading.get_ident) == worker_loop.thread.ident
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,20 @@ processing, the X/Y/Z plot script), so `ReForgeHost` is `A1111Host` with these d
   already resident, so that call is paused (`clip_loading_paused`), and `forge_objects` points at the LoRA-free
   patchers.
 - Task queue: txt2img/img2img from the UI hold the queue lock, then run as a task on `modules_forge.main_thread`;
-  the API holds the queue lock and runs in its own thread. A job holds the queue lock, then the main-thread queue
-  (`reforge_queue.MainThreadWorker`), and loads models on that thread; a generation sent meanwhile waits, then runs.
+  the API holds the queue lock and runs in its own thread. A training job's thread holds the queue lock and lends
+  it to the job's body, which runs as a task on the main-thread queue (`run_job`, as on Forge); a test grid from a
+  request holds the queue lock, then the main-thread queue, and loads models on it (`reforge_queue`). A generation
+  sent meanwhile waits, then runs.
 - Memory: reForge may leave a model partly loaded (low-VRAM modes) or offloaded to the CPU; `make_resident` loads
   fully and refuses a model still partly loaded. Generation runs under `torch.inference_mode()`, so weights it moved
-  or patched are inference tensors: `ordinary_tensors` turns them into ordinary ones in place before training.
+  or patched are inference tensors: `handshake.make_ordinary` turns them into ordinary ones in place before training.
 - X/Y/Z plot: reForge's `scripts/xyz_grid.py` has A1111's `AxisOption`; our axes register unchanged.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -39,11 +42,12 @@ import torch
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.host.a1111 import A1111Host, lora_extension
 from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
-from lora_trainer.host.handshake import borrowed_model
+from lora_trainer.host.forge import _LentQueueLock, rss_bytes
+from lora_trainer.host.handshake import borrowed_model, make_ordinary, state_fingerprint
 from lora_trainer.host.reforge_adapter import ReForgeLdmAdapter, ReForgeSgmAdapter
 from lora_trainer.host.reforge_keys import check_names, module_index
 from lora_trainer.host.reforge_model import (
-    UNET_KEY_PREFIX, check_sampler_modules, clip_loading_paused, make_resident, ordinary_tensors, original_objects,
+    UNET_KEY_PREFIX, check_sampler_modules, clip_loading_paused, make_resident, original_objects,
 )
 from lora_trainer.host.reforge_queue import MainThreadWorker
 
@@ -95,7 +99,29 @@ class ReForgeHost(A1111Host):
 
     def __init__(self, lora_dir=None, verify_weights: bool = True):
         super().__init__(lora_dir=lora_dir, verify_weights=verify_weights)
+        self._lock = _LentQueueLock()
         self.main_thread = MainThreadWorker(lambda: _reforge().main_thread)
+        self.last_conversion = None
+
+    def run_job(self, work):
+        """Run a training job's body as a task on reForge's main-thread queue, where its generation runs; the
+        calling thread holds the generation queue lock meanwhile and lends it to the task.
+
+        Args:
+            work (callable): no arguments.
+
+        Returns:
+            What `work` returns; its exception is raised here again.
+        """
+        def lent():
+            self._lock.lent_to = threading.get_ident()
+            try:
+                return work()
+            finally:
+                self._lock.lent_to = None
+
+        with self._lock.held():
+            return self.main_thread.run(lent)
 
     @contextlib.contextmanager
     def job(self, title: str, total_steps: int):
@@ -118,13 +144,33 @@ class ReForgeHost(A1111Host):
             report = self.main_thread.call(make_resident, sd_model, forge.model_management)
             if self.verify_weights:
                 self._verify_unet(sd_model, report.unpatched)
-            ordinary_tensors(sd_model)
+            self.last_conversion = self._make_ordinary(sd_model)
+            before = state_fingerprint(sd_model) if logger.isEnabledFor(logging.DEBUG) else None
             adapter = self.adapter(sd_model)
             self.check_compat(adapter, include_conv=bool(config.network.conv_dim))
             with original_objects(sd_model), clip_loading_paused(forge.forge_clip), \
                     borrowed_model(sd_model, adapter, "reForge's loaded model"), torch.inference_mode(False), \
                     torch.enable_grad():
                 yield adapter
+            if before is not None:
+                self._check_unchanged(sd_model, before)
+
+    @staticmethod
+    def _make_ordinary(sd_model):
+        rss = rss_bytes()
+        report = make_ordinary([sd_model])
+        logger.info("handshake 3: %d inference tensors (%.1f MiB) made ordinary in place; largest copy %.1f MiB, "
+                    "resident memory %+.1f MiB", report.converted, report.bytes / 2**20,
+                    report.peak_extra_bytes / 2**20, (rss_bytes() - rss) / 2**20)
+        return report
+
+    @staticmethod
+    def _check_unchanged(sd_model, before: str) -> None:
+        after = state_fingerprint(sd_model)
+        if after != before:
+            raise ModelLoadError("reForge: the model's weights differ after the run. Reload the checkpoint (pick it "
+                                 "again at the top of the page) before generating.")
+        logger.info("handshake: weights bit-identical after the run (sha256 %s)", after[:16])
 
     def adapter(self, sd_model):
         """The ModelAdapter over reForge's model (SD1/SD2: `ReForgeLdmAdapter`, SDXL: `ReForgeSgmAdapter`) with the

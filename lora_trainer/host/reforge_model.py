@@ -15,9 +15,6 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
 from lora_trainer.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -99,34 +96,6 @@ def make_resident(sd_model, model_management) -> ResidentReport:
     return ResidentReport(unpatched=unpatched, patchers=len(patchers))
 
 
-def ordinary_tensors(root: nn.Module) -> int:
-    """Turn inference tensors under `root` into ordinary ones, one tensor at a time (no second copy of the model).
-
-    reForge loads under `no_grad`, but generation runs under `torch.inference_mode()`: weights moved or patched
-    there are inference tensors, which autograd refuses to save for backward. Values and Parameter objects stay.
-
-    Args:
-        root (nn.Module): the model.
-
-    Returns:
-        int: how many tensors were replaced.
-    """
-    replaced = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for module in root.modules():
-            for param in module.parameters(recurse=False):
-                if param.is_inference():
-                    param.data = param.data.clone()
-                    replaced += 1
-            for name, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None and buf.is_inference():
-                    module._buffers[name] = buf.clone()
-                    replaced += 1
-    if replaced:
-        logger.info("reForge: %d inference tensors made ordinary (in place)", replaced)
-    return replaced
-
-
 @contextlib.contextmanager
 def original_objects(sd_model):
     """Let `sd_model.forge_objects` be the LoRA-free patchers for the block (the text encoder wrappers load
@@ -159,5 +128,5 @@ def _already_resident() -> None:
     """Stands in for `move_clip_to_gpu` while a training job holds the model (loaded by `make_resident`)."""
 
 
-__all__ = ["ResidentReport", "check_sampler_modules", "clip_loading_paused", "make_resident", "ordinary_tensors",
-           "original_objects", "original_patchers"]
+__all__ = ["ResidentReport", "check_sampler_modules", "clip_loading_paused", "make_resident", "original_objects",
+           "original_patchers"]

@@ -1,11 +1,13 @@
-"""reForge's single main-thread task queue (`modules_forge.main_thread`), held by a job from start to end.
+"""reForge's single main-thread task queue (`modules_forge.main_thread`): jobs run on it or hold it.
 
 reForge runs txt2img, img2img and model (re)loading as tasks on one worker loop (`main_thread.loop`, in the process's
-main thread); `run_and_wait_result` prints a task's exception, swallows it and returns None. A training job holds
-the queue with one task of its own: that task occupies the worker and runs the calls the job hands it (model loading
-through reForge's memory manager) until the job lets go, so no other task (a checkpoint change, a generation an
-extension starts) runs on the model in between. Exceptions of those calls are raised in the caller's thread.
-Nothing here imports reForge: the queue module is passed in (`async_run(func, *args)` is all that is used).
+main thread); `run_and_wait_result` prints a task's exception, swallows it and returns None. Two ways in:
+- `run(work)`: a training job's whole body runs as one task (its exception is raised in the waiting thread);
+- `held()`: work that stays in its own thread (a test grid from a request) occupies the worker with a task of ours
+  that runs the calls handed to it (`call`: model loading through reForge's memory manager) until released.
+Either way no other task (a checkpoint change, a generation an extension starts) runs on the model in between;
+inside `run`, `held()` and `call()` run inline. Nothing here imports reForge: the queue module is passed in
+(`async_run(func, *args)`, and `run_and_wait_result` when it has one).
 """
 from __future__ import annotations
 
@@ -55,11 +57,40 @@ class MainThreadWorker:
         """True while the calling thread holds the queue."""
         return getattr(self._local, "depth", 0) > 0
 
+    def run(self, work: Callable):
+        """Run `work()` as one task on the host's queue and wait for it.
+
+        Args:
+            work (callable): no arguments (a job's body).
+
+        Returns:
+            What `work` returns; its exception is raised here.
+        """
+        def task():
+            self._serving_thread = threading.get_ident()
+            try:
+                return work()
+            finally:
+                self._serving_thread = None
+
+        item = _Call(task, (), {})
+        host_queue = self._queue_module()
+        if hasattr(host_queue, "run_and_wait_result"):
+            host_queue.run_and_wait_result(item.run)  # also takes the finished task off the host's list
+        else:
+            host_queue.async_run(item.run)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
     @contextlib.contextmanager
     def held(self):
         """Occupy the host's worker loop for the block (re-entrant per thread); calls run on it meanwhile."""
         depth = getattr(self._local, "depth", 0)
-        if depth == 0:
+        if depth == 0 and threading.get_ident() == self._serving_thread:
+            self._local.inline = True  # inside run(): the worker is already ours
+        elif depth == 0:
             self._inbox = queue.Queue()
             self._queue_module().async_run(self._serve, self._inbox)
             logger.info("reForge: the main-thread queue is held by this job")
@@ -68,7 +99,9 @@ class MainThreadWorker:
             yield self
         finally:
             self._local.depth -= 1
-            if self._local.depth == 0:
+            if self._local.depth == 0 and getattr(self._local, "inline", False):
+                self._local.inline = False
+            elif self._local.depth == 0:
                 inbox, self._inbox = self._inbox, None
                 inbox.put(None)
 
