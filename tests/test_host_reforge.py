@@ -1,5 +1,6 @@
 """The reForge host's parts that run without reForge: its main-thread queue (on a real worker loop shaped like
-reForge's), the self-test on a key map, and the adapters over the real ldm modules of a tiny SD1 model (reForge's own ComfyUI classes are covered by tests/forge/test_reforge.py)."""
+reForge's), the self-test on a key map, and the adapters over the real ldm modules of a
+tiny SD1 model (reForge's own ComfyUI classes are covered by tests/forge/test_reforge.py)."""
 from __future__ import annotations
 
 import threading
