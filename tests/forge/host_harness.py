@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "webui"))
 
 from webui_harness import (  # noqa: E402
-    EXTENSION_NAME,
     STAMP,
     Installation,
     WebUI,
@@ -32,7 +31,7 @@ from webui_harness import (  # noqa: E402
 
 FORGE_CPU_FLAGS = ["--always-cpu", "--api", "--skip-prepare-environment", "--skip-version-check",
                    "--skip-torch-cuda-test", "--skip-python-version-check", "--loglevel", "DEBUG"]
-EXTENSION_MARKS = ("lora_trainer", EXTENSION_NAME)
+EXTENSION_MARKS = ("/lora_trainer/", "[lora_trainer.")  # a frame in our code, or our logger's line
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,8 @@ def start_host(setup: HostSetup, log: Path, timeout: float = 600) -> WebUI:
 
 
 def extension_errors(lines: list[str]) -> list[str]:
-    """Tracebacks and error lines of the log that come from this extension (other extensions' errors are theirs)."""
+    """Tracebacks with a frame in this package and its ERROR lines (other extensions' errors, and the host failing to
+    read git data of a linked checkout, are not ours)."""
     found, block = [], []
     for line in lines + [""]:
         if line.startswith(("***", "Traceback")) or (block and line.startswith((" ", "\t"))):
