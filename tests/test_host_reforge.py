@@ -202,3 +202,25 @@ def test_the_self_test_reports_names_reforge_would_drop_or_put_elsewhere(adapter
     key_map[moved] = key_map[other]
     report = check_names(targets, key_map, index)
     assert report.unmatched == [dropped] and report.misplaced == [moved] and report.checked == len(targets)
+
+
+def test_text_encoder_attention_of_older_transformers_is_a_target(ldm_model):
+    """reForge's transformers 4.48 builds `CLIPSdpaAttention` modules; they carry q/k/v/out like `CLIPAttention`."""
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    from lora_trainer.models.naming import TE_PREFIXES, te_targets
+
+    class CLIPSdpaAttention(CLIPAttention):
+        pass
+
+    text = ldm_model.cond_stage_model.transformer
+    expected = set(te_targets(text, TE_PREFIXES["te"]))
+    attention = [m for m in text.modules() if type(m) is CLIPAttention]
+    try:
+        for module in attention:
+            module.__class__ = CLIPSdpaAttention
+        assert set(te_targets(text, TE_PREFIXES["te"])) == expected
+        assert any(name.endswith("self_attn_q_proj") for name in expected)
+    finally:
+        for module in attention:
+            module.__class__ = CLIPAttention

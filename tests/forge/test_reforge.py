@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from host_harness import FORGE_CPU_FLAGS, STAMP, HostSetup, Installation, extension_errors, random_sd1_checkpoint, \
     start_host
+from webui_harness import install_requirements
 
 REFORGE = HostSetup.from_env("reforge", flags=[*FORGE_CPU_FLAGS, "--no-download-sd-model"])
 pytestmark = [pytest.mark.webui,
@@ -51,6 +52,7 @@ def reforge(tmp_path_factory):
     try:
         install.install_extension()
         install.link(checkpoint, target)
+        print(install_requirements(REFORGE.python))  # what reForge's launch does without --skip-prepare-environment
         setup = dataclasses.replace(REFORGE, flags=(*REFORGE.flags, "--ckpt", str(target)))
         server = start_host(setup, tmp_path_factory.mktemp("reforge_log") / "reforge.log")
         server.lora_dir = REFORGE.dir / "models" / "Lora"
@@ -80,14 +82,16 @@ def trained(reforge, dataset):
         time.sleep(0.2)
     print(f"reForge: start request -> first step {first_step} s; RSS {rss_before / 2**20:.2f} GiB before, peak "
           f"{_rss_kib(reforge.process, 'VmHWM') / 2**20:.2f} GiB")
-    return {"status": status, "base": base, "lines": reforge.log_lines()[lines_before:]}
+    again = reforge.txt2img(PROMPT)  # waits until the job has given the model back
+    return {"status": status, "base": base, "again": again, "lines": reforge.log_lines()[lines_before:]}
 
 
 def test_the_tab_settings_and_routes_load_without_errors(reforge):
     assert reforge.call("/lora_trainer/v1/train/status")["state"] == "idle"
-    labels = [c.get("props", {}).get("label") for c in reforge.call("/config")["components"]]
+    labels = {c.get("props", {}).get("label") for c in reforge.call("/config")["components"]}
     assert "LoRA Trainer" in labels, "the tab should be in reForge's UI"
-    assert "lora_trainer_output_dir" in reforge.call("/sdapi/v1/options")
+    # reForge's /sdapi/v1/options lists only options set in its config.json, so the settings are looked for in the UI
+    assert "Keep the trained LoRA's weights on the CPU while it is not applied" in labels
     assert any("host: reforge" in line for line in reforge.log_lines())
     assert extension_errors(reforge.log_lines()) == []
 
@@ -100,6 +104,9 @@ def test_training_runs_in_place_on_the_loaded_model(trained, reforge):
     assert any("patchers fully loaded" in line for line in lines)
     assert any("made ordinary in place" in line for line in lines)
     assert any("weights bit-identical after the run" in line for line in lines)
+    assert abs(trained["again"] - trained["base"]).max() == 0, "the model must be exactly as before training"
+    created = next(line for line in lines if "created lora network" in line)
+    assert "192 UNet and 72 text-encoder modules" in created, created
     assert not any("Loading weights" in line for line in lines), "the checkpoint must not be loaded again"
     assert extension_errors(lines) == []
 
