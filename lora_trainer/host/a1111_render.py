@@ -87,7 +87,7 @@ def webui_renderer(sd_model) -> Render:
     last_state = [None]
 
     def render(prompt: str, negative: str, seed: int, settings: RenderSettings):
-        from modules import processing
+        from modules import processing, scripts
 
         check_sampler(settings.sampler)
         if settings.lora_state != last_state[0]:
@@ -97,6 +97,7 @@ def webui_renderer(sd_model) -> Render:
             sd_model=sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), sampler_name=settings.sampler,
             steps=settings.steps, cfg_scale=settings.cfg_scale, width=settings.width, height=settings.height,
             batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+        p.scripts, p.script_args = scripts.ScriptRunner(), []  # no scripts run; reForge needs a runner, not None
         try:
             processed = processing.process_images(p)
         finally:
