@@ -70,6 +70,10 @@ def trained(reforge, dataset):
     """One finished run (UNet + text encoder), with the images and log lines around it."""
     base = reforge.txt2img(PROMPT)
     lines_before, rss_before = len(reforge.log_lines()), _rss_kib(reforge.process, "VmRSS")
+    try:  # Linux: reset the peak (VmHWM) so it measures the run, not reForge's start
+        Path(f"/proc/{reforge.process.pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
     started = time.time()
     reforge.call("/lora_trainer/v1/train/start", {"config": _config(dataset, NAME)})
     first_step = None
@@ -80,8 +84,8 @@ def trained(reforge, dataset):
         if status["state"] in ("finished", "stopped", "failed"):
             break
         time.sleep(0.2)
-    print(f"reForge: start request -> first step {first_step} s; RSS {rss_before / 2**20:.2f} GiB before, peak "
-          f"{_rss_kib(reforge.process, 'VmHWM') / 2**20:.2f} GiB")
+    print(f"reForge: start request -> first step {first_step:.1f} s; RSS {rss_before / 2**20:.2f} GiB before the "
+          f"run, peak during it {_rss_kib(reforge.process, 'VmHWM') / 2**20:.2f} GiB")
     again = reforge.txt2img(PROMPT)  # waits until the job has given the model back
     return {"status": status, "base": base, "again": again, "lines": reforge.log_lines()[lines_before:]}
 
