@@ -96,3 +96,61 @@ def test_module_only_linears_get_the_same_kohya_names(tiny_sd1):
 def test_is_linear_by_duck_typing():
     assert is_linear(nn.Linear(3, 2)) and is_linear(ModuleLinear(nn.Linear(3, 2)))
     assert not is_linear(nn.Conv2d(3, 2, 1)) and not is_linear(nn.Embedding(5, 3)) and not is_linear(nn.LayerNorm(3))
+
+
+class InPlaceBlock(nn.Module):
+    """Adds in place into a tensor a LayerNorm saved for backward, as Forge's transformer blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + 0
+        x += self.proj(self.norm(x))
+        x += self.proj(self.norm(x))
+        return x
+
+
+def test_forge_blocks_train_with_their_in_place_adds_made_out_of_place():
+    from lora_trainer.host.forge_adapter import OutOfPlaceAdds, _training_forward
+
+    block, x = InPlaceBlock(), torch.randn(2, 8, requires_grad=True)
+    try:
+        block(x).pow(2).sum().backward()
+        raise AssertionError("the in-place add should break backward")
+    except RuntimeError as error:
+        assert "inplace" in str(error)
+    with OutOfPlaceAdds():
+        expected = block(x)
+    expected.pow(2).sum().backward()
+    grad = block.proj.weight.grad.clone()
+    block.zero_grad()
+    block.forward = _training_forward(block)  # checkpointed: the recompute runs out of place too
+    out = block(x)
+    assert torch.equal(out, expected)
+    out.pow(2).sum().backward()
+    assert torch.allclose(block.proj.weight.grad, grad)
+
+
+def test_quantised_unet_storage_is_refused_with_the_checkpoint_route():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.host.forge import refuse_quantised
+
+    def engine(storage, dtype):
+        kmodel = nn.Linear(4, 4).to(dtype)
+        kmodel.storage_dtype = storage
+        unet = SimpleNamespace(model=kmodel)
+        info = SimpleNamespace(filename="model.safetensors")
+        return SimpleNamespace(forge_objects=SimpleNamespace(unet=unet), sd_checkpoint_info=info)
+
+    refuse_quantised(engine(torch.float16, torch.float16))
+    for storage, dtype in (("nf4", torch.float32), ("gguf", torch.float32), (torch.float8_e4m3fn, torch.float8_e4m3fn),
+                           (torch.float32, torch.float8_e5m2)):
+        with pytest.raises(ModelLoadError) as info:
+            refuse_quantised(engine(storage, dtype))
+        assert "float weights" in str(info.value) and "model.safetensors" in str(info.value)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -57,15 +58,26 @@ def forge_networks():
     return module if module is not None and hasattr(module, "load_lora_state_dict") else None
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux `/proc`; 0 elsewhere)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (`VmRSS`) or at its peak (`VmHWM`), from Linux `/proc`; 0 elsewhere."""
     try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            import os
-
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start `VmHWM` (peak resident memory) again from the current RSS (Linux `clear_refs` 5); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _LentQueueLock(_QueueLock):
@@ -233,7 +245,7 @@ class ForgeHost(A1111Host):
     @contextlib.contextmanager
     def prepare_model(self, config):
         """Hand out Forge's loaded model as a ForgeAdapter and take it back as it was (see module doc)."""
-        _, memory_management, _, emphasis, _ = _forge()
+        memory_management = _forge()[1]
         with self._lock.held():
             engine = self.loaded_engine()
             engine_architecture(engine)
@@ -243,21 +255,41 @@ class ForgeHost(A1111Host):
             tree = nn.ModuleList(roots)
             before = self._fingerprint(tree)
             self.last_conversion = self._make_ordinary(roots)
-            adapter = ForgeAdapter(engine, emphasis.get_current_option("None")(), model_id=self.model_hash(engine))
-            info = self.checkpoint_info(engine)
-            adapter.checkpoint_sha256 = getattr(info, "sha256", None) if info is not None else None
+            adapter = self.adapter(engine)
             self.check_compat(adapter, include_conv=bool(config.network.conv_dim))
             with borrowed_model(tree, adapter, "Forge's loaded model"), torch.inference_mode(False), \
                     torch.enable_grad():
                 yield adapter
             self._check_unchanged(tree, before)
 
+    def adapter(self, sd_model):
+        """The ForgeAdapter over Forge's engine (captions taken literally, the checkpoint's hashes attached).
+
+        Args:
+            sd_model: `shared.sd_model` (a loaded Forge engine).
+
+        Returns:
+            ForgeAdapter: the adapter.
+        """
+        emphasis = _forge()[3]
+        adapter = ForgeAdapter(sd_model, emphasis.get_current_option("None")(), model_id=self.model_hash(sd_model))
+        info = self.checkpoint_info(sd_model)
+        adapter.checkpoint_sha256 = getattr(info, "sha256", None) if info is not None else None
+        return adapter
+
+    def grid_session(self, config):
+        """Test grids render through A1111's processing objects, which Forge's LoRA patchers do not follow yet."""
+        raise ModelLoadError("Forge: test grids of the LoRA in memory are not available on Forge yet. Use the saved "
+                             "snapshots in txt2img (<lora:NAME:strength>) or its X/Y/Z plot with Prompt S/R.")
+
     def _make_ordinary(self, roots):
         rss = rss_bytes()
+        measured = reset_peak_rss()
         report = make_ordinary(roots)
-        logger.info("handshake 3: %d inference tensors (%.1f MiB) made ordinary in place; largest copy %.1f MiB, "
-                    "resident memory %+.1f MiB", report.converted, report.bytes / 2**20,
-                    report.peak_extra_bytes / 2**20, (rss_bytes() - rss) / 2**20)
+        peak = f"peak {(rss_bytes('VmHWM') - rss) / 2**20:+.1f} MiB" if measured else "peak not measurable here"
+        logger.info("handshake 3: %d inference tensors (%.1f MiB) made ordinary in place; largest copy %.1f MiB; "
+                    "resident memory %+.1f MiB, %s", report.converted, report.bytes / 2**20,
+                    report.peak_extra_bytes / 2**20, (rss_bytes() - rss) / 2**20, peak)
         return report
 
     def _fingerprint(self, tree: nn.Module) -> str | None:

@@ -11,17 +11,47 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lora_trainer.host.a1111_text import chunk_count, encode_chunks
 from lora_trainer.models.adapter import TextConditioning
 from lora_trainer.models.diffusers_adapter import set_text_checkpointing
-from lora_trainer.models.ldm_adapter import _checkpointed_forward, _weights_id
+from lora_trainer.models.ldm_adapter import _weights_id
 from lora_trainer.models.naming import TE_PREFIXES, te_targets, unet_targets
 
 # Forge's UNet blocks with their own checkpoint flag (it only sends gradients to a block's own parameters).
 CHECKPOINT_FLAGS = {"ResBlock": "use_checkpoint", "BasicTransformerBlock": "checkpoint"}
 PREDICTION_TYPES = {"v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
+
+
+class OutOfPlaceAdds(TorchFunctionMode):
+    """`x += y` computed as `x = x + y` inside the block: Forge's UNet blocks add in place into tensors autograd
+    saved for backward (e.g. a LayerNorm's input), which inference allows and training does not."""
+
+    OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.add, torch.Tensor.add_: torch.add,
+                    torch.Tensor.__imul__: torch.mul, torch.Tensor.mul_: torch.mul}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.OUT_OF_PLACE.get(func, func)(*args, **(kwargs or {}))
+
+
+def _training_forward(module: nn.Module):
+    """The block's own forward under non-reentrant checkpointing, without in-place adds also in the recompute
+    during backward."""
+    forward = type(module).forward.__get__(module)
+
+    def out_of_place(*args, **kwargs):
+        with OutOfPlaceAdds():
+            return forward(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(out_of_place, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def engine_architecture(engine) -> str:
@@ -126,8 +156,9 @@ class ForgeAdapter:
         if self.architecture == "sdxl":
             sizes = self.engine.embedder(size_cond.to(device).reshape(-1)).reshape(size_cond.shape[0], -1)
             y = torch.cat([cond.pooled.to(device), sizes.to(cond.pooled.dtype)], dim=1).to(dtype)
-        return self.unet()(noisy_latents.to(device=device, dtype=dtype), timesteps.to(device).float(),
-                           context=cond.crossattn.to(device=device, dtype=dtype), y=y, transformer_options={})
+        with OutOfPlaceAdds():
+            return self.unet()(noisy_latents.to(device=device, dtype=dtype), timesteps.to(device).float(),
+                               context=cond.crossattn.to(device=device, dtype=dtype), y=y, transformer_options={})
 
     def lora_targets(self, include_conv: bool = False) -> dict[str, dict[str, nn.Module]]:
         """kohya targets keyed by kohya name: the same names as on A1111 (Forge's Linear found by duck typing)."""
@@ -138,7 +169,7 @@ class ForgeAdapter:
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Non-reentrant checkpointing around Forge's ResBlocks and transformer blocks (their own flag off); TE:
-        transformers' own."""
+        transformers' own. `predict` runs without in-place adds either way."""
         for module in self.unet().modules():
             flag = CHECKPOINT_FLAGS.get(type(module).__name__)
             if flag is None or not hasattr(module, flag):
@@ -146,7 +177,7 @@ class ForgeAdapter:
             self._checkpointed.setdefault(module, bool(getattr(module, flag)))
             setattr(module, flag, False)
             if enabled:
-                module.forward = _checkpointed_forward(module)
+                module.forward = _training_forward(module)
             else:
                 module.__dict__.pop("forward", None)
         for encoder in self.text_encoders():

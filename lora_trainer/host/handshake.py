@@ -268,7 +268,8 @@ def make_ordinary(roots: list[nn.Module]) -> OrdinaryReport:
                     continue
                 seen.add(id(module))
                 for store in (module._parameters, module._buffers):
-                    for name, tensor in list(store.items()):
+                    for name in list(store):  # names only: a list of the tensors would keep every original alive
+                        tensor = store[name]
                         if tensor is None or not tensor.is_inference():
                             continue
                         copy = tensor.clone()

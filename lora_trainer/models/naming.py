@@ -229,7 +229,8 @@ def find_unet_targets(unet: nn.Module, include_conv: bool = False) -> dict[str, 
         for child_name, child in module.named_modules():
             if not child_name:
                 continue
-            if (in_attention and _is_1x1_or_linear(child)) or (in_conv and (is_linear(child) or isinstance(child, nn.Conv2d))):
+            conv_target = in_conv and (is_linear(child) or isinstance(child, nn.Conv2d))
+            if (in_attention and _is_1x1_or_linear(child)) or conv_target:
                 targets[_join(name, child_name)] = child
     return targets
 

@@ -49,12 +49,12 @@ def test_train_in_place_then_the_lora_loads_with_every_key_and_changes_the_image
     assert any("compatibility self-test: all" in line for line in run_lines)
     converted = [line for line in run_lines if "made ordinary in place" in line]
     assert converted and not re.search(r"handshake 3: 0 inference", converted[0]), converted
-    assert any("weights bit-identical after the run" in line for line in run_lines)
     assert name in forge.lora_names()
 
     with_lora = forge.txt2img(f"{PROMPT} <lora:{name}:1>")
     again = forge.txt2img(PROMPT)
-    new_lines = forge.log_lines()[lines_before:]
+    new_lines = forge.log_lines()[lines_before:]  # the txt2img waited for the run to give the model back
+    assert any("weights bit-identical after the run" in line for line in new_lines)
     loaded = [line for line in new_lines if "[LORA] Loaded" in line and name in line]
     print(f"mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}; {loaded}")
     assert loaded and all("(skipped 0 keys)" in line for line in loaded), new_lines[-40:]
@@ -84,3 +84,22 @@ def test_a_txt2img_sent_during_training_waits_then_runs(forge, dataset):
     status = forge.call("/lora_trainer/v1/train/status")
     assert status["state"] == "stopped" and Path(status["lora_path"]).is_file(), status
     assert 2 <= status["step"] < 400 and len(images) == 1 and images[0].shape == (64, 64, 3)
+
+
+def test_a_merged_prompt_lora_is_taken_out_for_training_and_a_rewritten_file_is_read_again(forge, dataset):
+    """Forge merges prompt LoRAs into the weights and caches files by name: training restores the weights first,
+    the next generation merges again, and a file written again under the same name is not served from the cache."""
+    name = f"lt_test_sd1_{STAMP}_m"
+    assert forge.train(_config(dataset, name, max_train_steps=2, network_train_unet_only=True))["state"] == "finished"
+    first = forge.txt2img(f"{PROMPT} <lora:{name}:1>")  # merged into the weights, kept there
+    lines_before = len(forge.log_lines())
+    status = forge.train(_config(dataset, name, max_train_steps=2, network_train_unet_only=True, seed=7,
+                                 learning_rate=3e-2))
+    assert status["state"] == "finished", status["message"]
+    restored = [line for line in forge.log_lines()[lines_before:] if "handshake 1: restored" in line]
+    assert restored and "restored 0 weights" not in restored[0], restored
+    second = forge.txt2img(f"{PROMPT} <lora:{name}:1>")
+    assert abs(second - first).mean() > 0.5, "the rewritten file must be merged, not the cached first one"
+    plain = forge.txt2img(PROMPT)
+    assert any("weights bit-identical after the run" in line for line in forge.log_lines()[lines_before:])
+    assert abs(plain - second).mean() > 0.5
