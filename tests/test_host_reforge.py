@@ -83,23 +83,25 @@ def test_a_call_without_holding_the_queue_is_refused(worker_loop):
         MainThreadWorker(lambda: worker_loop).call(print)
 
 
-def test_a_job_body_runs_as_one_task_and_its_holds_and_calls_run_inline(worker_loop):
+def test_a_pause_frees_the_worker_for_the_hosts_own_tasks_and_takes_it_back(worker_loop):
     worker = MainThreadWorker(lambda: worker_loop)
-
-    def body():
-        with worker.held(), worker.held():  # prepare_model and job inside the body
-            return threading.get_ident(), worker.call(threading.get_ident)
-
-    assert worker.run(body) == (worker_loop.thread.ident, worker_loop.thread.ident)
-    assert not worker.holding
-
-    def fail():
-        raise ValueError("model: broken. Reload it.")
-
-    with pytest.raises(ValueError, match="broken"):
-        worker.run(fail)
-    with worker.held():  # a later grid from another thread still gets the worker
-        assert worker.call(threading.get_ident) == worker_loop.thread.ident
+    with worker.held(), worker.held():  # prepare_model and job
+        with worker.released():  # the run is paused
+            worker_loop.async_run(worker_loop.ran.append, "txt2img")
+            deadline = time.time() + 5
+            while not worker_loop.ran and time.time() < deadline:
+                time.sleep(0.01)
+            assert worker_loop.ran == ["txt2img"]
+            with pytest.raises(RuntimeError, match="outside held"):
+                worker.call(print)
+        assert worker.call(threading.get_ident) == worker_loop.thread.ident  # resumed: ours again
+        worker_loop.async_run(worker_loop.ran.append, "later")
+        time.sleep(0.05)
+        assert worker_loop.ran == ["txt2img"]
+    deadline = time.time() + 5
+    while len(worker_loop.ran) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert worker_loop.ran == ["txt2img", "later"]
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ class A1111Host:
                     f"WebUI: another checkpoint ({loaded}) was loaded during the pause; the run on {before} cannot "
                     "go on, so it stops and saves the LoRA trained so far. Load that checkpoint again before "
                     "resuming a paused run (with save_state on, Resume from the saved state folder goes on).")
-            restore_merged_loras(sd_model)
+            self.take_off_prompt_loras(sd_model)
 
         return check
 

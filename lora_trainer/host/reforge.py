@@ -18,13 +18,13 @@ processing, the X/Y/Z plot script), so `ReForgeHost` is `A1111Host` with these d
   `sd_model.current_lora_hash`: `refresh_loras` clears both, so a file rewritten under the same name is read anew.
 - Text conditioning: the same `...WithCustomWords` wrappers as A1111 (`a1111_text.py`), except that the SD1/SD2
   wrapper calls `forge_clip.move_clip_to_gpu` (reForge's memory manager) on every encode; during a run the CLIP is
-  already resident, so that call is paused (`clip_loading_paused`), and `forge_objects` points at the LoRA-free
-  patchers.
+  already resident, so that call is skipped, and `forge_objects` points at the LoRA-free patchers
+  (`reforge_model.TrainingView`).
 - Task queue: txt2img/img2img from the UI hold the queue lock, then run as a task on `modules_forge.main_thread`;
-  the API holds the queue lock and runs in its own thread. A training job's thread holds the queue lock and lends
-  it to the job's body, which runs as a task on the main-thread queue (`run_job`, as on Forge); a test grid from a
-  request holds the queue lock, then the main-thread queue, and loads models on it (`reforge_queue`). A generation
-  sent meanwhile waits, then runs.
+  the API holds the queue lock and runs in its own thread. A job (training or a test grid) holds the queue lock,
+  then the main-thread queue with a task of ours that runs its model loading (`reforge_queue`); a generation sent
+  meanwhile waits, then runs. A paused run lets go of both (and of `TrainingView`), so generation from the UI and
+  the API runs during the pause; resuming loads the model fully again and unpatches what the pause merged.
 - Memory: reForge may leave a model partly loaded (low-VRAM modes) or offloaded to the CPU; `make_resident` loads
   fully and refuses a model still partly loaded. Generation runs under `torch.inference_mode()`, so weights it moved
   or patched are inference tensors: `handshake.make_ordinary` turns them into ordinary ones in place before training.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from types import SimpleNamespace
 
 import torch
@@ -42,14 +41,13 @@ import torch
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.host.a1111 import A1111Host, lora_extension
 from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
-from lora_trainer.host.forge import _LentQueueLock, rss_bytes
+from lora_trainer.host.a1111_job import QueueLock
 from lora_trainer.host.handshake import borrowed_model, make_ordinary, state_fingerprint
 from lora_trainer.host.reforge_adapter import ReForgeLdmAdapter, ReForgeSgmAdapter
 from lora_trainer.host.reforge_keys import check_names, module_index
-from lora_trainer.host.reforge_model import (
-    UNET_KEY_PREFIX, check_sampler_modules, clip_loading_paused, make_resident, original_objects,
-)
-from lora_trainer.host.reforge_queue import MainThreadWorker
+from lora_trainer.host.reforge_model import UNET_KEY_PREFIX, TrainingView, check_sampler_modules, make_resident, \
+    rss_bytes
+from lora_trainer.host.reforge_queue import MainThreadWorker, QueueAndMainThread
 
 logger = logging.getLogger(__name__)
 
@@ -99,38 +97,10 @@ class ReForgeHost(A1111Host):
 
     def __init__(self, lora_dir=None, verify_weights: bool = True):
         super().__init__(lora_dir=lora_dir, verify_weights=verify_weights)
-        self._lock = _LentQueueLock()
         self.main_thread = MainThreadWorker(lambda: _reforge().main_thread)
+        self._lock = QueueAndMainThread(QueueLock(), self.main_thread)  # jobs, prepare_model and pauses use both
+        self._view: TrainingView | None = None
         self.last_conversion = None
-
-    def run_job(self, work):
-        """Run a training job's body as a task on reForge's main-thread queue, where its generation runs; the
-        calling thread holds the generation queue lock meanwhile and lends it to the task.
-
-        Args:
-            work (callable): no arguments.
-
-        Returns:
-            What `work` returns; its exception is raised here again.
-        """
-        def lent():
-            self._lock.lent_to = threading.get_ident()
-            try:
-                return work()
-            finally:
-                self._lock.lent_to = None
-
-        with self._lock.held():
-            return self.main_thread.run(lent)
-
-    @contextlib.contextmanager
-    def job(self, title: str, total_steps: int):
-        """A WebUI job (progress, Interrupt, queue lock) that also holds reForge's main-thread queue.
-
-        The queue lock comes first: a txt2img from the UI holds it while it waits for the main thread.
-        """
-        with self._lock.held(), self.main_thread.held(), super().job(title, total_steps) as handle:
-            yield handle
 
     @contextlib.contextmanager
     def prepare_model(self, config):
@@ -138,7 +108,7 @@ class ReForgeHost(A1111Host):
         memory manager (on its main thread), inference tensors made ordinary, the self-test on reForge's key map,
         then frozen; everything is put back on leaving."""
         forge = _reforge()
-        with self._lock.held(), self.main_thread.held():
+        with self._lock.held():
             sd_model = loaded_model(forge.sd_models)
             check_sampler_modules(sd_model)
             report = self.main_thread.call(make_resident, sd_model, forge.model_management)
@@ -148,12 +118,33 @@ class ReForgeHost(A1111Host):
             before = state_fingerprint(sd_model) if logger.isEnabledFor(logging.DEBUG) else None
             adapter = self.adapter(sd_model)
             self.check_compat(adapter, include_conv=bool(config.network.conv_dim))
-            with original_objects(sd_model), clip_loading_paused(forge.forge_clip), \
-                    borrowed_model(sd_model, adapter, "reForge's loaded model"), torch.inference_mode(False), \
-                    torch.enable_grad():
-                yield adapter
+            self._view = TrainingView(sd_model, forge.forge_clip)
+            self._view.enter()
+            try:
+                with borrowed_model(sd_model, adapter, "reForge's loaded model"), torch.inference_mode(False), \
+                        torch.enable_grad():
+                    yield adapter
+            finally:
+                self._view.leave()
+                self._view = None
             if before is not None:
                 self._check_unchanged(sd_model, before)
+
+    def _pause_guard(self):
+        """A pause gives reForge its objects back (`TrainingView.leave`) besides the queue lock and main thread; on
+        resume, A1111's check (same checkpoint, prompt LoRAs taken off: here through reForge's patchers, which also
+        loads everything fully again), inference tensors made ordinary again, and the training view back."""
+        check_model, view = super()._pause_guard(), self._view
+        if view is not None:
+            view.leave()
+
+        def check() -> None:
+            check_model()
+            if view is not None:
+                self.last_conversion = self._make_ordinary(view.sd_model)
+                view.enter()
+
+        return check
 
     @staticmethod
     def _make_ordinary(sd_model):

@@ -11,8 +11,8 @@ imports reForge.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 from lora_trainer.errors import ModelLoadError
@@ -96,37 +96,48 @@ def make_resident(sd_model, model_management) -> ResidentReport:
     return ResidentReport(unpatched=unpatched, patchers=len(patchers))
 
 
-@contextlib.contextmanager
-def original_objects(sd_model):
-    """Let `sd_model.forge_objects` be the LoRA-free patchers for the block (the text encoder wrappers load
-    `forge_objects.clip`, which after a generation with a prompt LoRA is that LoRA's patched clone)."""
-    saved = sd_model.forge_objects
-    sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
-    try:
-        yield
-    finally:
-        sd_model.forge_objects = saved
+class TrainingView:
+    """What a run changes on reForge's objects while it trains; put back for a pause and at the end (idempotent).
 
-
-@contextlib.contextmanager
-def clip_loading_paused(forge_clip):
-    """No `move_clip_to_gpu` per caption batch for the block: the CLIP is already resident, and each call would run
-    reForge's memory manager, which may evict part of the training UNet to make room.
+    - `sd_model.forge_objects` points at the LoRA-free patchers (the text wrappers load `forge_objects.clip`, which
+      after a generation with a prompt LoRA is that LoRA's patched clone);
+    - `forge_clip.move_clip_to_gpu` does nothing: the CLIP is already resident, and each call (one per caption
+      batch) would run reForge's memory manager, which may evict part of the training UNet to make room.
 
     Args:
+        sd_model: `shared.sd_model`.
         forge_clip: `modules_forge.forge_clip`.
     """
-    saved = forge_clip.move_clip_to_gpu
-    forge_clip.move_clip_to_gpu = _already_resident
+
+    def __init__(self, sd_model, forge_clip):
+        self.sd_model, self.forge_clip = sd_model, forge_clip
+        self._saved = None
+
+    def enter(self) -> None:
+        if self._saved is not None:
+            return
+        self._saved = (self.sd_model.forge_objects, self.forge_clip.move_clip_to_gpu)
+        self.sd_model.forge_objects = self.sd_model.forge_objects_original.shallow_copy()
+        self.forge_clip.move_clip_to_gpu = _already_resident
+
+    def leave(self) -> None:
+        if self._saved is None:
+            return
+        (self.sd_model.forge_objects, self.forge_clip.move_clip_to_gpu), self._saved = self._saved, None
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux `/proc`; 0 elsewhere)."""
     try:
-        yield
-    finally:
-        forge_clip.move_clip_to_gpu = saved
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _already_resident() -> None:
     """Stands in for `move_clip_to_gpu` while a training job holds the model (loaded by `make_resident`)."""
 
 
-__all__ = ["ResidentReport", "check_sampler_modules", "clip_loading_paused", "make_resident", "original_objects",
-           "original_patchers"]
+__all__ = ["ResidentReport", "TrainingView", "check_sampler_modules", "make_resident", "original_patchers",
+           "rss_bytes"]

@@ -1,13 +1,12 @@
-"""reForge's single main-thread task queue (`modules_forge.main_thread`): jobs run on it or hold it.
+"""reForge's single main-thread task queue (`modules_forge.main_thread`), held by a job from start to end.
 
 reForge runs txt2img, img2img and model (re)loading as tasks on one worker loop (`main_thread.loop`, in the process's
-main thread); `run_and_wait_result` prints a task's exception, swallows it and returns None. Two ways in:
-- `run(work)`: a training job's whole body runs as one task (its exception is raised in the waiting thread);
-- `held()`: work that stays in its own thread (a test grid from a request) occupies the worker with a task of ours
-  that runs the calls handed to it (`call`: model loading through reForge's memory manager) until released.
-Either way no other task (a checkpoint change, a generation an extension starts) runs on the model in between;
-inside `run`, `held()` and `call()` run inline. Nothing here imports reForge: the queue module is passed in
-(`async_run(func, *args)`, and `run_and_wait_result` when it has one).
+main thread); `run_and_wait_result` prints a task's exception, swallows it and returns None. A job (training, a test
+grid) holds the queue with one task of its own: that task occupies the worker and runs the calls the job hands it
+(`call`: model loading through reForge's memory manager, exceptions raised in the caller) until the job lets go, so
+no other task (a checkpoint change, a generation an extension starts) runs on the model in between. A paused run
+lets go (`released`) and takes the worker back on resume. Nothing here imports reForge: the queue module is passed
+in (`async_run(func, *args)` is all that is used).
 """
 from __future__ import annotations
 
@@ -57,40 +56,11 @@ class MainThreadWorker:
         """True while the calling thread holds the queue."""
         return getattr(self._local, "depth", 0) > 0
 
-    def run(self, work: Callable):
-        """Run `work()` as one task on the host's queue and wait for it.
-
-        Args:
-            work (callable): no arguments (a job's body).
-
-        Returns:
-            What `work` returns; its exception is raised here.
-        """
-        def task():
-            self._serving_thread = threading.get_ident()
-            try:
-                return work()
-            finally:
-                self._serving_thread = None
-
-        item = _Call(task, (), {})
-        host_queue = self._queue_module()
-        if hasattr(host_queue, "run_and_wait_result"):
-            host_queue.run_and_wait_result(item.run)  # also takes the finished task off the host's list
-        else:
-            host_queue.async_run(item.run)
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
-
     @contextlib.contextmanager
     def held(self):
         """Occupy the host's worker loop for the block (re-entrant per thread); calls run on it meanwhile."""
         depth = getattr(self._local, "depth", 0)
-        if depth == 0 and threading.get_ident() == self._serving_thread:
-            self._local.inline = True  # inside run(): the worker is already ours
-        elif depth == 0:
+        if depth == 0:
             self._inbox = queue.Queue()
             self._queue_module().async_run(self._serve, self._inbox)
             logger.info("reForge: the main-thread queue is held by this job")
@@ -99,11 +69,23 @@ class MainThreadWorker:
             yield self
         finally:
             self._local.depth -= 1
-            if self._local.depth == 0 and getattr(self._local, "inline", False):
-                self._local.inline = False
-            elif self._local.depth == 0:
+            if self._local.depth == 0:
                 inbox, self._inbox = self._inbox, None
                 inbox.put(None)
+
+    @contextlib.contextmanager
+    def released(self):
+        """Free the worker loop for the block (a paused run lets reForge's own tasks run); hold it again after."""
+        if not self.holding:
+            yield
+            return
+        inbox, self._inbox = self._inbox, None
+        inbox.put(None)
+        try:
+            yield
+        finally:
+            self._inbox = queue.Queue()
+            self._queue_module().async_run(self._serve, self._inbox)
 
     def call(self, func: Callable, *args, **kwargs):
         """Run `func(*args, **kwargs)` on the host's main thread and return its result.
@@ -143,4 +125,31 @@ class MainThreadWorker:
             logger.info("reForge: the main-thread queue is free again")
 
 
-__all__ = ["MainThreadWorker"]
+
+
+class QueueAndMainThread:
+    """The WebUI's generation queue lock, then the host's main-thread queue, held and let go of together.
+
+    Taken in that order (a txt2img from the UI holds the queue lock while it waits for the main thread) and given
+    back in the reverse order; `released` is what a paused run lets go of.
+
+    Args:
+        queue_lock: `a1111_job.QueueLock`.
+        worker (MainThreadWorker): the host's main-thread queue.
+    """
+
+    def __init__(self, queue_lock, worker: MainThreadWorker):
+        self.queue_lock, self.worker = queue_lock, worker
+
+    @contextlib.contextmanager
+    def held(self):
+        with self.queue_lock.held(), self.worker.held():
+            yield
+
+    @contextlib.contextmanager
+    def released(self):
+        with self.worker.released(), self.queue_lock.released():
+            yield
+
+
+__all__ = ["MainThreadWorker", "QueueAndMainThread"]
