@@ -173,3 +173,27 @@ def test_a_txt2img_sent_during_training_waits_then_runs(trained, reforge, datase
     assert abs(images[0] - trained["base"]).max() == 0, "generation after the run sees the model as before"
     taken_off = [line for line in reforge.log_lines()[lines_before:] if "had a prompt LoRA taken off" in line]
     assert taken_off and not re.search(r" 0 UNet weights had", taken_off[0]), taken_off
+
+
+def test_a_paused_run_lets_reforge_generate_then_resumes_and_leaves_the_model_as_before(trained, reforge, dataset):
+    name = f"{NAME}_p"
+    reforge.call("/lora_trainer/v1/train/start", {"config": _config(dataset, name, max_train_steps=8,
+                                                                     network_train_unet_only=True)})
+    while reforge.call("/lora_trainer/v1/train/status")["step"] < 2:
+        time.sleep(0.2)
+    assert reforge.call("/lora_trainer/v1/train/pause", {})["pause_requested"] is True
+    while (paused := reforge.call("/lora_trainer/v1/train/status"))["state"] not in ("paused", "failed"):
+        time.sleep(0.2)
+    assert paused["state"] == "paused", paused["message"]
+    during = reforge.txt2img(PROMPT)  # answers while paused: the queue and the main thread are free
+    with_lora = reforge.txt2img(f"{PROMPT} <lora:{NAME}:1>")  # reForge merges it into the weights
+    lines_before = len(reforge.log_lines())
+    assert abs(during - trained["base"]).max() == 0 and abs(with_lora - trained["base"]).mean() > 1.0
+    assert reforge.call("/lora_trainer/v1/train/resume", {})["resume_requested"] is True
+    while (final := reforge.call("/lora_trainer/v1/train/status"))["state"] not in ("finished", "stopped", "failed"):
+        time.sleep(0.2)
+    assert final["state"] == "finished" and final["step"] == 8, final["message"]
+    assert abs(reforge.txt2img(PROMPT) - trained["base"]).max() == 0, "nothing of the pause's LoRA is left"
+    resumed = [line for line in reforge.log_lines()[lines_before:] if "had a prompt LoRA taken off" in line]
+    assert resumed and not re.search(r" 0 UNet weights had", resumed[0]), resumed
+    assert extension_errors(reforge.log_lines()[lines_before:]) == []
