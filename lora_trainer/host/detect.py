@@ -37,6 +37,8 @@ class HostKind:
 HOSTS: tuple[HostKind, ...] = (
     HostKind("forge", ("modules", "modules_forge", "backend.diffusion_engine"), (),
              "lora_trainer.host.forge:ForgeHost"),
+    HostKind("reforge", ("modules", "modules_forge", "ldm_patched"), ("backend.diffusion_engine",),
+             "lora_trainer.host.reforge:ReForgeHost"),
     HostKind("a1111", ("modules", "modules.sd_models"), ("modules_forge",),
              "lora_trainer.host.a1111:A1111Host"),
 )

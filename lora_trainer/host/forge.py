@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import ModelLoadError, NetworkError
-from lora_trainer.host.a1111 import A1111Host, _QueueLock, _webui
+from lora_trainer.host.a1111 import A1111Host, _webui
+from lora_trainer.host.a1111_job import QueueLock as _QueueLock
 from lora_trainer.host.a1111_keys import CompatReport, file_module_names
 from lora_trainer.host.forge_adapter import ForgeAdapter, engine_architecture
 from lora_trainer.host.handshake import borrowed_model, make_ordinary, state_fingerprint

@@ -23,7 +23,8 @@ TE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 UNET_ATTENTION_CLASSES = ("Transformer2DModel", "SpatialTransformer")
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
-TE_CLASSES = ("CLIPAttention", "CLIPMLP")
+# transformers >= 4.41 builds CLIPSdpaAttention / CLIPFlashAttention2 instead of CLIPAttention (kohya lists them too).
+TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 OPEN_CLIP_BLOCK_CLASS = "ResidualAttentionBlock"
 MHA_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
