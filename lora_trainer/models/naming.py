@@ -6,7 +6,7 @@ SD1/SD2 UNet names use diffusers paths (`down_blocks_0_attentions_0_...`); SDXL 
 (`text_model_encoder_layers_0_self_attn_q_proj`); OpenCLIP resblocks are given those names too.
 Targets (kohya `networks/lora.py`): Linear and 1x1 Conv2d inside `Transformer2DModel` (ldm `SpatialTransformer`);
 with conv also Linear/Conv2d of any kernel inside `ResnetBlock2D`/`Downsample2D`/`Upsample2D` (ldm `ResBlock`/
-`Downsample`/`Upsample`); Linear inside `CLIPAttention`/`CLIPMLP`.
+`Downsample`/`Upsample`); Linear inside `CLIPAttention` (or `CLIPSdpaAttention`)/`CLIPMLP`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ TE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 UNET_ATTENTION_CLASSES = ("Transformer2DModel", "SpatialTransformer")
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
-TE_CLASSES = ("CLIPAttention", "CLIPMLP")
+# transformers 4.36-4.47 (Forge pins 4.46) name the attention class after its kernel; kohya lists the SDPA one too.
+TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 OPEN_CLIP_BLOCK_CLASS = "ResidualAttentionBlock"
 MHA_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
