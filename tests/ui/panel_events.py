@@ -3,11 +3,20 @@ given the input components' values (their initial values unless the test gives o
 from __future__ import annotations
 
 
-def _targets(dependency: dict) -> list[tuple[int, str]]:
-    targets = dependency["targets"]
-    if targets and isinstance(targets[0], (list, tuple)):  # gradio 4: [(id, trigger), ...]
-        return [tuple(t) for t in targets]
-    return [(t, dependency.get("trigger")) for t in targets]  # gradio 3.41: ids and one trigger
+def _handlers(blocks) -> list[tuple[list[tuple[int, str]], list, object]]:
+    """(targets as (component id, trigger) pairs, input components, function) for every wired event."""
+    if isinstance(blocks.fns, dict):  # gradio >= 4.37: BlockFunction objects carry all of it
+        return [([tuple(t) for t in f.targets], list(f.inputs), f.fn) for f in blocks.fns.values()]
+    by_id = {block._id: block for block in blocks.blocks.values()}
+    handlers = []
+    for dependency, block_fn in zip(blocks.dependencies, blocks.fns):
+        targets = dependency["targets"]
+        if targets and isinstance(targets[0], (list, tuple)):  # gradio 4.0-4.36: [(id, trigger), ...]
+            pairs = [tuple(t) for t in targets]
+        else:  # gradio 3.41: ids and one trigger
+            pairs = [(t, dependency.get("trigger")) for t in targets]
+        handlers.append((pairs, [by_id[i] for i in dependency["inputs"]], block_fn.fn))
+    return handlers
 
 
 def run_event(blocks, component, trigger: str = "click", values: dict | None = None):
@@ -23,10 +32,8 @@ def run_event(blocks, component, trigger: str = "click", values: dict | None = N
         The handler's return value: a {component: value} dict, a list, or a generator.
     """
     values = values or {}
-    by_id = {block._id: block for block in blocks.blocks.values()}
-    for index, dependency in enumerate(blocks.dependencies):
-        if (component._id, trigger) in _targets(dependency):
-            inputs = [by_id[i] for i in dependency["inputs"]]
+    for targets, inputs, fn in _handlers(blocks):
+        if (component._id, trigger) in targets:
             args = [values[c] if c in values else getattr(c, "value", None) for c in inputs]
-            return blocks.fns[index].fn(*args)
+            return fn(*args)
     raise AssertionError(f"no {trigger} event wired to {component}")
