@@ -89,6 +89,27 @@ def close_now(blocks: gr.Blocks) -> None:
     blocks.close()
 
 
+def file_upload(**kwargs) -> gr.File:
+    """A `gr.File` input whose handler gets the uploaded file's path (read it with `uploaded_path`).
+
+    gradio 3 names that type "file" (a temp-file object), gradio 4 "filepath" (a str); "file" is gone in 4.
+
+    Args:
+        **kwargs: other `gr.File` arguments (label, file_types, elem_id...).
+
+    Returns:
+        gr.File: the component.
+    """
+    return gr.File(type="filepath" if GRADIO_MAJOR >= 4 else "file", **kwargs)
+
+
+def uploaded_path(value) -> str | None:
+    """The path of a `file_upload` value: a str (gradio 4), a temp-file object with `.name` (gradio 3), or None."""
+    if value is None or isinstance(value, str):
+        return value or None
+    return getattr(value, "name", None)
+
+
 def click_js(button, js: str, inputs: list) -> None:
     """Run browser-side JavaScript on a click, nothing on the server (`_js=` in gradio 3, `js=` in gradio 4).
 
@@ -101,5 +122,5 @@ def click_js(button, js: str, inputs: list) -> None:
     button.click(None, inputs=inputs, outputs=[], **{key: js})
 
 
-__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning",
-           "serve_until_interrupted"]
+__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "file_upload", "launch_kwargs", "local_theme",
+           "notify_info", "notify_warning", "serve_until_interrupted", "uploaded_path"]

@@ -99,9 +99,8 @@ def _options(p: TrainPanel, host_name: str, models_dir: Path | None) -> None:
 def _toml_box(p: TrainPanel) -> None:
     with gr.Accordion("Import / export kohya TOML", open=False, elem_id="lt-tr-toml"):
         with gr.Row():
-            file_type = "file" if compat.GRADIO_MAJOR < 4 else "filepath"
-            p.c["toml_upload"] = gr.File(label="Import a .toml file", file_types=[".toml"], type=file_type,
-                                         elem_id="lt-tr-toml-upload")
+            p.c["toml_upload"] = compat.file_upload(label="Import a .toml file", file_types=[".toml"],
+                                                    elem_id="lt-tr-toml-upload")
             p.c["toml_file"] = gr.File(label="Exported .toml", interactive=False, elem_id="lt-tr-toml-file")
         p.c["toml_text"] = gr.Textbox(label="kohya TOML", lines=10, elem_id="lt-tr-toml-text")
         with gr.Row():
@@ -177,7 +176,7 @@ def _wire_config(p: TrainPanel) -> None:
     c["import"].click(_guard(p, import_text, len(fill_out)), inputs=[c["toml_text"]], outputs=fill_out)
 
     def import_file(upload):
-        path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+        path = compat.uploaded_path(upload)
         if not path:
             return [gr.update()] * (len(fill_out) + 1)
         text = Path(path).read_text(encoding="utf-8")
