@@ -1,6 +1,7 @@
 """The few places where gradio 3.41 (AUTOMATIC1111 1.10) and gradio 4.x (Forge) differ, in one module."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -110,6 +111,22 @@ def uploaded_path(value) -> str | None:
     return getattr(value, "name", None)
 
 
+def line_plot(**kwargs) -> gr.LinePlot:
+    """A `gr.LinePlot` given only the arguments this gradio takes.
+
+    gradio 4.38+ draws its own plots: tooltips are always on, the width follows the layout, and `width`/`tooltip`
+    (which 3.41's Altair plot uses) only raise deprecation warnings there.
+
+    Args:
+        **kwargs: `gr.LinePlot` arguments (x, y, title, height, width, tooltip, elem_id...).
+
+    Returns:
+        gr.LinePlot: the component.
+    """
+    accepted = inspect.signature(gr.LinePlot.__init__).parameters
+    return gr.LinePlot(**{key: value for key, value in kwargs.items() if key in accepted})
+
+
 def click_js(button, js: str, inputs: list) -> None:
     """Run browser-side JavaScript on a click, nothing on the server (`_js=` in gradio 3, `js=` in gradio 4).
 
@@ -122,5 +139,5 @@ def click_js(button, js: str, inputs: list) -> None:
     button.click(None, inputs=inputs, outputs=[], **{key: js})
 
 
-__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "file_upload", "launch_kwargs", "local_theme",
-           "notify_info", "notify_warning", "serve_until_interrupted", "uploaded_path"]
+__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "file_upload", "launch_kwargs", "line_plot",
+           "local_theme", "notify_info", "notify_warning", "serve_until_interrupted", "uploaded_path"]

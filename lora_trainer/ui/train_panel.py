@@ -120,8 +120,8 @@ def _controls(p: TrainPanel) -> None:
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
     p.c["refresh"] = gr.Button("Refresh status", size="sm", elem_id="lt-tr-refresh")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
-    p.c["loss"] = gr.LinePlot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
-                              tooltip=["step", "loss"], elem_id="lt-tr-loss")
+    p.c["loss"] = compat.line_plot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
+                                   tooltip=["step", "loss"], elem_id="lt-tr-loss")
     p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
 
 
