@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from lora_trainer.train.events import EventBus, Finished, Sample, Saved, Started, Step
+from lora_trainer.train.events import EventBus, Finished, Sample, SampleInfo, Saved, Started, Step
 from lora_trainer.train.logs import CsvLogger, JsonLinesLogger, TensorBoardLogger, build_log_subscribers
 
 EVENTS = [
     Started(2, 1),
     Step(1, 2, 1, 0.25, 0.25, 1e-4, 3.0, 0.3),
-    Sample(1, [Image.new("RGB", (8, 8), "red")]),
+    Sample(1, [Image.new("RGB", (8, 8), "red")], [SampleInfo(1, 0.5, "a red square")]),
     Step(2, 2, 1, 0.15, 0.2, 5e-5, 3.0, 0.0),
     Saved("out/x.safetensors", 2, 1),
     Finished("out/x.safetensors", False, 2),
@@ -34,6 +34,7 @@ def test_csv_and_jsonl(tmp_path):
     assert [r["step"] for r in rows] == ["1", "2"] and float(rows[1]["loss"]) == 0.15 and float(rows[0]["lr"]) == 1e-4
     lines = [json.loads(x) for x in (tmp_path / "a" / "events.jsonl").read_text().splitlines()]
     assert [x["event"] for x in lines] == ["Started", "Step", "Sample", "Step", "Saved", "Finished"]
+    assert lines[2]["infos"] == [{"prompt_index": 1, "strength": 0.5, "prompt": "a red square"}]
     assert lines[2]["images"] == 1 and lines[4]["path"] == "out/x.safetensors" and lines[5]["steps"] == 2
 
 

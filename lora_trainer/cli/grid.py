@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     parser.add_argument("loras", nargs="+", type=Path, help="LoRA file(s): each is one snapshot")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the base model (.safetensors or .ckpt)")
     parser.add_argument("--run-snapshots", action="store_true",
-                        help="add every epoch/step file saved beside the first LoRA by its run")
+                        help="add every epoch/step file (and EMA file, <name>-ema) saved beside the first LoRA by "
+                        "its run")
     parser.add_argument("--prompt", default=None, help="default: the LoRA's most frequent dataset tags")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--strengths", default="0, 0.2, 0.4, 0.6, 0.8, 1",
@@ -26,8 +27,17 @@ def add_parser(sub) -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--clip-skip", type=int, default=1)
+    parser.add_argument("--validation", type=Path, default=None, metavar="CSV",
+                        help="the run's validation.csv (in its logging_dir): labels each snapshot with the "
+                             "validation loss at its step and marks the lowest")
+    parser.add_argument("--weights", action="append", default=[], metavar="VALUE",
+                        help='a module-weights axis value (repeatable): "UNet + TE", "UNet only", a LoRA Block '
+                             'Weight preset such as OUTD, or a vector "1,0,0,..."')
+    parser.add_argument("--presets", action="append", default=[], type=Path, metavar="FILE",
+                        help="block-weight preset files (NAME:v1,v2,... lines) for --weights")
     parser.add_argument("--layout", default=None,
-                        help='axes for x,y,z, e.g. "strength,snapshot,seed" (default: strength across)')
+                        help='axes for x,y,z, e.g. "strength,snapshot,seed" or "strength,weights,seed" '
+                             '(default: strength across)')
     parser.add_argument("--max-cells", type=int, default=None, help="cell limit (default 64)")
     parser.add_argument("--yes", action="store_true", help="render even when over the cell limit")
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <lora>-grid-NNNN.png beside it)")
@@ -55,6 +65,8 @@ def _plan(args):
         DEFAULT_CELL_LIMIT, FileSnapshot, GridSettings, RenderSettings, check_cell_limit, parse_numbers, plan_grid,
         prompt_from_metadata, run_snapshot_files, seed_axis, snapshot_axis, strength_axis,
     )
+    from lora_trainer.grids import best_snapshot, lora_file_step, rank_snapshots, read_validation_csv, weights_axis
+    from lora_trainer.tools.presets import load_presets
     from lora_trainer.models.sampling import resolve_sampler
     from lora_trainer.networks import load_lora
 
@@ -69,9 +81,18 @@ def _plan(args):
     render = RenderSettings(width=args.width, height=args.height, steps=args.steps, cfg_scale=args.cfg,
                             sampler=sampler, clip_skip=args.clip_skip)
     layout = tuple(p.strip() for p in args.layout.split(",")) if args.layout else None
+    ranked = []
+    if args.validation is not None:
+        ranked = rank_snapshots([(s.label, lora_file_step(s.path)) for s in snapshots],
+                                read_validation_csv(args.validation))
+        if not any(r.loss is not None for r in ranked):
+            print(f"note: {args.validation} has no validation loss at the step of any snapshot; none is marked")
+    notes = [r.note() for r in ranked] or None
+    weights = weights_axis(args.weights, load_presets(args.presets)) if args.weights else None
     plan = plan_grid(GridSettings(prompt, render, args.negative), strength_axis(parse_numbers(args.strengths,
-                     "--strengths")), snapshot_axis(snapshots), seed_axis(parse_numbers(args.seeds, "--seeds", True)),
-                     layout)
+                     "--strengths")), snapshot_axis(snapshots, notes),
+                     seed_axis(parse_numbers(args.seeds, "--seeds", True)), layout, weights)
+    plan.best_snapshot = best_snapshot(ranked)
     check_cell_limit(plan, args.max_cells or DEFAULT_CELL_LIMIT, confirmed=args.yes)
     return plan, [s.path for s in snapshots]
 
@@ -105,10 +126,14 @@ def _render(args, plan, files: list[Path]) -> int:
     save_grid_png(result.image, out, data)
     print(f"grid: {out} ({result.image.width}x{result.image.height}, {result.seconds:.1f} s, "
           f"{result.seconds_per_render():.2f} s per image)")
+    best = plan.best_snapshot
+    if best is not None:
+        print(f"grid: lowest validation loss: {best.label} ({best.loss:.4f} at step {best.step})")
     return 0
 
 
 def _print_cell(cell_result, done: int, total: int) -> None:
     cell = cell_result.cell
-    print(f"  {done}/{total}: {cell.snapshot.label}, strength {cell.strength:g}, seed {cell.seed} "
+    weights = f", {cell.weights.label}" if cell.weights is not None else ""
+    print(f"  {done}/{total}: {cell.snapshot.label}, strength {cell.strength:g}{weights}, seed {cell.seed} "
           f"({cell_result.seconds:.2f} s)")

@@ -1,6 +1,7 @@
 """A terminal progress bar that subscribes to the training events."""
 from __future__ import annotations
 
+import os
 import sys
 
 from tqdm import tqdm
@@ -26,6 +27,10 @@ class TrainingProgressBar:
             self._bar.set_postfix_str(f"epoch {event.epoch} loss {event.avg_loss:.4f} lr {event.lr:.2e} eta {eta}")
         elif kind == "Saved":
             self._write(f"saved {event.path}")
+        elif kind == "Paused":
+            self._write(f"paused after step {event.step}: `kill -USR1 {os.getpid()}` goes on, Ctrl+C stops and saves")
+        elif kind == "Resumed":
+            self._write(f"going on from step {event.step}" if not event.stopping else "stopping")
         elif kind in ("Finished", "Failed"):
             if self._bar is not None:
                 self._bar.close()

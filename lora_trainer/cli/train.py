@@ -6,6 +6,9 @@ entry point (`lora_trainer.__main__`), which prints each one once.
 Under `accelerate launch --multi_gpu --num_processes N` (or `torchrun --nproc_per_node N`) every process trains on
 its share of each batch (train_batch_size is per process, as in kohya: a step takes N x train_batch_size images)
 and only the first one prints, logs and writes files.
+
+A single process pauses after its current step on SIGUSR1 (`kill -USR1 <pid>`) and goes on at the next one, with
+the losses of a run that never paused; Ctrl+C stops and saves, also while paused.
 """
 from __future__ import annotations
 
@@ -116,6 +119,18 @@ def train(config, device: str | None = None, extra_subscribers=(), threads: str 
     return _train_in_group(config, process_device(device, launch), extra_subscribers)
 
 
+def toggle_pause(commands) -> None:
+    """The SIGUSR1 handler: pause after the current step, or go on when paused (or pausing).
+
+    Args:
+        commands (TrainCommands): the run's commands.
+    """
+    if commands.pause_requested:
+        commands.resume()
+    else:
+        commands.pause()
+
+
 def _train_in_group(config, device: str | None, extra_subscribers) -> int:
     """One of several launched processes: the main one checks the output folder first (its probe file), then the
     others; only the main one shows progress."""
@@ -152,13 +167,51 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
         bus.subscribe(TrainingProgressBar())
     for subscriber in extra_subscribers:
         bus.subscribe(subscriber)
+    saved: list[tuple[str, int]] = []
+    validation: dict[int, float] = {}
+    bus.subscribe(lambda event: _remember(event, saved, validation))
     commands = TrainCommands()
     previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
+    toggle = getattr(signal, "SIGUSR1", None) if group is None else None  # `kill -USR1 <pid>`: pause / go on
+    previous_toggle = signal.signal(toggle, lambda *_: toggle_pause(commands)) if toggle is not None else None
     try:
         result = Trainer(config, adapter, events=bus, commands=commands, preflight=checked, group=group).run()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if toggle is not None:
+            signal.signal(toggle, previous_toggle)
     if main:
         print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
+        if validation:
+            print(best_snapshot_line(saved, validation))
     return 0
+
+
+def _remember(event, saved: list[tuple[str, int]], validation: dict[int, float]) -> None:
+    from lora_trainer.train import Saved, Validation
+
+    if isinstance(event, Saved):
+        saved.append((event.path, event.step))
+    elif isinstance(event, Validation):
+        validation[event.step] = event.loss
+
+
+def best_snapshot_line(saved: list[tuple[str, int]], validation: dict[int, float]) -> str:
+    """The summary line naming the saved file with the lowest validation loss at its step.
+
+    Args:
+        saved (list[tuple[str, int]]): (file, step) of every file the run wrote.
+        validation (dict[int, float]): validation loss per step.
+
+    Returns:
+        str: "best snapshot: FILE (validation loss 0.1234 at step 8)", or the lowest loss's step when no file was
+        saved at a validated step.
+    """
+    from lora_trainer.grids.best_snapshot import best_snapshot, rank_snapshots
+
+    best = best_snapshot(rank_snapshots(saved, validation))
+    if best is not None:
+        return f"best snapshot: {best.label} (validation loss {best.loss:.4f} at step {best.step})"
+    step, loss = min(validation.items(), key=lambda item: item[1])
+    return f"lowest validation loss {loss:.4f} at step {step}; no file was saved at a validated step"
 

@@ -5,7 +5,7 @@ from lora_trainer.config.dataset_config import (
 from lora_trainer.config.kohya_keys import IGNORED_KEYS, NETWORK_ARG_FIELDS, VERSION_KEY, format_network_args
 from lora_trainer.config.presets import PRESETS, preset_config
 from lora_trainer.config.schema import (
-    FIELDS, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS,
+    EMA_DEVICES, FIELDS, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS,
     SAVE_PRECISIONS, SCHEDULERS, DatasetConfig, FieldSpec, LoadedConfig, LoggingConfig, ModelConfig,
     NetworkConfig, OptimizerConfig, SampleConfig, SaveConfig, TrainConfig, TrainingConfig,
 )
@@ -15,8 +15,9 @@ from lora_trainer.config.toml_io import (
 from lora_trainer.config.values import block_lr_preset, coerce, parse_literal
 
 __all__ = [
-    "FIELDS", "IGNORED_KEYS", "MAX_TOKEN_LENGTHS", "MIXED_PRECISIONS", "NETWORK_ALGOS", "NETWORK_ARG_FIELDS",
-    "NETWORK_MODULES", "OPTIMIZERS", "PRESETS", "SAMPLERS", "SAVE_PRECISIONS", "SCHEDULERS", "VERSION_KEY",
+    "EMA_DEVICES", "FIELDS", "IGNORED_KEYS", "MAX_TOKEN_LENGTHS", "MIXED_PRECISIONS", "NETWORK_ALGOS",
+    "NETWORK_ARG_FIELDS", "NETWORK_MODULES", "OPTIMIZERS", "PRESETS", "SAMPLERS", "SAVE_PRECISIONS", "SCHEDULERS",
+    "VERSION_KEY",
     "DatasetConfig", "DatasetDescription", "DatasetSpec", "FieldSpec", "LoadedConfig", "LoggingConfig",
     "ModelConfig", "NetworkConfig", "OptimizerConfig", "SampleConfig", "SaveConfig", "SubsetSpec", "TrainConfig",
     "TrainingConfig", "apply_overrides", "block_lr_preset", "coerce", "config_from_dict", "describe_settings",

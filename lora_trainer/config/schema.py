@@ -18,6 +18,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "float")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 LOG_WITH = ("tensorboard", "wandb", "all")
+EMA_DEVICES = ("same", "cpu")  # where the EMA copy lives: the training device, or the CPU (saves GPU memory)
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
             "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 NUM_BLOCKS = 25        # kohya block_dims/block_alphas: IN00..IN11, MID, OUT00..OUT11
@@ -159,6 +160,11 @@ class TrainingConfig:
     validate_every_n_steps: int | None = None
     validate_every_n_epochs: int | None = None  # None: after every epoch (kohya's default)
     max_validation_steps: int | None = None   # held-out images evaluated per validation, None: all
+    ema: bool = False                         # ours: keep an EMA of the LoRA weights, saved as <name>-ema
+    ema_decay: float = 0.999
+    ema_warmup: bool = True                   # decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update
+    ema_update_every: int = 1                 # optimizer steps between EMA updates
+    ema_device: str = "same"                  # "same" (the training device) or "cpu"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from lora_trainer.config.schema import (
-    FIELDS, LOG_WITH, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, NUM_BLOCKS, NUM_LR_BLOCKS,
-    OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TrainConfig,
+    EMA_DEVICES, FIELDS, LOG_WITH, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, NETWORK_MODULES, NUM_BLOCKS,
+    NUM_LR_BLOCKS, OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TrainConfig,
 )
 from lora_trainer.errors import ConfigError
 
@@ -33,6 +33,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "seed": (0, 2**64 - 1),  # torch.manual_seed's range
     "validation_seed": (0, 2**64 - 1), "validate_every_n_steps": (1, MAX_STEPS),
     "validate_every_n_epochs": (1, MAX_EPOCHS), "max_validation_steps": (1, MAX_STEPS),
+    "ema_update_every": (1, MAX_STEPS),
 }
 _LIST_LIMITS = {"block_dims": MAX_RANK, "conv_block_dims": MAX_RANK}
 
@@ -62,7 +63,7 @@ def normalize(values: dict[str, Any]) -> list[str]:
     warnings: list[str] = []
     choices = {"optimizer_type": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "network_module": NETWORK_MODULES,
                "algo": NETWORK_ALGOS, "mixed_precision": MIXED_PRECISIONS, "sample_sampler": SAMPLERS,
-               "log_with": LOG_WITH}
+               "log_with": LOG_WITH, "ema_device": EMA_DEVICES}
     for key, options in choices.items():
         if values.get(key) is not None:
             values[key] = _one_of(key, values[key], options)
@@ -256,7 +257,7 @@ def _rest(config: TrainConfig) -> list[str]:
            "must be part of a folder name (the run's log folder inside logging_dir)", "Put folders in logging_dir.")
     if (p.sample_every_n_steps or p.sample_every_n_epochs) and not p.sample_prompts:
         warnings.append("sample_every_n_*: set but sample_prompts is not, so no samples are made during training.")
-    return warnings + _validation(t)
+    return warnings + _validation(t) + _ema(t)
 
 
 def _validation(t) -> list[str]:
@@ -267,4 +268,12 @@ def _validation(t) -> list[str]:
         _check(value is None or value >= 1, key, value, "must be at least 1", f"Use 1 or more, or remove {key}.")
     if (t.validate_every_n_steps or t.validate_every_n_epochs) and not t.validation_split:
         return ["validate_every_n_*: set but validation_split is 0, so no validation loss is computed."]
+    return []
+
+
+def _ema(t) -> list[str]:
+    _check(0 <= t.ema_decay <= 1, "ema_decay", t.ema_decay, "must be in [0, 1]",
+           "Use e.g. 0.999 (about the last 1000 updates weigh in), or 0.99 for short runs.")
+    if not t.ema and (t.ema_decay != 0.999 or t.ema_update_every != 1 or t.ema_device != "same"):
+        return ["ema_*: set but ema is false, so no EMA is kept. Set ema = true to keep one."]
     return []

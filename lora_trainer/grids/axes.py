@@ -65,18 +65,24 @@ def seed_axis(seeds) -> Axis:
     return Axis("seed", seeds, tuple(f"Seed: {s}" for s in seeds))
 
 
-def snapshot_axis(snapshots) -> Axis:
+def snapshot_axis(snapshots, notes=None) -> Axis:
     """The snapshot axis: saved epoch/step files of a run, or the LoRA still in memory.
 
     Args:
         snapshots (Sequence[Snapshot]): objects with a `label`.
+        notes (Sequence[str], optional): one note per snapshot shown after its label in brackets ("" for none),
+            e.g. its validation loss; defaults to none.
 
     Returns:
-        Axis: the snapshots' own labels.
+        Axis: the snapshots' own labels, "epoch 4 (best val 0.1234)" with a note.
     """
     snapshots = tuple(snapshots)
     _check_values("snapshots", snapshots)
-    return Axis("snapshot", snapshots, tuple(s.label for s in snapshots))
+    notes = tuple(notes) if notes is not None else ("",) * len(snapshots)
+    if len(notes) != len(snapshots):
+        raise ValueError(f"snapshot notes: {len(notes)} notes for {len(snapshots)} snapshots. Give one per snapshot.")
+    return Axis("snapshot", snapshots, tuple(f"{s.label} ({note})" if note else s.label
+                                             for s, note in zip(snapshots, notes)))
 
 
 def _check_values(key: str, values: tuple) -> None:

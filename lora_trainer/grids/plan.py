@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from PIL import Image
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.grids.axes import AXIS_KINDS, Axis
+from lora_trainer.grids.axes import Axis
 
 DEFAULT_CELL_LIMIT = 64
 
@@ -80,6 +80,8 @@ class GridCell:
         strength (float): LoRA strength (0 = the base model).
         snapshot (object): the snapshot rendered.
         seed (int): the noise seed.
+        weights (ModuleWeights, optional): per-module factors on top of the strength (UNet only, block weights),
+            defaults to None (the whole LoRA).
     """
 
     x: int
@@ -88,6 +90,7 @@ class GridCell:
     strength: float
     snapshot: object
     seed: int
+    weights: object = None
 
     @property
     def is_base(self) -> bool:
@@ -103,6 +106,7 @@ class GridPlan:
         settings (GridSettings): prompt and render settings.
         x (Axis): columns. y (Axis): rows. z (Axis): sub-grids side by side.
         cells (list[GridCell]): every cell.
+        best_snapshot (SnapshotValidation, optional): the snapshot with the lowest validation loss, when known.
     """
 
     settings: GridSettings
@@ -110,6 +114,7 @@ class GridPlan:
     y: Axis
     z: Axis
     cells: list[GridCell] = field(default_factory=list)
+    best_snapshot: object = None
 
     @property
     def axes(self) -> tuple[Axis, Axis, Axis]:
@@ -125,34 +130,56 @@ class GridPlan:
         return {"prompt": self.settings.prompt, "negative_prompt": self.settings.negative_prompt,
                 **{k: v for k, v in asdict(self.settings.render).items() if k != "lora_state"},
                 "axes": {name: {"kind": a.kind, "labels": list(a.labels),
-                                **({} if a.kind == "snapshot" else {"values": list(a.values)})}
-                         for name, a in zip("xyz", self.axes)}}
+                                **({} if a.kind in ("snapshot", "weights") else {"values": list(a.values)})}
+                         for name, a in zip("xyz", self.axes)},
+                **({"best_snapshot": self.best_snapshot.describe()} if self.best_snapshot is not None else {})}
+
+
+def _default_layout(by_kind: dict[str, Axis]) -> tuple[str, str, str]:
+    """Strength across; then the axes with several values (weights, snapshots, seeds), then the others."""
+    several = [kind for kind in ("weights", "snapshot", "seed") if kind in by_kind and len(by_kind[kind]) > 1]
+    single = [kind for kind in ("snapshot", "seed", "weights") if kind in by_kind and kind not in several]
+    return ("strength", *(several + single)[:2])
+
+
+def _check_layout(layout: tuple, by_kind: dict[str, Axis]) -> None:
+    if len(layout) != 3 or len(set(layout)) != 3 or not set(layout) <= set(by_kind):
+        raise ConfigError(f"layout: {layout} must name three different axes of {tuple(by_kind)} (x, y, z). "
+                          "Reorder them.")
+    left_out = [kind for kind in by_kind if kind not in layout and len(by_kind[kind]) > 1]
+    if left_out:
+        raise ConfigError(f"layout: {left_out[0]} has {len(by_kind[left_out[0]])} values but no place among x, y, "
+                          f"z {tuple(layout)}. Give it one value, or lay it out instead of an axis with one value.")
 
 
 def plan_grid(settings: GridSettings, strengths: Axis, snapshots: Axis, seeds: Axis,
-              layout: tuple[str, str, str] | None = None) -> GridPlan:
-    """Lay the three axes out as columns, rows and sub-grids and list the cells.
+              layout: tuple[str, str, str] | None = None, weights: Axis | None = None) -> GridPlan:
+    """Lay the axes out as columns, rows and sub-grids and list the cells.
 
     Args:
         settings (GridSettings): checked here.
         strengths (Axis): the strength axis. snapshots (Axis): the snapshot axis. seeds (Axis): the seed axis.
-        layout (tuple[str, str, str], optional): axis kinds for x, y, z; defaults to strength across, snapshots
-            down and seeds as sub-grids, or seeds down when there is one snapshot.
+        layout (tuple[str, str, str], optional): axis kinds for x, y, z; defaults to strength across, then the
+            weights, snapshot and seed axes with several values (weights first), e.g. snapshots down and seeds as
+            sub-grids, or seeds down when there is one snapshot.
+        weights (Axis, optional): the module-weights axis (`grids.weights.weights_axis`); an axis left out of the
+            layout must have one value, which every cell uses. Defaults to None (the whole LoRA).
 
     Returns:
         GridPlan: the plan.
     """
     settings.check()
     by_kind = {"strength": strengths, "snapshot": snapshots, "seed": seeds}
-    if layout is None:
-        layout = ("strength", "snapshot", "seed") if len(snapshots) > 1 else ("strength", "seed", "snapshot")
-    if sorted(layout) != sorted(AXIS_KINDS):
-        raise ConfigError(f"layout: {layout} must name each of {AXIS_KINDS} once (x, y, z). Reorder them.")
+    if weights is not None:
+        by_kind["weights"] = weights
+    layout = tuple(layout) if layout is not None else _default_layout(by_kind)
+    _check_layout(layout, by_kind)
     x, y, z = (by_kind[kind] for kind in layout)
+    fixed = {kind: axis.values[0] for kind, axis in by_kind.items() if kind not in layout}
     cells = []
     for index in ((i, j, k) for k in range(len(z)) for j in range(len(y)) for i in range(len(x))):
-        value = {axis.kind: axis.values[i] for axis, i in zip((x, y, z), index)}
-        cells.append(GridCell(*index, value["strength"], value["snapshot"], value["seed"]))
+        value = {**fixed, **{axis.kind: axis.values[i] for axis, i in zip((x, y, z), index)}}
+        cells.append(GridCell(*index, value["strength"], value["snapshot"], value["seed"], value.get("weights")))
     order = {id(s): n for n, s in enumerate(snapshots.values)}
     cells.sort(key=lambda c: (not c.is_base, order[id(c.snapshot)], c.seed, c.strength))
     return GridPlan(settings, x, y, z, cells)

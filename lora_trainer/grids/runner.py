@@ -13,6 +13,7 @@ from PIL import Image
 from lora_trainer.grids.axes import format_strength
 from lora_trainer.grids.image import draw_labelled_grid
 from lora_trainer.grids.plan import GridCell, GridPlan, Render
+from lora_trainer.grids.weights import weigh_network
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +64,17 @@ class _Switcher:
         self.adapter = adapter
         self.current = None
 
-    def show(self, snapshot, strength: float) -> str:
+    def show(self, snapshot, strength: float, weights=None) -> str:
         if self.current is not None and (strength == 0 or self.current is not snapshot):
             self.current.remove()
             self.current = None
         if strength == 0:
             return "base"
         snapshot.apply(self.adapter, strength)
+        if weights is not None:  # per-module factors on top of the strength (UNet only, block weights)
+            weigh_network(snapshot.network, strength, weights, self.adapter.architecture)
         self.current = snapshot
-        return f"{snapshot.label}@{format_strength(strength)}"
+        return f"{snapshot.label}@{format_strength(strength)}" + (f"/{weights.label}" if weights is not None else "")
 
 
 def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | None = None,
@@ -124,7 +127,7 @@ def _render_cell(plan: GridPlan, cell: GridCell, switcher: _Switcher, render: Re
                  base_images: dict[int, Image.Image]) -> CellResult:
     if cell.is_base and cell.seed in base_images:
         return CellResult(cell, base_images[cell.seed], 0.0)
-    state = switcher.show(cell.snapshot, cell.strength)
+    state = switcher.show(cell.snapshot, cell.strength, cell.weights)
     settings = plan.settings
     start = time.perf_counter()
     image = render(settings.prompt, settings.negative_prompt, cell.seed, replace(settings.render, lora_state=state))

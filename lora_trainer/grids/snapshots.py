@@ -1,4 +1,5 @@
-"""The LoRAs a grid compares: the trained network still in memory and the epoch/step files its run saved.
+"""The LoRAs a grid compares: the trained network still in memory (and its EMA) and the epoch/step files its run
+saved (each with its `-ema` file when the run kept an EMA).
 
 Every snapshot is put on the already loaded model by bypass injection and taken off exactly; switching snapshots
 never reloads the model, and a file is read once and kept bound to the model for the rest of the grid.
@@ -13,11 +14,19 @@ logger = logging.getLogger(__name__)
 
 _EPOCH_FILE = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
 _STEP_FILE = re.compile(r"^(?P<name>.+)-step(?P<step>\d{8})$")
+EMA_SUFFIX = "-ema"  # `<stem>-ema.safetensors`: the EMA file train/ema.py writes beside each LoRA file
+EMA_LABEL = " (EMA)"
+
+
+def _split_ema(stem: str) -> tuple[str, bool]:
+    if stem.endswith(EMA_SUFFIX) and len(stem) > len(EMA_SUFFIX):
+        return stem[:-len(EMA_SUFFIX)], True
+    return stem, False
 
 
 def snapshot_label(path: str | Path) -> str:
     """The label of a saved file: "epoch 5" for `<name>-000005`, "step 100" for `<name>-step00000100`, else the
-    file's name without extension.
+    file's name without extension; an EMA file (`...-ema`) gets " (EMA)" after its LoRA file's label.
 
     Args:
         path (str | Path): the LoRA file.
@@ -25,25 +34,42 @@ def snapshot_label(path: str | Path) -> str:
     Returns:
         str: the label.
     """
-    stem = Path(path).stem
+    stem, ema = _split_ema(Path(path).stem)
+    suffix = EMA_LABEL if ema else ""
     if match := _EPOCH_FILE.match(stem):
-        return f"epoch {int(match['epoch'])}"
+        return f"epoch {int(match['epoch'])}{suffix}"
     if match := _STEP_FILE.match(stem):
-        return f"step {int(match['step'])}"
-    return stem
+        return f"step {int(match['step'])}{suffix}"
+    return stem + suffix
+
+
+def with_ema_files(paths) -> list[Path]:
+    """Each existing LoRA file followed by its EMA file (`<stem>-ema`) when the run wrote one.
+
+    Args:
+        paths (iterable of str | Path): LoRA files.
+
+    Returns:
+        list[Path]: the files that exist, each EMA file right after its LoRA file.
+    """
+    out = []
+    for path in map(Path, paths):
+        out += [f for f in (path, path.with_name(f"{path.stem}{EMA_SUFFIX}{path.suffix}")) if f.is_file()]
+    return list(dict.fromkeys(out))
 
 
 def run_snapshot_files(lora_path: str | Path) -> list[Path]:
-    """Every file the run of `lora_path` saved beside it (kohya's names), steps and epochs in order, last file last.
+    """Every file the run of `lora_path` saved beside it (kohya's names), steps and epochs in order, last file last,
+    each followed by its EMA file when there is one.
 
     Args:
-        lora_path (str | Path): the final file `<name>.safetensors`, or any of its epoch/step files.
+        lora_path (str | Path): the final file `<name>.safetensors`, or any of its epoch/step (or EMA) files.
 
     Returns:
         list[Path]: the files found (at least `lora_path` itself when it exists).
     """
     path = Path(lora_path)
-    stem = path.stem
+    stem = _split_ema(path.stem)[0]
     for pattern in (_EPOCH_FILE, _STEP_FILE):
         if match := pattern.match(stem):
             stem = match["name"]
@@ -54,7 +80,7 @@ def run_snapshot_files(lora_path: str | Path) -> list[Path]:
             files.append(candidate)
     files.sort(key=lambda f: (_STEP_FILE.match(f.stem) is None, f.stem))
     final = path.parent / f"{stem}{path.suffix}"
-    return files + ([final] if final.is_file() else [])
+    return with_ema_files(files + [final])
 
 
 def glob_escape(text: str) -> str:
@@ -97,6 +123,11 @@ class FileSnapshot:
             logger.info("grid: loaded %s (%d modules)", self.path.name, len(network.loras))
         return self._network
 
+    @property
+    def network(self):
+        """The loaded `LoRANetwork` (None before the first `apply`)."""
+        return self._network
+
     def apply(self, adapter, strength: float) -> None:
         """Put the file's LoRA on `adapter`'s model at `strength` (idempotent; a new strength acts at once).
 
@@ -132,6 +163,11 @@ class LiveSnapshot:
         self.label = label
         self._multiplier_before = float(live.multiplier)
 
+    @property
+    def network(self):
+        """The `LoRANetwork` in memory."""
+        return self.live.network
+
     def apply(self, adapter, strength: float) -> None:
         """Put the LoRA on `adapter`'s model at `strength`; idempotent."""
         self.live.multiplier = strength
@@ -147,4 +183,4 @@ class LiveSnapshot:
         self.live.multiplier = self._multiplier_before
 
 
-__all__ = ["FileSnapshot", "LiveSnapshot", "run_snapshot_files", "snapshot_label"]
+__all__ = ["EMA_LABEL", "FileSnapshot", "LiveSnapshot", "run_snapshot_files", "snapshot_label", "with_ema_files"]

@@ -15,12 +15,12 @@ import dataclasses
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 import torch
 
-from lora_trainer.errors import ModelLoadError, NetworkError
+from lora_trainer.errors import ModelLoadError, NetworkError, TrainingError
+from lora_trainer.host.a1111_job import QueueLock, WebUIJob
 from lora_trainer.host.a1111_keys import check_names, describe, file_module_names
 from lora_trainer.host.a1111_text import sd_text_encoder, sdxl_text_encoder
 from lora_trainer.host.handshake import borrowed_model, compare_with_file
@@ -49,47 +49,6 @@ def lora_extension():
     """The built-in Lora extension's `networks` module, or None when the extension is not loaded."""
     module = sys.modules.get("networks")
     return module if module is not None and hasattr(module, "network_apply_weights") else None
-
-
-class _QueueLock:
-    """The WebUI's generation queue lock, re-entrant per thread (job and prepare_model may nest)."""
-
-    def __init__(self):
-        self._local = threading.local()
-
-    @contextlib.contextmanager
-    def held(self):
-        depth = getattr(self._local, "depth", 0)
-        if depth == 0:
-            _, call_queue = _webui()
-            call_queue.queue_lock.acquire()
-        self._local.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._local.depth -= 1
-            if self._local.depth == 0:
-                call_queue = _webui()[1]
-                call_queue.queue_lock.release()
-
-
-class WebUIJob:
-    """The JobHandle of a training run inside `shared.state`."""
-
-    def __init__(self, state, total_steps: int):
-        self._state = state
-        self._state.job_count = 1
-        self._state.sampling_steps = max(1, int(total_steps))
-        self._state.sampling_step = 0
-
-    def progress(self, step: int, total_steps: int) -> None:
-        self._state.sampling_steps = max(1, int(total_steps))
-        self._state.sampling_step = int(step)
-        self._state.textinfo = f"LoRA training: step {step}/{total_steps}"
-
-    @property
-    def interrupted(self) -> bool:
-        return bool(self._state.interrupted)
 
 
 class WebUILdmAdapter(TextCheckpointingFallback, LdmAdapter):
@@ -149,7 +108,7 @@ class A1111Host:
     def __init__(self, lora_dir: str | Path | None = None, verify_weights: bool = True):
         self._lora_dir = Path(lora_dir) if lora_dir else None
         self.verify_weights = verify_weights
-        self._lock = _QueueLock()
+        self._lock = QueueLock()
         self.last_check = None
 
     # -- Host contract -----------------------------------------------------------------------------------------
@@ -177,14 +136,33 @@ class A1111Host:
 
     @contextlib.contextmanager
     def job(self, title: str, total_steps: int):
-        """Run as a WebUI job: job name, progress bar, Interrupt; generation waits for the queue lock meanwhile."""
+        """Run as a WebUI job: job name, progress bar, Interrupt; generation waits for the queue lock meanwhile
+        (except while a run is paused: `WebUIJob.paused`)."""
         shared, _ = _webui()
         with self._lock.held():
-            shared.state.begin(job=title)
             try:
-                yield WebUIJob(shared.state, total_steps)
+                yield WebUIJob(shared.state, title, total_steps, self._lock, guard=self._pause_guard)
             finally:
                 shared.state.end()
+
+    def _pause_guard(self):
+        """Remember the loaded model when a run pauses; the returned check, run when it resumes, takes out LoRAs
+        the Lora extension merged during the pause (a `<lora:...>` prompt) and refuses another checkpoint."""
+        shared, _ = _webui()
+        sd_model = shared.sd_model
+        before = getattr(self.checkpoint_info(sd_model), "filename", None)
+
+        def check() -> None:
+            now = shared.sd_model
+            loaded = getattr(self.checkpoint_info(now), "filename", None) if now is not None else None
+            if now is not sd_model or loaded != before:
+                raise TrainingError(
+                    f"WebUI: another checkpoint ({loaded}) was loaded during the pause; the run on {before} cannot "
+                    "go on, so it stops and saves the LoRA trained so far. Load that checkpoint again before "
+                    "resuming a paused run (with save_state on, Resume from the saved state folder goes on).")
+            restore_merged_loras(sd_model)
+
+        return check
 
     @contextlib.contextmanager
     def prepare_model(self, config):

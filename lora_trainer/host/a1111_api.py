@@ -6,12 +6,17 @@ browser. Registered on the WebUI's FastAPI app (`on_app_started`); nothing here 
   names the field or key), 403 for a path outside the allowed folders while the WebUI listens on the network
   (`folder_policy.py`), 409 while a job is running.
 - `POST /lora_trainer/v1/train/stop`: `{"save": true|false}` (JSON booleans; default true).
+- `POST /lora_trainer/v1/train/pause` and `/resume` (empty body): pause the running job after its current step
+  (the WebUI's queue is free meanwhile: txt2img and the grid route run) and go on; the answer is the status plus
+  `pause_requested` / `resume_requested` (false when no job could take it).
 - `GET /lora_trainer/v1/train/status`: the status of the current or last job (`JobStatus.to_dict`), plus `compat`
   (the self-test of the saved file against the loaded model, once the job has ended). Always answers 200.
 - `POST /lora_trainer/v1/test/grid`: `{"prompt", "negative_prompt", "strengths": [...], "seeds": [...],
-  "snapshots": [...] (labels, optional), "steps", "cfg_scale", "sampler_name", "width", "height", "confirm"}`
-  renders a strength x snapshot x seed grid on the last run's LoRA in memory (`GridApi`); answers the grid PNG and
-  every cell as base64 PNG with its strength, seed and snapshot. 409 while a run is in progress.
+  "snapshots": [...] (labels, optional), "steps", "cfg_scale", "sampler_name", "width", "height", "confirm",
+  "weights": [...] (optional: "UNet + TE", "UNet only", block-weight presets or vectors)}` renders a strength x
+  snapshot x seed (x weights) grid on the last run's LoRA in memory (`GridApi`); answers the grid PNG, every cell as
+  base64 PNG with its strength, seed, snapshot and weights, and `best_snapshot` (the lowest validation loss among
+  the grid's snapshots, or null). 409 while a run is in progress.
 Errors are answered as `{"detail": message, "error": type}` (`api_routes.py`).
 """
 from __future__ import annotations
@@ -42,9 +47,11 @@ GRID_FIELDS = {
     "width": BodyField("int", default=512, minimum=8, maximum=4096),
     "height": BodyField("int", default=512, minimum=8, maximum=4096),
     "confirm": BodyField("bool", default=False),
+    "weights": BodyField("list", items="str"),
 }
 START_FIELDS = {"config": BodyField("object"), "toml": BodyField("path"), "overrides": BodyField("object")}
 STOP_FIELDS = {"save": BodyField("bool", default=True)}
+NO_FIELDS: dict[str, BodyField] = {}
 
 
 def status_dict(status: JobStatus) -> dict[str, Any]:
@@ -91,7 +98,7 @@ def config_from_request(body: Any, policy: FolderPolicy | None = None):
 
 
 class TrainApi:
-    """The three routes over a JobManager.
+    """The training routes (start, stop, pause, resume, status) over a JobManager.
 
     Args:
         manager (JobManager): the WebUI's job manager (shared with the tab).
@@ -125,6 +132,16 @@ class TrainApi:
         save = read_body(body, STOP_FIELDS, "train/stop")["save"]
         stopped = self.manager.stop(save)
         return dict(status_dict(self.manager.status()), stop_requested=stopped)
+
+    def pause(self, body: Any) -> dict[str, Any]:
+        read_body(body, NO_FIELDS, "train/pause")
+        asked = self.manager.pause()
+        return dict(status_dict(self.manager.status()), pause_requested=asked)
+
+    def resume(self, body: Any) -> dict[str, Any]:
+        read_body(body, NO_FIELDS, "train/resume")
+        asked = self.manager.resume()
+        return dict(status_dict(self.manager.status()), resume_requested=asked)
 
     def status(self) -> dict[str, Any]:
         """The last job's status; never raises (a snapshot that cannot be read is reported in `message`)."""
@@ -161,6 +178,8 @@ class TrainApi:
         """
         add_json_route(app, f"{PREFIX}/start", self.start, credentials=credentials)
         add_json_route(app, f"{PREFIX}/stop", self.stop, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/pause", self.pause, credentials=credentials)
+        add_json_route(app, f"{PREFIX}/resume", self.resume, credentials=credentials)
         add_json_route(app, f"{PREFIX}/status", self.status, method="GET", credentials=credentials)
         logger.info("API routes added under %s", PREFIX)
 
@@ -195,7 +214,7 @@ class GridApi:
             seeds=tuple(values["seeds"] if values["seeds"] is not None else (1,)),
             snapshots=tuple(values["snapshots"] or ()), steps=values["steps"], cfg_scale=values["cfg_scale"],
             sampler_name=values["sampler_name"], width=values["width"], height=values["height"],
-            confirmed=values["confirm"])
+            confirmed=values["confirm"], weights=tuple(values["weights"] or ()))
         try:
             outcome = self.service.run(request)
         except TrainingError as error:
@@ -203,9 +222,11 @@ class GridApi:
                 raise RequestError(str(error), status=409) from error
             raise
         result = outcome.result
-        return {"grid": _png_base64(result.image),
+        best = result.plan.best_snapshot  # the lowest validation loss among the grid's snapshots
+        return {"grid": _png_base64(result.image), "best_snapshot": best.label if best is not None else None,
                 "cells": [{"image": _png_base64(c.image), "strength": c.cell.strength, "seed": c.cell.seed,
-                           "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z}
+                           "snapshot": c.cell.snapshot.label, "x": c.cell.x, "y": c.cell.y, "z": c.cell.z,
+                           "weights": c.cell.weights.label if c.cell.weights is not None else None}
                           for c in result.cells],
                 "parameters": result.plan.describe(), "path": str(outcome.path) if outcome.path else None,
                 "lora": outcome.lora_name, "seconds": round(result.seconds, 3)}

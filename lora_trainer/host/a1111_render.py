@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 XYZ_STRENGTH = "LoRA Trainer: strength"
 XYZ_SNAPSHOT = "LoRA Trainer: snapshot"
+XYZ_WEIGHTS = "LoRA Trainer: module weights"
 _P_STRENGTH, _P_SNAPSHOT = "lora_trainer_strength", "lora_trainer_snapshot"
+_P_WEIGHTS = "lora_trainer_weights"
 
 
 def invalidate_cond_cache(p=None) -> None:
@@ -190,27 +192,41 @@ class XyzAxes:
             xyz.AxisOption(XYZ_STRENGTH, float, _marker(_P_STRENGTH)),
             xyz.AxisOption(XYZ_SNAPSHOT, str, _marker(_P_SNAPSHOT), confirm=self._confirm_snapshots,
                            choices=self.service.snapshot_labels),
+            xyz.AxisOption(XYZ_WEIGHTS, str, _marker(_P_WEIGHTS), confirm=self._confirm_weights),
         ]
-        logger.info("X/Y/Z plot: added the axes %r and %r", XYZ_STRENGTH, XYZ_SNAPSHOT)
+        logger.info("X/Y/Z plot: added the axes %r, %r and %r", XYZ_STRENGTH, XYZ_SNAPSHOT, XYZ_WEIGHTS)
         return True
 
     def _confirm_snapshots(self, _p, labels) -> None:
         self.service.snapshots(tuple(labels))  # raises naming the known snapshots
 
+    def _confirm_weights(self, _p, values) -> None:
+        from lora_trainer.grids.weights import weights_axis
+
+        weights_axis(values, self.service.presets())  # raises naming an unknown preset or a bad vector
+
     def before(self, p) -> None:
         """Put the cell's snapshot on the model at the cell's strength (strength 1 and the in-memory LoRA, or the
         last file, by default); take ours off when the cell has none."""
         self.after(p)
+        from lora_trainer.grids.weights import parse_weights, weigh_network
+
         strength, label = getattr(p, _P_STRENGTH, None), getattr(p, _P_SNAPSHOT, None)
-        if strength is None and label is None:
+        spec = getattr(p, _P_WEIGHTS, None)
+        if strength is None and label is None and spec is None:
             return
         snapshot = self.service.snapshots((label,) if label else ())[-1]
         strength = 1.0 if strength is None else float(strength)
+        weights = parse_weights(spec, self.service.presets()) if spec is not None else None
         if strength != 0:
-            snapshot.apply(self.host.adapter(webui_shared().sd_model), strength)
+            adapter = self.host.adapter(webui_shared().sd_model)
+            snapshot.apply(adapter, strength)
+            if weights is not None:
+                weigh_network(snapshot.network, strength, weights, adapter.architecture)
         self._current = snapshot
         invalidate_cond_cache(p)
-        p.extra_generation_params["LoRA Trainer"] = f"{snapshot.label} at {strength:g}"
+        p.extra_generation_params["LoRA Trainer"] = f"{snapshot.label} at {strength:g}" + (
+            f", {weights.label}" if weights is not None else "")
 
     def after(self, p=None) -> None:
         """Take our LoRA off the model (idempotent)."""
@@ -228,5 +244,5 @@ def _marker(attribute: str):
     return apply
 
 
-__all__ = ["XYZ_SNAPSHOT", "XYZ_STRENGTH", "XyzAxes", "check_sampler", "grid_session", "invalidate_cond_cache",
+__all__ = ["XYZ_SNAPSHOT", "XYZ_STRENGTH", "XYZ_WEIGHTS", "XyzAxes", "check_sampler", "grid_session", "invalidate_cond_cache",
            "sampler_names", "webui_renderer"]

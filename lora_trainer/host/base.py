@@ -75,3 +75,13 @@ class JobHandle(Protocol):
     @property
     def interrupted(self) -> bool:
         """True once the host's Interrupt was pressed; the job then stops after the current step."""
+
+    def paused(self) -> AbstractContextManager:
+        """Optional: while a run is paused, let go of what keeps others off the model (the WebUI's queue lock, the
+        standalone host's model lock) and take it back on exit (the WebUI: merged LoRAs taken out, another
+        checkpoint refused with a `LoraTrainerError`).
+
+        Returns:
+            A context manager yielding an object whose `interrupted` is True once the host's Interrupt was pressed
+            for the paused run.
+        """

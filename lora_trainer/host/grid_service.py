@@ -1,8 +1,9 @@
 """The Test panel's and the grid route's engine: a strength x snapshot x seed grid on the last run's LoRA, rendered
 by the host the run trained on (the WebUI's own processing, or the standalone sampler) through `host.grid_session`.
 
-Snapshots are the LoRA still in memory ("in memory") and every file the last run saved; the grid is saved beside
-the run's LoRA with its settings in the PNG text. Nothing here imports the WebUI.
+Snapshots are the LoRA still in memory ("in memory"), its EMA when the run kept one ("in memory (EMA)"), and every
+file the last run saved (its `-ema` files too); the grid is saved beside the run's LoRA with its settings in the PNG
+text. Nothing here imports the WebUI.
 """
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from pathlib import Path
 
 from lora_trainer.errors import ConfigError, TrainingError
 from lora_trainer.grids import (
-    DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
+    DEFAULT_CELL_LIMIT, DEFAULT_STRENGTHS, EMA_LABEL, FileSnapshot, GridEstimate, GridPlan, GridResult, GridSettings,
     LiveSnapshot, RenderSettings, check_cell_limit, estimate_grid, grid_path_beside, measure_speed, plan_grid,
-    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis,
+    prompt_from_metadata, save_grid_png, seed_axis, snapshot_axis, snapshot_label, strength_axis, with_ema_files,
 )
+from lora_trainer.grids.best_snapshot import SnapshotValidation, best_snapshot, lora_file_step, rank_snapshots
+from lora_trainer.grids.weights import weights_axis
 
 logger = logging.getLogger(__name__)
 
 IN_MEMORY = "in memory"
+IN_MEMORY_EMA = IN_MEMORY + EMA_LABEL
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,14 @@ class GridRequest:
         negative_prompt (str, optional): defaults to "".
         strengths (tuple[float, ...], optional): defaults to 0, 0.2, ..., 1.
         seeds (tuple[int, ...], optional): defaults to (1,).
-        snapshots (tuple[str, ...], optional): snapshot labels ("in memory", "epoch 2", ...), defaults to all.
+        snapshots (tuple[str, ...], optional): snapshot labels ("in memory", "in memory (EMA)", "epoch 2",
+            "epoch 2 (EMA)", ...), defaults to all.
         steps (int, optional): defaults to 20. cfg_scale (float, optional): defaults to 7.
         sampler_name (str, optional): one of the host's samplers, defaults to "Euler a".
         width (int, optional): defaults to 512. height (int, optional): defaults to 512.
         confirmed (bool, optional): render even above the cell limit, defaults to False.
+        weights (tuple[str, ...], optional): a module-weights axis ("UNet + TE", "UNet only", LoRA Block Weight
+            presets or vectors; `grids.parse_weights`), defaults to none (the whole LoRA).
     """
 
     prompt: str
@@ -52,6 +59,7 @@ class GridRequest:
     width: int = 512
     height: int = 512
     confirmed: bool = False
+    weights: tuple[str, ...] = ()
 
 
 @dataclass
@@ -87,21 +95,28 @@ class GridService:
     def host(self):
         return self.manager.host
 
+    def _busy(self) -> bool:
+        """A run holds the model (running, not paused)."""
+        current = self.manager.current
+        return current is not None and not current.paused
+
     def _job(self):
-        if self.manager.current is not None:
-            raise TrainingError("grid: a training run is in progress. Wait until it ends (or stop it), then test.")
+        if self._busy():
+            raise TrainingError("grid: a training run is in progress. Pause it, or wait until it ends (or stop "
+                                "it), then test.")
         job = self.manager.last
         if job is None:
             raise TrainingError("grid: nothing trained yet. Train a LoRA first; the grid renders the last run.")
         return job
 
     def snapshot_labels(self) -> list[str]:
-        """Labels of the snapshots of the last run: saved files in order, then "in memory" (empty before a run)."""
+        """Labels of the snapshots of the last run: saved files in order (each EMA file after its LoRA file), then
+        "in memory" and "in memory (EMA)" (empty before a run)."""
         job = self.manager.last
-        if job is None or self.manager.current is not None:
+        if job is None or self._busy():
             return []
-        labels = [snapshot_label(path) for path in job.status().saved if Path(path).is_file()]
-        return list(dict.fromkeys(labels)) + ([IN_MEMORY] if job.live_lora is not None else [])
+        labels = [snapshot_label(path) for path in with_ema_files(job.status().saved)]
+        return list(dict.fromkeys(labels)) + list(_live_snapshots(job))
 
     def lora_name(self) -> str:
         """The last run's output name (what `<lora:NAME:S>` calls it), "" before a run."""
@@ -129,15 +144,13 @@ class GridService:
 
     def _snapshots(self, job, labels: tuple[str, ...]) -> list:
         by_label: dict[str, object] = {}
-        for path in job.status().saved:
-            if Path(path).is_file():
-                label = snapshot_label(path)
-                key = str(Path(path).resolve())
-                if key not in self._files:
-                    self._files[key] = FileSnapshot(path, label)
-                by_label[label] = self._files[key]
-        if job.live_lora is not None:
-            by_label[IN_MEMORY] = LiveSnapshot(job.live_lora, IN_MEMORY)
+        for path in with_ema_files(job.status().saved):
+            label = snapshot_label(path)
+            key = str(path.resolve())
+            if key not in self._files:
+                self._files[key] = FileSnapshot(path, label)
+            by_label[label] = self._files[key]
+        by_label.update(_live_snapshots(job))
         if not by_label:
             raise TrainingError("grid: the last run kept no LoRA (it failed or stopped without saving). Train again.")
         wanted = labels or tuple(by_label)
@@ -160,6 +173,36 @@ class GridService:
             ConfigError: an unknown label. TrainingError: no run to test, or one is running.
         """
         return self._snapshots(self._job(), tuple(labels))
+
+    def _ranked(self, job, snapshots: list) -> list[SnapshotValidation]:
+        """Each snapshot's validation loss at its step: a file's `ss_steps`, the LoRA in memory the last step's (EMA
+        weights have none: validation measures the raw ones)."""
+        status = job.status()
+        steps = [(s.label, lora_file_step(s.path) if isinstance(s, FileSnapshot) else
+                  status.step if isinstance(s, LiveSnapshot) and s.label == IN_MEMORY else None) for s in snapshots]
+        return rank_snapshots(steps, dict(status.validation_losses))
+
+    def best_snapshot(self) -> SnapshotValidation | None:
+        """The last run's snapshot with the lowest validation loss (None without validation, or before a run).
+
+        Returns:
+            SnapshotValidation | None: its label, step and loss.
+        """
+        job = self.manager.last
+        if job is None or self.manager.current is not None or not job.status().validation_losses:
+            return None
+        return best_snapshot(self._ranked(job, self._snapshots(job, ())))
+
+    def presets(self):
+        """Built-in block-weight presets, then LoRA Block Weight's file in the WebUI (when installed).
+
+        Returns:
+            PresetBook: the presets the weights axis looks names up in.
+        """
+        from lora_trainer.tools.presets import load_presets
+
+        webui_dir = getattr(self.host, "webui_dir", None)
+        return load_presets((), webui_dir() if callable(webui_dir) else None)
 
     def release_memory(self) -> None:
         """Give the host its GPU memory back after a grid: the LoRA in memory goes to the CPU when the host keeps
@@ -187,8 +230,13 @@ class GridService:
         settings = GridSettings(request.prompt, render, request.negative_prompt)
         settings.check()
         self.host.check_sampler(request.sampler_name)
+        snapshots = self._snapshots(job, tuple(request.snapshots))
+        ranked = self._ranked(job, snapshots)  # the lowest validation loss is marked on the snapshot axis
+        weights = weights_axis(request.weights, self.presets()) if request.weights else None
         plan = plan_grid(settings, strength_axis(request.strengths),
-                         snapshot_axis(self._snapshots(job, tuple(request.snapshots))), seed_axis(request.seeds))
+                         snapshot_axis(snapshots, [r.note() for r in ranked]), seed_axis(request.seeds),
+                         weights=weights)
+        plan.best_snapshot = best_snapshot(ranked)
         check_cell_limit(plan, self.cell_limit, confirmed=request.confirmed)
         return plan
 
@@ -247,4 +295,15 @@ class GridService:
         return path
 
 
-__all__ = ["IN_MEMORY", "GridOutcome", "GridRequest", "GridService"]
+def _live_snapshots(job) -> dict[str, LiveSnapshot]:
+    """The LoRA in memory and its EMA (when the run kept one), by label."""
+    live = job.live_lora
+    if live is None:
+        return {}
+    found = {IN_MEMORY: LiveSnapshot(live, IN_MEMORY)}
+    if live.ema is not None:
+        found[IN_MEMORY_EMA] = LiveSnapshot(live.ema, IN_MEMORY_EMA)
+    return found
+
+
+__all__ = ["IN_MEMORY", "IN_MEMORY_EMA", "GridOutcome", "GridRequest", "GridService"]

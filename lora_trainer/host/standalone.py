@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,13 @@ class StandaloneJobHandle:
         title (str): the job's title.
         total_steps (int): steps announced at start.
         step (int): the last step reported.
+        lend (callable, optional): `() -> context manager` letting go of the host's model lock, defaults to None.
     """
 
     title: str
     total_steps: int
     step: int = 0
+    lend: Callable | None = None
 
     def progress(self, step: int, total_steps: int) -> None:
         """Remember the progress (the standalone UI polls the job's own status)."""
@@ -35,6 +38,16 @@ class StandaloneJobHandle:
     def interrupted(self) -> bool:
         """Always False: the standalone UI stops jobs through the job itself."""
         return False
+
+    @contextmanager
+    def paused(self):
+        """While a run is paused: the model lock is free, so a test grid can render on the model.
+
+        Yields:
+            StandaloneJobHandle: self (`interrupted` stays False).
+        """
+        with self.lend() if self.lend is not None else nullcontext():
+            yield self
 
 
 class StandaloneHost:
@@ -56,6 +69,7 @@ class StandaloneHost:
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self._device = device
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread whose run holds the model (prepare_model)
         self._cached_key: tuple | None = None
         self._cached = None
 
@@ -138,7 +152,26 @@ class StandaloneHost:
             A context manager yielding the DiffusersAdapter.
         """
         with self._lock:
-            yield self.load(config)
+            self._holder = threading.get_ident()
+            try:
+                yield self.load(config)
+            finally:
+                self._holder = None
+
+    @contextmanager
+    def _lend(self):
+        """Let go of the model lock this thread's run holds (a paused run), so a grid can render; take it back on
+        exit, after the grid in progress is done."""
+        if self._holder != threading.get_ident():
+            yield
+            return
+        self._holder = None
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._holder = threading.get_ident()
 
     @contextmanager
     def grid_session(self, config):
@@ -180,7 +213,7 @@ class StandaloneHost:
             A context manager yielding a `StandaloneJobHandle`.
         """
         logger.info("%s: %d steps", title, total_steps)
-        yield StandaloneJobHandle(title, total_steps)
+        yield StandaloneJobHandle(title, total_steps, lend=self._lend)
 
     def lora_dir(self) -> Path:
         """Where LoRAs go by default."""

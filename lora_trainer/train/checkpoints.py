@@ -62,14 +62,16 @@ def check_finite(network_sd: dict[str, torch.Tensor], step: int) -> None:
         )
 
 
-def write_lora(path: Path, network, config, metadata: dict[str, str]) -> Path:
-    """Write the LoRA (in `save_precision`) with metadata, and the config as `<stem>.toml` beside it.
+def write_lora(path: Path, network, config, metadata: dict[str, str], ema=None) -> Path:
+    """Write the LoRA (in `save_precision`) with metadata, the config as `<stem>.toml` and the EMA as `<stem>-ema`
+    beside it.
 
     Args:
         path (Path): the `.safetensors` file.
         network (LoRANetwork): the trained network.
         config (TrainConfig): the run's config (saved with `save_toml`).
         metadata (dict[str, str]): `ss_*` metadata.
+        ema (LoraEma, optional): the run's EMA (`ema = true`), written as `<stem>-ema.safetensors`.
 
     Returns:
         Path: the LoRA file.
@@ -77,8 +79,10 @@ def write_lora(path: Path, network, config, metadata: dict[str, str]) -> Path:
     from lora_trainer.config import save_toml
     from lora_trainer.networks import save_lora
 
-    state_dict = network.state_dict_kohya(save_dtype(config.save.save_precision))
-    save_lora(path, state_dict, metadata)
+    dtype = save_dtype(config.save.save_precision)
+    save_lora(path, network.state_dict_kohya(dtype), metadata)
+    if ema is not None:
+        ema.save(path, dtype, metadata)
     save_toml(config, path.with_suffix(".toml"))
     return path
 
@@ -99,7 +103,7 @@ def prune_old_epochs(folder: Path, output_name: str, epoch: int, every: int, kee
     if old <= 0:
         return
     stem = checkpoint_stem(output_name, epoch=old)
-    for suffix in (".safetensors", ".toml"):
+    for suffix in (".safetensors", ".toml", "-ema.safetensors"):
         victim = folder / f"{stem}{suffix}"
         if victim.exists():
             victim.unlink()

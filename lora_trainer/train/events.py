@@ -72,16 +72,33 @@ class Step:
 
 
 @dataclass(frozen=True)
+class SampleInfo:
+    """What one sample image shows.
+
+    Attributes:
+        prompt_index (int): the prompt's line among the prompt file's prompts, 1-based.
+        strength (float): the LoRA strength it was rendered at.
+        prompt (str, optional): the prompt text, defaults to "".
+    """
+
+    prompt_index: int
+    strength: float
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
 class Sample:
     """Sample images rendered during training.
 
     Attributes:
         step (int): global step.
         images (list): PIL images (or anything the sampler produced).
+        infos (list[SampleInfo]): one per image, in the same order (empty when the sampler gave none).
     """
 
     step: int
     images: list = field(default_factory=list)
+    infos: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,13 +149,43 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Paused:
+    """Training waits after a step until resumed (or stopped); the host's model is lent out meanwhile.
+
+    Attributes:
+        step (int): global steps done.
+        epoch (int): current epoch, 1-based.
+        lora (object, optional): a `LiveLoRA` copy of the network as it is now, for test renders during the pause.
+    """
+
+    step: int
+    epoch: int
+    lora: object = None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Training took the model back after a pause; the next step follows (or the stop, when one was asked for).
+
+    Attributes:
+        step (int): global steps done.
+        stopping (bool): a stop was requested during the pause.
+        reason (str, optional): why the run stops when the host could not give the model back, defaults to "".
+    """
+
+    step: int
+    stopping: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Failed:
     """Training ended with an error; `message` says what and how to fix it."""
 
     message: str
 
 
-Event = Started | Progress | Step | Sample | Validation | Saved | Finished | Failed
+Event = Started | Progress | Step | Sample | Validation | Saved | Paused | Resumed | Finished | Failed
 
 
 class EventBus:
@@ -188,10 +235,13 @@ class TrainCommands:
     def __init__(self):
         self._stop = threading.Event()
         self._save = threading.Event()
+        self._pause = threading.Event()
+        self._wake = threading.Event()  # set by resume and stop: ends a pause's wait at once
 
     def stop(self) -> None:
         """Ask the loop to end after the current step without saving."""
         self._stop.set()
+        self._wake.set()
 
     def stop_and_save(self) -> None:
         """Ask the loop to end after the current step and save the LoRA as `<output_name>.safetensors` (and the
@@ -218,6 +268,32 @@ class TrainCommands:
     def save_requested(self) -> bool:
         return self._save.is_set()
 
+    def pause(self) -> None:
+        """Ask the loop to wait after the current step until `resume` (or a stop)."""
+        self._wake.clear()
+        self._pause.set()
+
+    def resume(self) -> None:
+        """End a pause (or take back a pause request not yet reached)."""
+        self._pause.clear()
+        self._wake.set()
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._pause.is_set()
+
+    def wait_while_paused(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a resume or stop.
+
+        Args:
+            timeout (float): seconds.
+
+        Returns:
+            bool: True while still paused and not stopped.
+        """
+        self._wake.wait(timeout)
+        return self._pause.is_set() and not self._stop.is_set()
+
     @property
     def cancelled(self) -> bool:
         """A stop was requested (the `CancelToken` interface, so caching stops early too)."""
@@ -227,3 +303,4 @@ class TrainCommands:
         """Forget pending requests (before a new run)."""
         self._stop.clear()
         self._save.clear()
+        self.resume()

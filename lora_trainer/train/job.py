@@ -20,8 +20,9 @@ from typing import Any
 from lora_trainer.errors import BUG_NOTE, TrainingError, describe_error
 from lora_trainer.train.preflight import check_for_host
 from lora_trainer.train.events import (
-    EventBus, Failed, Finished, Progress, Sample, Saved, Started, Step, TrainCommands, Validation,
+    EventBus, Failed, Finished, Paused, Progress, Resumed, Sample, Saved, Started, Step, TrainCommands, Validation,
 )
+from lora_trainer.train.job_pause import PausableJob, PausableManager
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class JobState(str, enum.Enum):
     IDLE = "idle"
     PREPARING = "preparing"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     FINISHED = "finished"
     STOPPED = "stopped"
@@ -41,8 +43,8 @@ class JobState(str, enum.Enum):
 
     @property
     def active(self) -> bool:
-        """True while the job holds the model (preparing, running, stopping)."""
-        return self in (JobState.PREPARING, JobState.RUNNING, JobState.STOPPING)
+        """True while the job holds the model (preparing, running, paused, stopping)."""
+        return self in (JobState.PREPARING, JobState.RUNNING, JobState.PAUSED, JobState.STOPPING)
 
 
 @dataclass
@@ -66,8 +68,12 @@ class JobStatus:
         saved (list[str]): every LoRA file written, in order.
         losses (list[tuple[int, float]]): (step, loss) of every step.
         samples (list[str]): sample image files, in order.
+        sample_infos (list[tuple[int, int, float | None]]): (step, prompt number, strength) of each file in
+            `samples` (0 and None when the sampler did not say).
         validation_losses (list[tuple[int, float]]): (step, validation loss) of every validation.
         validation_per_concept (dict[str, float]): the last validation's loss per concept folder.
+        validation_concept_losses (list[tuple[int, dict[str, float]]]): (step, loss per concept folder) of every
+            validation.
         started_at (float, optional): `time.time()` at start.
         finished_at (float, optional): `time.time()` at the end.
     """
@@ -88,16 +94,20 @@ class JobStatus:
     saved: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    sample_infos: list[tuple[int, int, float | None]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     validation_per_concept: dict[str, float] = field(default_factory=dict)
+    validation_concept_losses: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
 
     def copy(self) -> JobStatus:
         """A copy whose lists are not shared with the job."""
         return dataclasses.replace(self, saved=list(self.saved), losses=list(self.losses), samples=list(self.samples),
+                                   sample_infos=list(self.sample_infos),
                                    validation_losses=list(self.validation_losses),
-                                   validation_per_concept=dict(self.validation_per_concept))
+                                   validation_per_concept=dict(self.validation_per_concept),
+                                   validation_concept_losses=list(self.validation_concept_losses))
 
     def to_dict(self) -> dict[str, Any]:
         """The snapshot as a JSON-ready dict: `state` as text; NaN/inf (which JSON cannot carry) as None, each named
@@ -114,6 +124,9 @@ class JobStatus:
         data["validation_losses"] = [(step, loss if _finite(loss) else None) for step, loss in self.validation_losses]
         data["validation_per_concept"] = {name: loss if _finite(loss) else None
                                           for name, loss in self.validation_per_concept.items()}
+        data["validation_concept_losses"] = [(step, {name: loss if _finite(loss) else None
+                                                     for name, loss in losses.items()})
+                                             for step, losses in self.validation_concept_losses]
         bad_losses = sum(not _finite(loss) for _, loss in self.losses + self.validation_losses)
         if bad_losses:
             replaced.append(f"{bad_losses} loss values")
@@ -147,8 +160,8 @@ def error_message(exc: BaseException) -> str:
     return f"training failed: {report.message}. {BUG_NOTE.replace('above', 'in the log')}"
 
 
-class TrainingJob:
-    """One training run on a host.
+class TrainingJob(PausableJob):
+    """One training run on a host (pause / resume: `job_pause.PausableJob`).
 
     Args:
         config (TrainConfig): the run's config; an unset `output_dir` becomes `host.lora_dir()`.
@@ -229,8 +242,9 @@ class TrainingJob:
 
     @property
     def live_lora(self):
-        """The trained network in memory (`LiveLoRA`) once the run finished or stopped; None before or on error."""
-        return self._live
+        """The trained network in memory (`LiveLoRA`) once the run finished or stopped, or its copy while paused;
+        None before, while running or on error."""
+        return self._live if self._live is not None else self._paused_lora
 
     @property
     def done(self) -> bool:
@@ -283,7 +297,7 @@ class TrainingJob:
 
         bus = EventBus()
         bus.subscribe(self._on_event)
-        trainer = Trainer(config, adapter, bus, self.commands, preflight=checked)
+        trainer = Trainer(config, adapter, bus, self.commands, preflight=checked, host_job=self._handle)
         result = trainer.run()
         self._keep_network(trainer, config)
         if result.lora_path or self._status.saved:
@@ -305,7 +319,7 @@ class TrainingJob:
         if network is None:
             return
         include_conv = NetworkSettings.from_config(config.network).wants_conv
-        self._live = LiveLoRA(network, lambda adapter: adapter.lora_targets(include_conv))
+        self._live = LiveLoRA(network, lambda a: a.lora_targets(include_conv), ema=getattr(trainer, "ema", None))
         if getattr(self.host, "offload_idle", False):  # the host wants its GPU memory back between generations
             self._live.offload()
 
@@ -348,21 +362,28 @@ class TrainingJob:
             handle.progress(event.step, event.total_steps)
 
     def _on_sample(self, event: Sample) -> None:
+        from lora_trainer.train.samples import sample_file_name
+
         folder = Path(self.config.save.output_dir) / "sample"
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+        paths, infos = [], []
+        known = len(event.infos) == len(event.images)
         for i, image in enumerate(event.images):
-            path = folder / f"{self.config.save.output_name}_{event.step:06d}_{i:02d}.png"
+            info = event.infos[i] if known else None
+            path = folder / sample_file_name(self.config.save.output_name, event.step, i, info)
             if hasattr(image, "save"):
                 image.save(path)
                 paths.append(str(path))
+                infos.append((event.step, info.prompt_index, info.strength) if info else (event.step, 0, None))
         with self._lock:
             self._status.samples.extend(paths)
+            self._status.sample_infos.extend(infos)
 
     def _on_validation(self, event: Validation) -> None:
         with self._lock:
             self._status.validation_losses.append((event.step, event.loss))
             self._status.validation_per_concept = dict(event.per_concept)
+            self._status.validation_concept_losses.append((event.step, dict(event.per_concept)))
 
     def _on_saved(self, event: Saved) -> None:
         with self._lock:
@@ -397,11 +418,13 @@ _HANDLERS = {
     Started: TrainingJob._on_started, Progress: TrainingJob._on_progress, Step: TrainingJob._on_step,
     Sample: TrainingJob._on_sample, Saved: TrainingJob._on_saved, Failed: TrainingJob._on_failed,
     Finished: TrainingJob._on_finished, Validation: TrainingJob._on_validation,
+    Paused: TrainingJob._on_paused, Resumed: TrainingJob._on_resumed,
 }
 
 
-class JobManager:
-    """One training job at a time on a host; keeps the last job (and its LoRA) after it ends.
+class JobManager(PausableManager):
+    """One training job at a time on a host; keeps the last job (and its LoRA) after it ends (pause / resume:
+    `job_pause.PausableManager`).
 
     Args:
         host (Host): the host jobs run on.

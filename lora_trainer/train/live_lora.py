@@ -26,9 +26,11 @@ class LiveLoRA:
         targets_fn (callable): `adapter -> adapter.lora_targets(include_conv)` with the run's conv setting; used
             to bind the network to another model object (the host reloaded its checkpoint).
         metadata (dict[str, str], optional): `ss_*` metadata written by `save`, defaults to none.
+        ema (LoraEma, optional): the run's EMA of the weights; kept as `self.ema`, a LiveLoRA of its own.
     """
 
-    def __init__(self, network, targets_fn: TargetsFn, metadata: dict[str, str] | None = None):
+    def __init__(self, network, targets_fn: TargetsFn, metadata: dict[str, str] | None = None, ema=None):
+        self.ema = LiveLoRA(ema.network_copy(), targets_fn) if ema is not None else None
         self._network = network
         self._targets_fn = targets_fn
         self._metadata = dict(metadata or {})
@@ -107,6 +109,8 @@ class LiveLoRA:
         with self._lock:
             if not self._network.applied:
                 self._network.to(device="cpu")
+        if self.ema is not None:
+            self.ema.offload()
 
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write the LoRA as a kohya `.safetensors` file (atomic), with the run's metadata.

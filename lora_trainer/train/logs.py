@@ -11,7 +11,7 @@ from typing import Any
 from collections.abc import Callable
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.train.events import Failed, Finished, Sample, Step, Validation
+from lora_trainer.train.events import Failed, Finished, Paused, Sample, Step, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class CsvLogger:
 
 
 def event_record(event: Any) -> dict[str, Any]:
-    """A JSON-ready dict of an event: its fields plus "event" (class name) and "time"; images become a count.
+    """A JSON-ready dict of an event: its fields plus "event" (class name) and "time"; images become a count (with
+    each image's prompt number and strength).
 
     Args:
         event: an event dataclass.
@@ -76,7 +77,10 @@ def event_record(event: Any) -> dict[str, Any]:
     """
     record: dict[str, Any] = {"event": type(event).__name__, "time": round(time.time(), 3)}
     if isinstance(event, Sample):
+        record["infos"] = [dataclasses.asdict(info) for info in event.infos]  # each image's prompt and strength
         record.update(step=event.step, images=len(event.images))
+    elif isinstance(event, Paused):  # its LoRA copy is no log material (and asdict would deep-copy the model)
+        record.update(step=event.step, epoch=event.epoch)
     elif dataclasses.is_dataclass(event):
         record.update(dataclasses.asdict(event))
     return record

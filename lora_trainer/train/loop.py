@@ -18,6 +18,7 @@ from lora_trainer.errors import OUT_OF_MEMORY_FIX, LoraTrainerError, TrainingErr
 from lora_trainer.progress import ProgressTracker
 from lora_trainer.train import checkpoints
 from lora_trainer.train.distributed import ProcessGroup, process_share
+from lora_trainer.train.ema import LoraEma
 from lora_trainer.train.events import (
     EventBus, Failed, Finished, Sample, Saved, Started, Step, TrainCommands, Validation,
 )
@@ -26,6 +27,7 @@ from lora_trainer.train.loss import LossOptions, compute_target, diffusion_loss
 from lora_trainer.train.model_state import Precision, training_mode
 from lora_trainer.train.noise import add_noise, sample_noise, sample_timesteps
 from lora_trainer.train.optimizers import build_optimizer, current_lr
+from lora_trainer.train.pause import pause_here
 from lora_trainer.train.preflight import Preflight, check_before_model, describe_plan
 from lora_trainer.train.resources import check_resources
 from lora_trainer.train.preparation import (
@@ -81,16 +83,19 @@ class Trainer:
         group (ProcessGroup, optional): the data-parallel processes training together (`train/distributed.py`);
             each trains on its share of every global batch and only the main one writes files, logs and samples.
             Defaults to this process alone.
+        host_job (JobHandle, optional): the host's job; its `paused()` lends the model out while paused
+            (`train/pause.py`), defaults to None (nothing to let go of).
     """
 
     def __init__(self, config, adapter, events: EventBus | None = None, commands: TrainCommands | None = None,
-                 preflight: Preflight | None = None, group: ProcessGroup | None = None):
+                 preflight: Preflight | None = None, group: ProcessGroup | None = None, host_job=None):
         self.config = config
         self.group = group or ProcessGroup()
         self.adapter = adapter
         self.events = events or EventBus()
         self.commands = commands or TrainCommands()
         self.preflight = preflight
+        self.host_job = host_job
         self._last_saved: str | None = None
         self._validated_at: int | None = None
 
@@ -143,7 +148,7 @@ class Trainer:
         self.text = TextSource(self.adapter, cfg.model, self.data.text_cache, train_te)
         with training_mode(self.adapter, train_te=train_te, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            offload_vae=self.data.dataset.cache is not None,
-                           offload_text_encoders=self.data.text_cache is not None):
+                           offload_text_encoders=self.data.text_cache is not None) as self.model_modes:
             self.network.apply()
             self.network.train()
             try:
@@ -174,6 +179,7 @@ class Trainer:
         self.optimizer = build_optimizer(opt.optimizer_type, param_groups(cfg, self.network), opt.learning_rate,
                                          list(opt.optimizer_args))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ema = LoraEma.from_config(cfg, self.network, self.params, self.adapter.device)
         self.plan = plan_steps(self.data.dataset.batches_per_epoch(), opt.gradient_accumulation_steps,
                                t.max_train_steps, t.max_train_epochs)
         self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.plan.total_steps, opt.lr_warmup_steps,
@@ -204,6 +210,8 @@ class Trainer:
         if self.precision.scaler is not None and resumed.scaler:
             self.precision.scaler.load_state_dict(resumed.scaler)
         restore_rng(resumed.rng, {})
+        if self.ema is not None:
+            self.ema.load_state_dict(resumed.ema, str(self.config.save.resume))
         logger.info("resumed from %s at step %d (epoch %d)", self.config.save.resume, state.global_step,
                     state.epoch + 1)
         return _Position(state.global_step, state.epoch, self._step_in_epoch(state), list(state.losses))
@@ -230,6 +238,8 @@ class Trainer:
         self.tracker = ProgressTracker(plan.total_steps, done=pos.global_step)
         while pos.global_step < plan.total_steps:
             for group in self._step_groups(pos.epoch, pos.step_in_epoch):
+                if self.commands.pause_requested and pos.global_step < plan.total_steps:
+                    pause_here(self, pos.global_step, pos.epoch + 1)
                 if self.group.any(self.commands.stop_requested):
                     return self._stop(pos)
                 if pos.global_step >= plan.total_steps:
@@ -307,6 +317,8 @@ class Trainer:
 
     # -- after steps and epochs ------------------------------------------------------------------------------------
     def _after_step(self, pos: _Position) -> None:
+        if self.ema is not None:
+            self.ema.after_step(pos.global_step)
         info = self.tracker.update()
         window = pos.losses[-self.plan.steps_per_epoch:]
         self.events.emit(Step(pos.global_step, self.plan.total_steps, pos.epoch + 1, pos.losses[-1],
@@ -344,7 +356,8 @@ class Trainer:
 
     def _sample(self, pos: _Position) -> None:
         if self.group.is_main:
-            self.events.emit(Sample(pos.global_step, self.sampler.render(self.network)))
+            images = self.sampler.render(self.network)
+            self.events.emit(Sample(pos.global_step, images, self.sampler.image_infos()))
         self.group.barrier()
 
     def _save(self, pos: _Position, stem: str, final: bool = False) -> str:
@@ -359,12 +372,12 @@ class Trainer:
         return str(path)
 
     def _write(self, pos: _Position, path: Path, stem: str, final: bool) -> None:
-        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final))
+        checkpoints.write_lora(path, self.network, self.config, self._metadata(pos, final), self.ema)
         if self.config.save.save_state:
             state = TrainState(pos.global_step, pos.epoch, pos.step_in_epoch, config_hash(self.config),
                                list(pos.losses), self.seed, self.plan.steps_per_epoch, self.group.world_size)
             save_state(self.folder / f"{stem}-state", state, self.network.state_dict(), self.optimizer,
-                       self.scheduler, capture_rng({}), self.precision.scaler)
+                       self.scheduler, capture_rng({}), self.precision.scaler, self.ema)
 
     def _metadata(self, pos: _Position, final: bool) -> dict[str, str]:
         from lora_trainer.networks import TrainingFacts, build_metadata

@@ -23,6 +23,7 @@ class ModelSnapshot:
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
     devices: list[tuple[nn.Module, torch.device]] = field(default_factory=list)
     checkpointing: bool | None = None
+    shape: TrainingShape | None = None
 
     def restore(self, adapter) -> None:
         for param, flag in self.requires_grad:
@@ -44,6 +45,16 @@ def _device_of(module: nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
+@dataclass(frozen=True)
+class TrainingShape:
+    """How `training_mode` shapes the model (kept so a pause can put the shape back)."""
+
+    train_te: bool
+    gradient_checkpointing: bool
+    offload_vae: bool
+    offload_text_encoders: bool = False
+
+
 @contextlib.contextmanager
 def training_mode(adapter, *, train_te: bool, gradient_checkpointing: bool, offload_vae: bool,
                   offload_text_encoders: bool = False):
@@ -62,31 +73,56 @@ def training_mode(adapter, *, train_te: bool, gradient_checkpointing: bool, offl
         offload_text_encoders (bool, optional): move the text encoders to the CPU while training, defaults to False.
 
     Yields:
-        ModelSnapshot: what will be restored.
+        ModelSnapshot: what will be restored (`lent_out` takes it).
     """
     snap = ModelSnapshot()
+    snap.shape = TrainingShape(train_te, gradient_checkpointing, offload_vae, offload_text_encoders)
     for root in _roots(adapter):
         snap.requires_grad += [(p, p.requires_grad) for p in root.parameters()]
         snap.training += [(m, m.training) for m in root.modules()]
     try:
-        for param, _ in snap.requires_grad:
-            param.requires_grad_(False)
-        adapter.unet().train(gradient_checkpointing)
-        adapter.vae().eval()
-        for encoder in adapter.text_encoders():
-            encoder.train(train_te and gradient_checkpointing)
-        if gradient_checkpointing:
-            snap.checkpointing = bool(getattr(adapter.unet(), "is_gradient_checkpointing", False))
-            adapter.enable_gradient_checkpointing(True)
-        idle = ([adapter.vae()] if offload_vae else []) + (list(adapter.text_encoders()) if offload_text_encoders else [])
-        for module in idle:
-            device = _device_of(module)
-            if device is not None and device.type != "cpu":
-                snap.devices.append((module, device))
-                module.to("cpu")
+        _shape_for_training(adapter, snap)
         yield snap
     finally:
         snap.restore(adapter)
+
+
+def _shape_for_training(adapter, snap: ModelSnapshot) -> None:
+    shape = snap.shape
+    for param, _ in snap.requires_grad:
+        param.requires_grad_(False)
+    adapter.unet().train(shape.gradient_checkpointing)
+    adapter.vae().eval()
+    for encoder in adapter.text_encoders():
+        encoder.train(shape.train_te and shape.gradient_checkpointing)
+    if shape.gradient_checkpointing:
+        if snap.checkpointing is None:
+            snap.checkpointing = bool(getattr(adapter.unet(), "is_gradient_checkpointing", False))
+        adapter.enable_gradient_checkpointing(True)
+    snap.devices = []
+    idle = ([adapter.vae()] if shape.offload_vae else []) + \
+        (list(adapter.text_encoders()) if shape.offload_text_encoders else [])
+    for module in idle:
+        device = _device_of(module)
+        if device is not None and device.type != "cpu":
+            snap.devices.append((module, device))
+            module.to("cpu")
+
+
+@contextlib.contextmanager
+def lent_out(adapter, snap: ModelSnapshot):
+    """The model as it was before training (modes, devices, checkpointing) for a pause, where the host generates
+    with it; back in training shape on exit.
+
+    Args:
+        adapter (ModelAdapter): the model in `training_mode`.
+        snap (ModelSnapshot): what `training_mode` yielded.
+    """
+    snap.restore(adapter)
+    try:
+        yield
+    finally:
+        _shape_for_training(adapter, snap)
 
 
 class Precision:

@@ -19,8 +19,8 @@ from lora_trainer.errors import ConfigError, ModelLoadError, NetworkError
 
 logger = logging.getLogger(__name__)
 
-# The longest name a run writes beside `<output_name>`: a step save's temp file (atomic_io).
-LONGEST_SUFFIX = "-step00000000.safetensors.00000000" + TEMP_SUFFIX
+# The longest name a run writes beside `<output_name>`: a step save's EMA file's temp file (atomic_io).
+LONGEST_SUFFIX = "-step00000000-ema.safetensors.00000000" + TEMP_SUFFIX
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 WINDOWS_FORBIDDEN = '<>:"|?*'
 

@@ -24,7 +24,7 @@ class ResourceEstimate:
 
     Attributes:
         parameters (int): trainable parameters of the network.
-        training_bytes (int): weights + gradients + optimizer state (float32).
+        training_bytes (int): weights + gradients + optimizer state (+ the EMA on the training device; float32).
         disk_bytes (int): every LoRA file and resume state the run will keep.
         saves (int): LoRA files the run writes and keeps.
     """
@@ -85,15 +85,16 @@ def estimate_resources(config, parameters: int, plan) -> ResourceEstimate:
 
     optimizer = str(config.optimizer.optimizer_type).lower().replace("_", "").split(".")[-1]
     state_bytes = OPTIMIZER_STATE_BYTES.get(optimizer, 8)
-    training = parameters * (4 + 4 + state_bytes)
+    ema = 4 if config.training.ema else 0  # a float32 copy; on the CPU with ema_device = "cpu"
+    training = parameters * (4 + 4 + state_bytes + (ema if config.training.ema_device == "same" else 0))
     s = config.save
     step_saves = (plan.total_steps - 1) // s.save_every_n_steps if s.save_every_n_steps else 0
     epoch_saves = (plan.total_epochs - 1) // s.save_every_n_epochs if s.save_every_n_epochs else 0
     if epoch_saves and s.save_last_n_epochs:
         epoch_saves = min(epoch_saves, int(s.save_last_n_epochs) + 1)
     saves = 1 + step_saves + epoch_saves
-    lora_bytes = parameters * save_dtype(s.save_precision).itemsize
-    state = parameters * (4 + state_bytes) if s.save_state else 0
+    lora_bytes = parameters * save_dtype(s.save_precision).itemsize * (2 if ema else 1)  # and the -ema file
+    state = parameters * (4 + state_bytes + ema) if s.save_state else 0
     return ResourceEstimate(parameters, training, saves * (lora_bytes + state), saves)
 
 

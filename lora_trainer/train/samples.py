@@ -99,6 +99,23 @@ def read_prompt_file(path: str) -> list[SamplePrompt]:
     return prompts
 
 
+def sample_file_name(output_name: str, step: int, index: int, info=None) -> str:
+    """A preview's file name in the run's `sample` folder: name, step, image index and strength
+    (`mychar_000100_01_s0.5.png`), so a folder of previews sorts by step and says each image's strength.
+
+    Args:
+        output_name (str): the run's output name.
+        step (int): global step.
+        index (int): the image's place among this step's images.
+        info (SampleInfo, optional): the image's prompt and strength, defaults to None (no strength in the name).
+
+    Returns:
+        str: the file name.
+    """
+    strength = f"_s{info.strength:g}" if info is not None else ""
+    return f"{output_name}_{step:06d}_{index:02d}{strength}.png"
+
+
 class Sampler:
     """Renders the prompt file with the config's `sample_sampler` (or a line's `--ss`), the LoRA applied and in eval
     mode; a line with `--strength` gives one image per strength.
@@ -133,6 +150,17 @@ class Sampler:
         if step is not None:
             return bool(self.every_steps) and step % self.every_steps == 0
         return bool(self.every_epochs) and epoch is not None and epoch % self.every_epochs == 0
+
+    def image_infos(self) -> list:
+        """What each image of `render` shows, in the same order: prompt number (1-based) and strength.
+
+        Returns:
+            list[SampleInfo]: one per image.
+        """
+        from lora_trainer.train.events import SampleInfo
+
+        return [SampleInfo(number, strength, p.prompt)
+                for number, p in enumerate(self.prompts, start=1) for strength in p.strengths]
 
     def render(self, network) -> list:
         """Render every prompt at each of its strengths; the network goes back to train mode and its multiplier

@@ -3,8 +3,9 @@
 A state folder (`<output_name>-state/`, `<output_name>-000002-state/`, `<output_name>-step00000100-state/`) holds:
 `network.safetensors` (trainable weights), `optimizer.pt`, `scheduler.pt` and `scaler.pt` (loaded with
 `weights_only=True`), `rng.pt` (torch, CUDA, python and numpy RNG states and the loop's own generators) and
-`train_state.json` (step, epoch, position in the epoch, config hash). Its files are written and fsynced in a
-temporary folder that is then renamed into place, so a crash never leaves a half-written state behind.
+`train_state.json` (step, epoch, position in the epoch, config hash), and with `ema` on `ema.safetensors`. Its
+files are written and fsynced in a temporary folder that is then renamed into place, so a crash never leaves a
+half-written state behind.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class LoadedState:
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def config_hash(config: Any) -> str:
@@ -143,6 +145,7 @@ def save_state(
     scheduler: Any,
     rng: dict[str, Any],
     scaler: Any = None,
+    ema: Any = None,
 ) -> Path:
     """Write a state folder atomically (temp folder in the same parent, then rename).
 
@@ -154,6 +157,7 @@ def save_state(
         scheduler: lr scheduler; its state dict is saved.
         rng (dict): from `capture_rng`.
         scaler (torch.amp.GradScaler, optional): fp16 loss scaler.
+        ema (LoraEma, optional): the EMA of the weights (`ema = true`).
 
     Returns:
         Path: the folder.
@@ -171,6 +175,8 @@ def save_state(
         }
         if scaler is not None:
             files["scaler.pt"] = _torch_bytes(scaler.state_dict())
+        if ema is not None:
+            files["ema.safetensors"] = save_bytes(ema.state_dict())
         synced: set = set()
         for name, data in files.items():
             atomic_write_bytes(tmp / name, data, dirs_to_sync=synced)
@@ -273,7 +279,7 @@ def load_state(path: str | Path) -> LoadedState:
     """
     path = Path(path)
     train_state = check_state_folder(path)
-    scaler_path = path / "scaler.pt"
+    scaler_path, ema_file = path / "scaler.pt", path / "ema.safetensors"
     return LoadedState(
         train_state=train_state,
         network=_load_network(path / "network.safetensors"),
@@ -281,6 +287,7 @@ def load_state(path: str | Path) -> LoadedState:
         scheduler=_load_pt(path / "scheduler.pt"),
         scaler=_load_pt(scaler_path) if scaler_path.is_file() else None,
         rng=_load_pt(path / "rng.pt"),
+        ema=_load_network(ema_file) if ema_file.is_file() else None,
     )
 
 

@@ -12,7 +12,7 @@ DEFAULT_STRENGTHS_TEXT = "0, 0.2, 0.4, 0.6, 0.8, 1"
 
 
 def request_from_form(prompt: str, negative: str, sampler: str, steps, cfg, width, height, seeds: str,
-                      strengths: str, snapshots, confirmed: bool) -> GridRequest:
+                      strengths: str, snapshots, confirmed: bool, weights: str = "") -> GridRequest:
     """The panel's fields as a GridRequest (numbers as the WebUI's X/Y/Z plot reads them: "0-1 [6]" works).
 
     Args:
@@ -20,6 +20,8 @@ def request_from_form(prompt: str, negative: str, sampler: str, steps, cfg, widt
         steps, cfg, width, height: numbers from the form (None when empty).
         seeds (str): "1, 2". strengths (str): "0, 0.5, 1". snapshots (list[str]): the ticked snapshot labels.
         confirmed (bool): render even above the cell limit.
+        weights (str, optional): module weights, one a line ("UNet only", "OUTD", "1,0,..."), defaults to "" (the
+            whole LoRA, no weights axis).
 
     Returns:
         GridRequest: the request (checked further by `GridService.plan`).
@@ -32,7 +34,8 @@ def request_from_form(prompt: str, negative: str, sampler: str, steps, cfg, widt
         steps=_whole(steps, "steps"), cfg_scale=_number(cfg, "CFG scale"), width=_whole(width, "width"),
         height=_whole(height, "height"), seeds=tuple(parse_numbers(seeds or "", "seeds", integer=True)),
         strengths=tuple(parse_numbers(strengths or "", "strengths")), snapshots=tuple(snapshots or ()),
-        confirmed=bool(confirmed))
+        confirmed=bool(confirmed),
+        weights=tuple(line.strip() for line in (weights or "").splitlines() if line.strip()))
 
 
 def _number(value, key: str) -> float:
@@ -67,9 +70,24 @@ def lora_tag(name: str, strength) -> str:
     return f"<lora:{name}:{format_strength(float(strength))}>"
 
 
+def best_text(best) -> str:
+    """The sentence naming the snapshot with the lowest validation loss ("" when none is known).
+
+    Args:
+        best (SnapshotValidation, optional): from `GridService.best_snapshot` or `GridPlan.best_snapshot`.
+
+    Returns:
+        str: e.g. " Lowest validation loss: **epoch 4** (0.1234 at step 8)."
+    """
+    if best is None:
+        return ""
+    return f" Lowest validation loss: **{best.label}** ({best.loss:.4f} at step {best.step})."
+
+
 def cell_caption(cell) -> str:
     """A gallery caption: "in memory, strength 0.6, seed 1"."""
-    return f"{cell.snapshot.label}, strength {format_strength(cell.strength)}, seed {cell.seed}"
+    weights = f", {cell.weights.label}" if cell.weights is not None else ""
+    return f"{cell.snapshot.label}, strength {format_strength(cell.strength)}{weights}, seed {cell.seed}"
 
 
 @dataclass
@@ -110,4 +128,4 @@ class GridRun:
         return self.thread is not None and self.thread.is_alive()
 
 
-__all__ = ["DEFAULT_STRENGTHS_TEXT", "GridRun", "cell_caption", "lora_tag", "request_from_form"]
+__all__ = ["DEFAULT_STRENGTHS_TEXT", "GridRun", "best_text", "cell_caption", "lora_tag", "request_from_form"]

@@ -64,8 +64,12 @@ def _form(p: TestPanel, samplers: list[str]) -> None:
         c["strengths"] = gr.Textbox(value=actions.DEFAULT_STRENGTHS_TEXT, label="Strengths (0 = the base model)",
                                     elem_id="lt-te-strengths")
         c["seeds"] = gr.Textbox(value="1", label="Seeds", elem_id="lt-te-seeds")
-    c["snapshots"] = gr.CheckboxGroup([], label="Snapshots (saved files of the last run, and the LoRA in memory)",
+    c["snapshots"] = gr.CheckboxGroup([], label="Snapshots (saved files of the last run, and the LoRA in memory; "
+                                      "\"(EMA)\": the run's EMA of the weights)",
                                       elem_id="lt-te-snapshots")
+    c["weights"] = gr.Textbox(label="Module weights axis, one a line (UNet + TE, UNet only, a LoRA Block Weight "
+                              "preset such as OUTD, or a vector; empty: the whole LoRA)", lines=2,
+                              elem_id="lt-te-weights")
     c["confirm"] = gr.Checkbox(False, label="Render above the cell limit", elem_id="lt-te-confirm")
     with gr.Row():
         c["estimate"] = gr.Button("Estimate", elem_id="lt-te-estimate")
@@ -87,14 +91,15 @@ def _results(p: TestPanel, in_webui: bool) -> None:
 def _wire(p: TestPanel) -> None:
     c, service = p.c, p.service
     form = [c[k] for k in ("prompt", "negative", "sampler", "steps", "cfg", "width", "height", "seeds",
-                           "strengths", "snapshots", "confirm")]
+                           "strengths", "snapshots", "confirm", "weights")]
 
     def load():
         labels = service.snapshot_labels()
         if not labels:
             return [gr.update()] * 3 + ["Nothing to test yet: train a LoRA in the Train panel (and let it end)."]
         return [service.lora_name(), service.default_prompt(), gr.update(choices=labels, value=labels),
-                f"Last run **{service.lora_name()}**: {len(labels)} snapshots."]
+                f"Last run **{service.lora_name()}**: {len(labels)} snapshots."
+                + actions.best_text(service.best_snapshot())]
 
     def guarded_load():
         try:
@@ -169,7 +174,8 @@ def _finished(run: actions.GridRun, request, lora: str) -> list:
     pick = strengths[-1] if strengths else None
     name = outcome.lora_name or lora
     message = (f"Done: {len(result.cells)} cells in {result.seconds:.1f} s "
-               f"({result.seconds_per_render():.2f} s per image). Saved `{outcome.path}`.")
+               f"({result.seconds_per_render():.2f} s per image). Saved `{outcome.path}`."
+               + actions.best_text(result.plan.best_snapshot))
     return [message, gallery, result.image, gr.update(choices=strengths, value=pick),
             actions.lora_tag(name, pick) if pick else ""]
 

@@ -1,5 +1,6 @@
 """The Train panel: dataset folder, preset, training options (basic shown, advanced folded), kohya TOML import and
-export, Start / Stop / Stop and save / Resume, and a live status with loss curve and samples polled once a second.
+export, Start / Stop / Stop and save / Pause / Continue (`train_pause.py`) / Resume, and a live status with loss
+curve and samples polled once a second.
 
 Layout and wiring only: configs come from `train_views` (`config_from_dict` underneath), runs from the
 `JobManager`. The status is a generator event started by page load, Start and Resume that yields once a second
@@ -20,6 +21,7 @@ from lora_trainer.train.job import JobManager
 from lora_trainer.ui import compat, folder_access
 from lora_trainer.ui import train_views as views
 from lora_trainer.ui.panel_errors import error_text
+from lora_trainer.ui.train_pause import add_pause_buttons, wire_pause_buttons
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ def _controls(p: TrainPanel) -> None:
         p.c["start"] = gr.Button("Start", variant="primary", elem_id="lt-tr-start")
         p.c["stop"] = gr.Button("Stop", variant="stop", elem_id="lt-tr-stop")
         p.c["stop_save"] = gr.Button("Stop and save", elem_id="lt-tr-stop-save")
+    add_pause_buttons(p)
     with gr.Row(equal_height=True):
         p.c["resume_dir"] = gr.Textbox(label="Resume from state folder (<name>-state)", scale=3,
                                        elem_id="lt-tr-resume-dir")
@@ -120,9 +123,10 @@ def _controls(p: TrainPanel) -> None:
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
     p.c["refresh"] = gr.Button("Refresh status", size="sm", elem_id="lt-tr-refresh")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
-    p.c["loss"] = compat.line_plot(x="step", y="loss", title="Loss", label="Loss", height=240, width=440,
-                                   tooltip=["step", "loss"], elem_id="lt-tr-loss")
-    p.c["samples"] = gr.Gallery(label="Latest samples", columns=4, height=260, elem_id="lt-tr-samples")
+    p.c["loss"] = compat.line_plot(x="step", y="loss", color="series", title="Loss", label="Loss", height=240,
+                                   width=440, tooltip=["series", "step", "loss"], elem_id="lt-tr-loss")
+    p.c["samples"] = gr.Gallery(label="Latest samples (newest first)", columns=4, height=260,
+                                elem_id="lt-tr-samples")
 
 
 def _layout(p: TrainPanel, dataset_dir: str | None, host_name: str, models_dir: Path | None = None) -> None:
@@ -226,19 +230,20 @@ def _wire_run(p: TrainPanel) -> None:
                       outputs=[c["message"]])
     c["stop"].click(lambda: stop(False), outputs=[c["message"]])
     c["stop_save"].click(lambda: stop(True), outputs=[c["message"]])
+    wire_pause_buttons(p)
 
 
 def _render(p: TrainPanel, seen):
     """The status outputs for the manager's job now; the plot and gallery only when they changed."""
     status = p.manager.status()
-    key = (id(p.manager.last), status.state.value, status.step, len(status.samples))
+    key = (id(p.manager.last), status.state.value, status.step, len(status.validation_losses), len(status.samples))
     plot = samples = gr.update()
-    if seen is None or seen[:3] != key[:3]:
+    if seen is None or seen[:4] != key[:4]:
         import pandas as pd
 
         plot = pd.DataFrame(views.loss_rows(status))
-    if seen is None or seen[0] != key[0] or seen[3] != key[3]:
-        samples = list(reversed(status.samples[-8:]))
+    if seen is None or seen[0] != key[0] or seen[4] != key[4]:
+        samples = views.sample_gallery(status)
     return status, [key, views.status_markdown(status), plot, samples]
 
 

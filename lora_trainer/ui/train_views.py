@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import (
-    MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS, VERSION_KEY,
-    TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
+    EMA_DEVICES, MAX_TOKEN_LENGTHS, MIXED_PRECISIONS, NETWORK_ALGOS, OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS,
+    VERSION_KEY, TrainConfig, config_from_dict, field_values, preset_config, to_kohya_dict,
 )
 from lora_trainer.errors import ConfigError
+from lora_trainer.ui.train_plots import loss_rows, sample_caption, sample_gallery
 
 NO_PRESET = "(defaults)"
 
@@ -84,6 +85,11 @@ FORM: tuple[FormField, ...] = (
     _f("multires_noise_iterations", "int", "Multires noise iterations", "Noise and loss"),
     _f("multires_noise_discount", "float", "Multires noise discount", "Noise and loss"),
     _f("min_snr_gamma", "text", "Min-SNR gamma (empty: off)", "Noise and loss"),
+    _f("validation_split", "float", "Held-out share of each concept folder (0: no validation)", "Validation"),
+    _f("validation_seed", "text", "Validation seed (empty: the run's seed)", "Validation"),
+    _f("validate_every_n_steps", "text", "Validate every N steps", "Validation"),
+    _f("validate_every_n_epochs", "text", "Validate every N epochs (empty: every epoch)", "Validation"),
+    _f("max_validation_steps", "text", "Held-out images per validation (empty: all)", "Validation"),
     _f("mixed_precision", "choice", "Mixed precision", "Precision and memory", MIXED_PRECISIONS),
     _f("save_precision", "choice", "Save precision", "Precision and memory", SAVE_PRECISIONS),
     _f("gradient_checkpointing", "bool", "Gradient checkpointing", "Precision and memory"),
@@ -99,6 +105,11 @@ FORM: tuple[FormField, ...] = (
     _f("sample_every_n_epochs", "text", "Sample every N epochs", "Saving and samples"),
     _f("sample_prompts", "lines", "Sample prompts (one a line, kohya --w --h --s --d options; or a .txt file)",
        "Saving and samples"),
+    _f("ema", "bool", "Keep an EMA of the LoRA weights (saved as <name>-ema.safetensors)", "EMA"),
+    _f("ema_decay", "float", "EMA decay (0.999: about the last 1000 updates)", "EMA"),
+    _f("ema_warmup", "bool", "EMA warm-up: decay min(decay, (1+n)/(10+n)) at update n", "EMA"),
+    _f("ema_update_every", "int", "Update the EMA every N steps", "EMA"),
+    _f("ema_device", "choice", "EMA device (same: the training device)", "EMA", EMA_DEVICES),
     _f("v_parameterization", "bool", "v-parameterization (SD2 768-v; also set by the checkpoint's .yaml)",
        "Model files"),
     _f("diffusers_config_dir", "text", "Diffusers config folder (empty: sizes from the checkpoint and its .yaml)",
@@ -288,6 +299,15 @@ def _number(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _validation_line(status) -> list[str]:
+    finite = [(step, loss) for step, loss in getattr(status, "validation_losses", []) if math.isfinite(loss)]
+    if not finite:
+        return []
+    best_step, best = min(finite, key=lambda point: point[1])
+    step, loss = finite[-1]
+    return ["", f"validation loss {loss:.4f} at step {step} (lowest {best:.4f} at step {best_step})"]
+
+
 def status_markdown(status) -> str:
     """A `JobStatus` as Markdown: state, step/total, epoch, loss, lr, it/s, ETA, message, files.
 
@@ -309,6 +329,7 @@ def status_markdown(status) -> str:
     plan = getattr(status, "plan", "")
     if plan and plan not in status.message:
         lines += ["", plan]
+    lines += _validation_line(status)
     if status.lora_path:
         lines += ["", f"LoRA: `{status.lora_path}`"]
     elif status.saved:
@@ -316,27 +337,9 @@ def status_markdown(status) -> str:
     return "\n".join(lines)
 
 
-def loss_rows(status, limit: int = 2000) -> dict[str, list]:
-    """The loss curve as columns for a line plot (evenly thinned to at most `limit` points).
-
-    Args:
-        status (JobStatus): the snapshot.
-        limit (int, optional): most points, defaults to 2000.
-
-    Returns:
-        dict: {"step": [...], "loss": [...]}.
-    """
-    losses = status.losses
-    if len(losses) > limit:
-        stride = math.ceil(len(losses) / limit)
-        losses = losses[::stride] + ([losses[-1]] if (len(losses) - 1) % stride else [])
-    return {"step": [s for s, _ in losses], "loss": [float(v) for _, v in losses]}
-
-
 __all__ = [
     "ADVANCED_GROUPS", "BASIC_GROUPS", "FORM", "FORM_KEYS", "NO_PRESET", "FormField", "base_config",
     "config_from_text", "config_to_form", "form_to_config", "loss_rows", "preset_choices", "prompts_file",
-    "prompts_folder",
-    "status_markdown",
+    "prompts_folder", "sample_caption", "sample_gallery", "status_markdown",
     "toml_text",
 ]

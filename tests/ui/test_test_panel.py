@@ -66,3 +66,8 @@ def test_grid_of_the_last_run_with_bad_input_estimate_and_tag(page, server, tiny
     assert saved.is_file() and str(saved) in _message(page).inner_text()
     assert "Strength: 1" in Image.open(saved).text["lora_trainer_grid"]
     expect(page.locator("#lt-te-tag textarea, #lt-te-tag input").first).to_have_value("<lora:te_lora:1>")
+
+    fill(page, "lt-te-weights", "UNet only")                           # one module-weights value: every cell
+    page.click("#lt-te-render")
+    expect(_message(page)).to_contain_text("Done: 4 cells", timeout=60_000)
+    expect(page.locator("#lt-te-gallery .caption-label", has_text="strength 1, UNet only, seed 5")).to_have_count(2)

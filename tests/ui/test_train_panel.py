@@ -85,6 +85,14 @@ def _fill_run(page, tiny, dataset: Path, name: str = "ui_lora", steps: int = 6, 
         fill(page, "lt-tr-sample-prompts", "square, red --w 64 --h 64 --s 3 --d 1")
 
 
+def _plot_svg(page, elem_id: str) -> str:
+    """The plot's SVG text from its own "Save as SVG" action (the page draws it on a canvas)."""
+    page.locator(f"#{elem_id} details summary").first.click()
+    with page.expect_download() as download:
+        page.locator(f"#{elem_id} .vega-actions a", has_text="Save as SVG").first.click()
+    return Path(download.value.path()).read_text(encoding="utf-8")
+
+
 # --- tests -------------------------------------------------------------------------------------------------------
 
 def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_dataset):
@@ -94,6 +102,9 @@ def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_
     assert _value(page, "lt-tr-network-dim") == "32"            # the preset filled the fields
     assert _value(page, "lt-tr-optimizer-type") == "AdamW8bit"
     _fill_run(page, tiny_sd1, train_dataset)
+    _open(page, "Validation")                  # one of the three images held out, validated every 3 steps
+    fill(page, "lt-tr-validation-split", "0.34")
+    fill(page, "lt-tr-validate-every-n-steps", "3")
 
     _open(page, "Import / export kohya TOML")
     page.click("#lt-tr-export")
@@ -116,6 +127,12 @@ def test_preset_fields_export_and_train_to_a_file(page, server, tiny_sd1, train_
     assert str(lora_dir / "ui_lora.safetensors") in status
     expect(page.locator("#lt-tr-samples img").first).to_be_visible()   # samples at steps 3 and 6
     expect(page.locator("#lt-tr-loss canvas, #lt-tr-loss svg").first).to_be_visible()
+    legend = _plot_svg(page, "lt-tr-loss")                              # the plot as drawn, saved as SVG
+    for series in (">training<", ">training (average)<", ">validation<"):
+        assert series in legend, f"{series} is not a series of the loss plot"
+    expect(_status(page)).to_contain_text("validation loss")
+    captions = page.locator("#lt-tr-samples .caption-label")
+    expect(captions).to_have_text(["step 6 · prompt 1 · strength 1", "step 3 · prompt 1 · strength 1"])
     shots = os.environ.get("LT_SCREENSHOT_DIR")
     if shots:
         page.screenshot(path=str(Path(shots) / "train_panel.png"), full_page=True)

@@ -78,8 +78,10 @@ def test_status_text():
 def test_loss_rows_are_thinned_keeping_the_last_point():
     status = JobStatus(losses=[(i, float(i)) for i in range(1, 5002)])
     rows = views.loss_rows(status, limit=1000)
-    assert len(rows["step"]) <= 1001 and rows["step"][0] == 1 and rows["step"][-1] == 5001
-    assert views.loss_rows(JobStatus(losses=[(1, 0.5)])) == {"step": [1], "loss": [0.5]}
+    training = [step for step, series in zip(rows["step"], rows["series"]) if series == "training"]
+    assert len(training) <= 1001 and training[0] == 1 and training[-1] == 5001
+    assert views.loss_rows(JobStatus(losses=[(1, 0.5)])) == {
+        "step": [1, 1], "loss": [0.5, 0.5], "series": ["training", "training (average)"]}
 
 
 def test_kohya_fields_the_panel_lacked_round_trip_through_form_and_toml():

@@ -21,6 +21,7 @@ pytestmark = [
 GRID = "/lora_trainer/v1/test/grid"
 SETTINGS = {"steps": 4, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7}
 STRENGTH_AXIS, SNAPSHOT_AXIS = "LoRA Trainer: strength", "LoRA Trainer: snapshot"
+WEIGHTS_AXIS = "LoRA Trainer: module weights"
 
 
 def _train(webui, dataset, name: str, **extra) -> dict:
@@ -97,6 +98,24 @@ def test_text_encoder_lora_changes_the_image(webui, dataset):
     diff = abs(cells[(1.0, 3, "in memory")] - cells[(0.0, 3, "in memory")]).mean()
     print(f"text-encoder LoRA: mean |diff| strength 1 vs 0: {diff:.3f}")
     assert diff > 0.5, "a stale conditioning cache would give the strength-0 image again"
+    # the same LoRA with its text-encoder modules at 0 ("UNet only") is the base model: the cache follows the weights
+    answer = webui.call(GRID, {"prompt": "box, red", "strengths": [1], "seeds": [3], "snapshots": ["in memory"],
+                               "weights": ["UNet + TE", "UNet only"], **SETTINGS})
+    Path(answer["path"]).unlink()
+    by_weights = {c["weights"]: decode_png(c["image"]) for c in answer["cells"]}
+    assert abs(by_weights["UNet + TE"] - cells[(1.0, 3, "in memory")]).max() == 0
+    assert abs(by_weights["UNet only"] - cells[(0.0, 3, "in memory")]).max() == 0
+    # and as the X/Y/Z plot's own axis (strength 1 and the LoRA in memory by default)
+    info = webui.call("/sdapi/v1/script-info")
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    choices = next(a["choices"] for a in xyz["args"] if a["label"] == "X type")
+    script_args = [choices.index(WEIGHTS_AXIS), "UNet + TE, UNet only", [], 0, "", [], 0, "", [],
+                   True, True, False, False, False, False, False, 0, False]
+    _, images = webui.generate({"prompt": "box, red", "seed": 3, **SETTINGS, "script_name": "x/y/z plot",
+                                "script_args": script_args})
+    assert len(images) == 1 + 2
+    assert abs(images[1] - cells[(1.0, 3, "in memory")]).max() == 0
+    assert abs(images[2] - cells[(0.0, 3, "in memory")]).max() == 0
 
 
 def test_our_axes_in_the_xyz_plot_render_the_grid_images(webui, unet_and_te_lora, dataset):
