@@ -6,8 +6,8 @@ SD1/SD2 UNet names use diffusers paths (`down_blocks_0_attentions_0_...`); SDXL 
 (`text_model_encoder_layers_0_self_attn_q_proj`); OpenCLIP resblocks are given those names too.
 Targets (kohya `networks/lora.py`): Linear and 1x1 Conv2d inside `Transformer2DModel` (ldm `SpatialTransformer`);
 with conv also Linear/Conv2d of any kernel inside `ResnetBlock2D`/`Downsample2D`/`Upsample2D` (ldm `ResBlock`/
-`Downsample`/`Upsample`); Linear inside `CLIPAttention`/`CLIPMLP`. "Linear" is `networks.base.is_linear`: hosts'
-own Linear classes that do not subclass `nn.Linear` (Forge) get the same names.
+`Downsample`/`Upsample`); Linear inside `CLIPAttention` (or `CLIPSdpaAttention`)/`CLIPMLP`. "Linear" is
+`networks.base.is_linear`: hosts' own Linear classes that do not subclass `nn.Linear` (Forge) get the same names.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 UNET_ATTENTION_CLASSES = ("Transformer2DModel", "SpatialTransformer")
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
-# transformers >= 4.41 builds CLIPSdpaAttention / CLIPFlashAttention2 instead of CLIPAttention (kohya lists them too).
+# transformers 4.36-4.47 (Forge pins 4.46) name the attention class after its kernel; kohya lists the SDPA one too.
 TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 OPEN_CLIP_BLOCK_CLASS = "ResidualAttentionBlock"
 MHA_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
