@@ -1,8 +1,10 @@
 """Rendering inside the WebUI for the Test panel, the grid route and the X/Y/Z plot axes.
 
 Images come from the WebUI's own `StableDiffusionProcessingTxt2Img` on `shared.sd_model` (its samplers, schedulers,
-prompt syntax and VAE), nothing is saved to the outputs folder, and our LoRA acts by bypass injection: no file is
-written or read, nothing is merged, the model is not reloaded. Two WebUI details matter:
+prompt syntax and VAE), nothing is saved to the outputs folder, no file is written or read and the model is not
+reloaded. A grid merges our LoRA into the weights once per strength (`grids.runner`, the original weight tensors put
+back afterwards); the X/Y/Z plot axes, which change the LoRA every cell, use bypass injection. Two WebUI details
+matter:
 - the built-in Lora extension may have merged a LoRA into the weights; it is restored first (as the training
   handshake does) and again afterwards, and the model's fingerprint must be the same after the grid as before;
 - the WebUI caches prompt conditioning by prompt text, not by our modules, so the cache is emptied whenever the
