@@ -100,13 +100,14 @@ class _Switcher:
         self._current = merger
 
     def take_off(self) -> None:
-        """Put the model's own weights back (the original tensors) and forget the cached deltas."""
+        """Put the model's own weights back (the original tensors); cached deltas stay for the next strength."""
         if self._current is not None:
             self._current.restore()
             self._current = None
         self._key = None
 
     def release(self) -> None:
+        """Take off and drop every snapshot's cached deltas (end of the grid)."""
         self.take_off()
         for merger in self._mergers.values():
             merger.release()
