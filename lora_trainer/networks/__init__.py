@@ -1,4 +1,5 @@
-"""LoRA / LoCon / LoHa networks: bypass injection into adapter targets, kohya state dicts, files and metadata."""
+"""LoRA / LoCon / LoHa networks: bypass injection into adapter targets, merging into their weights, kohya state dicts,
+files and metadata."""
 from .base import NetworkModule
 from .files import detect_algorithm, kohya_hashes, load_lora, model_hashes, save_lora
 from .fused_qkv import FusedAttention
@@ -12,8 +13,8 @@ from .settings import NetworkSettings, block_lr_weights
 
 __all__ = [
     "BLOCK_LABELS", "NETWORKS", "NUM_BLOCKS", "PREFIXES", "FusedAttention", "LoHaModule", "LoRAModule",
-    "LoRANetwork", "LoadReport", "MergedWeights", "NetworkModule", "NetworkSettings", "TrainingFacts", "base_model_version",
-    "block_lr_weights", "build_metadata", "component_of", "detect_algorithm", "kohya_hashes", "kohya_name",
+    "LoRANetwork", "LoadReport", "MergedWeights", "NetworkModule", "NetworkSettings", "TrainingFacts",
+    "base_model_version", "block_lr_weights", "build_metadata", "component_of", "detect_algorithm", "kohya_hashes", "kohya_name",
     "load_lora", "model_hashes", "module_class", "network_args_metadata", "save_lora", "split_key",
     "unet_block_index",
 ]
