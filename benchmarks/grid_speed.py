@@ -64,6 +64,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=16, help="LoRA rank")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--ways", nargs="+", choices=list(SLUGS), default=list(SLUGS),
+                        help="ways to render, default: all (base is always rendered: the reference)")
     return parser.parse_args()
 
 
@@ -165,6 +167,7 @@ def _file_merged(adapter, render, settings: GridSettings, live, work: Path) -> i
 
 WAYS = {"base model": _base, "in memory": _in_memory, "in memory, kept": _in_memory_kept,
         "in memory, bypass": _in_memory_bypass, "file, bypass": _file_bypass, "file, merged": _file_merged}
+SLUGS = dict(zip(("base", "memory", "memory-kept", "memory-bypass", "file-bypass", "file-merged"), WAYS))
 
 
 def main() -> int:
@@ -179,10 +182,11 @@ def main() -> int:
                                 RenderSettings(width=args.size, height=args.size, steps=args.steps,
                                                sampler=args.sampler))
         render(settings.prompt, "", 0, settings.render)  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in WAYS}
+        chosen = {name: WAYS[name] for name in ["base model", *(SLUGS[slug] for slug in args.ways if slug != "base")]}
+        times: dict[str, list[float]] = {name: [] for name in chosen}
         cells = {}
         for _ in range(args.repeat):
-            for name, way in WAYS.items():
+            for name, way in chosen.items():
                 start = time.perf_counter()
                 cells[name] = way(adapter, render, settings, live, work)
                 times[name].append(time.perf_counter() - start)
@@ -195,7 +199,7 @@ def _print_table(args, times: dict[str, list[float]], cells: dict[str, int]) -> 
           f"steps, {args.sampler}, LoRA rank {args.dim}, {args.device}, {args.threads} thread(s), best of "
           f"{args.repeat}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     base_cell = min(times["base model"]) / cells["base model"]
-    in_memory = min(times["in memory"])
+    in_memory = min(times.get("in memory") or times["base model"])
     print(f"{'way':<18} {'total s':>8} {'s/cell':>8} {'cell/base':>9} {'vs in memory':>12}")
     for name, runs in times.items():
         total = min(runs)
