@@ -64,6 +64,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=16, help="LoRA rank")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--merge-only", action="store_true", help="only time merging the LoRA (no renders)")
     parser.add_argument("--ways", nargs="+", choices=list(SLUGS), default=list(SLUGS),
                         help="ways to render, default: all (base is always rendered: the reference)")
     return parser.parse_args()
@@ -170,6 +171,30 @@ WAYS = {"base model": _base, "in memory": _in_memory, "in memory, kept": _in_mem
 SLUGS = dict(zip(("base", "memory", "memory-kept", "memory-bypass", "file-bypass", "file-merged"), WAYS))
 
 
+def _merge_seconds(live, adapter, cache_deltas: bool, repeat: int = 3) -> float:
+    """Best time of merging the LoRA into the weights at a new strength (and restoring them)."""
+    from lora_trainer.networks import MergedWeights
+
+    merger = MergedWeights(live.bind(adapter), cache_deltas=cache_deltas)
+    best = float("inf")
+    for strength in (0.2, 0.4, 0.6, 0.8)[:repeat + 1]:
+        live.network.multiplier = strength
+        start = time.perf_counter()
+        merger.merge()
+        merger.restore()
+        best = min(best, time.perf_counter() - start)
+    merger.release()
+    return best
+
+
+def _print_merge(live, adapter) -> None:
+    weights = sum(m.org_module.weight.numel() if hasattr(m.org_module, "weight") else 0
+                  for m in live.network.loras.values())
+    print(f"merge + restore per strength: deltas recomputed {_merge_seconds(live, adapter, False):.3f} s, kept "
+          f"{_merge_seconds(live, adapter, True):.3f} s ({len(live.network.loras)} modules, {weights / 1e6:.0f} M "
+          f"weights touched, kept deltas {weights * 4 / 2**20:.0f} MiB float32)")
+
+
 def main() -> int:
     args = _arguments()
     torch.set_num_threads(args.threads)
@@ -181,6 +206,9 @@ def main() -> int:
         settings = GridSettings("square, red, blue background",
                                 RenderSettings(width=args.size, height=args.size, steps=args.steps,
                                                sampler=args.sampler))
+        if args.merge_only:
+            _print_merge(live, adapter)
+            return 0
         render(settings.prompt, "", 0, settings.render)  # warm-up
         chosen = {name: WAYS[name] for name in ["base model", *(SLUGS[slug] for slug in args.ways if slug != "base")]}
         times: dict[str, list[float]] = {name: [] for name in chosen}
@@ -190,6 +218,7 @@ def main() -> int:
                 start = time.perf_counter()
                 cells[name] = way(adapter, render, settings, live, work)
                 times[name].append(time.perf_counter() - start)
+        _print_merge(live, adapter)
     _print_table(args, times, cells)
     return 0
 
