@@ -126,7 +126,8 @@ def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | 
         cancel (threading.Event, optional): set it to stop after the current cell, defaults to None.
         on_cell (callable, optional): `(result, done, total)` after each cell (progress, live gallery).
         cache_deltas (bool, optional): keep each snapshot's float32 deltas (one weight-sized tensor per module)
-            for the whole grid instead of recomputing them at each strength, defaults to False.
+            for the whole grid instead of recomputing them at each strength, defaults to False: at SD1.5 size on
+            CPU a merge takes about 1 s recomputed and 0.3 s kept, for 1.3 GiB more memory.
 
     Returns:
         GridResult: the cells and, when complete, the grid image.
