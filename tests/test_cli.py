@@ -72,14 +72,27 @@ def test_train_names_a_bad_key_and_value(tmp_path, capsys):
     assert "optimizer_type" in err and "AdamQ" in err and "AdamW" in err
 
 
-def test_demo_writes_lora_loss_plot_and_grid(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
+def test_demo_learns_its_images(tmp_path, capsys):
+    # the demo's own code path with fewer steps: samples at strength 1 must be much nearer the training images
+    assert main(["demo", "--out", str(tmp_path), "--steps", "30"]) == 0
 
     assert (tmp_path / "lora" / "demo_lora.safetensors").is_file()
-    assert len(json.loads((tmp_path / "losses.json").read_text())) == 4
-    plot, grid = Image.open(tmp_path / "loss.png"), Image.open(tmp_path / "samples.png")
-    assert plot.width > 100
-    # two prompts x (three strengths + the reference image), 64 px scaled x4
-    assert grid.size == (4 * 64 * 4, 2 * 64 * 4)
-    cells = [grid.crop((x * 256, 0, x * 256 + 256, 256)).tobytes() for x in range(3)]
-    assert cells[0] != cells[2], "the LoRA at strength 1 must change the image"
+    assert len(json.loads((tmp_path / "losses.json").read_text())) == 30
+    assert Image.open(tmp_path / "loss.png").width > 100
+    distances = json.loads((tmp_path / "distances.json").read_text())
+    assert set(distances) == {"0", "0.5", "1"}
+    assert distances["1"] < distances["0"] - 15, distances  # 0-255 scale: 84 at strength 0, 58 at 1 after 30 steps
+    out = capsys.readouterr().out
+    assert f"strength 0: {distances['0']:.1f}" in out and f"strength 1: {distances['1']:.1f}" in out
+    # labelled grid: a label strip above and left of 2 prompts x (3 strengths + a training image), 64 px cells x4
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.width > 4 * 256 and grid.height > 2 * 256
+    left, top = grid.width - 4 * 256, grid.height - 2 * 256
+    cells = [grid.crop((left + x * 256, top, left + x * 256 + 256, top + 256)) for x in range(4)]
+    assert cells[0].tobytes() != cells[2].tobytes(), "the LoRA at strength 1 must change the image"
+    training_image = Image.open(sorted((tmp_path / "dataset" / "10_demostyle").glob("*.png"))[0]).convert("RGB")
+    assert cells[3].tobytes() == training_image.resize((256, 256), Image.NEAREST).tobytes()
+    label_strip = grid.crop((left, 0, grid.width, top)).convert("L")
+    assert label_strip.getextrema()[0] < 100  # dark label text on the white strip
+
+

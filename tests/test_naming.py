@@ -120,6 +120,18 @@ def test_sd1_counts_and_names():
     assert not any("conv_in" in n or "time_embedding" in n for n in conv_names)
 
 
+def test_text_encoder_attention_named_after_its_kernel_is_a_target():
+    # transformers 4.36-4.47 (the version Forge pins) build CLIP attention as `CLIPSdpaAttention`; a LoRA that
+    # missed it would train only the MLPs of the text encoder (24 modules instead of kohya's 72)
+    clip = tiny_clip(12)
+    for name, module in clip.named_modules():
+        if name.endswith("self_attn"):  # `text_model.` prefix or not, by transformers version
+            module.__class__ = type("CLIPSdpaAttention", (type(module),), {})
+    names = te_targets(clip, "lora_te_")
+    assert len(names) == 72
+    assert "lora_te_text_model_encoder_layers_11_self_attn_out_proj" in names
+
+
 def test_sdxl_counts_and_compvis_names():
     unet_names = unet_targets(tiny_sdxl_unet(), "sdxl", "diffusers")
     te1 = te_targets(tiny_clip(12), "lora_te1_")

@@ -195,3 +195,72 @@ def test_sd2_v_variant(tmp_path, tiny):
 def test_unknown_arch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sd3"):
         build_tiny_model("sd3", tmp_path)
+
+
+def _blocky_image(seed: int) -> torch.Tensor:
+    """`[1,3,64,64]` in [-1, 1], one random colour per 8x8 block: what the tiny VAE's 8x8 latent can hold exactly."""
+    colours = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return colours.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+
+
+def _square_image(folder) -> torch.Tensor:
+    """A training image of the demo's kind (a square at a random place, edges not on the 8x8 grid)."""
+    from PIL import Image
+
+    from lora_trainer.testing.datasets import write_square_dataset
+
+    write_square_dataset(folder, count=1)
+    image = Image.open(folder / "1_square" / "000.png").convert("RGB")
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(64, 64, 3)
+    return (pixels / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _ldm_vae(model):
+    from lora_trainer.testing.ldm_shims import build_ldm_model, install_ldm_shims
+
+    if not install_ldm_shims():
+        pytest.skip("Stability's `ldm` package is not importable (install stable-diffusion-sdkit)")
+    return build_ldm_model(model.yaml, model.checkpoint).first_stage_model
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_tiny_vae_reconstructs_its_input(pipelines, arch, tmp_path):
+    vae = pipelines[arch].vae
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        blocky = _blocky_image(1)
+        latents = vae.encode(blocky).latent_dist.sample() * scale
+        back = vae.decode(latents / scale).sample
+        square = _square_image(tmp_path)
+        square_back = vae.decode(vae.encode(square).latent_dist.sample()).sample
+    assert (back - blocky).abs().max() < 1e-3  # 8x8 blocks come back exactly
+    # the latent is the image at 1/8 size: colours in [-1, 1] after the scaling factor, the fourth channel 0
+    assert torch.allclose(latents[:, :3], blocky[:, :, ::8, ::8], atol=1e-3) and latents[:, 3].abs().max() < 1e-3
+    assert (square_back - square).abs().mean() < 0.1  # only the square's edges blur
+
+
+def test_tiny_vae_reconstructs_in_the_webui_ldm_classes(tiny):
+    vae = _ldm_vae(tiny["sd1"])
+    with torch.no_grad():
+        blocky = _blocky_image(2)
+        back = vae.decode(vae.encode(blocky).sample())
+    assert (back - blocky).abs().max() < 1e-3
+
+
+def test_identity_unet_predicts_its_input_as_the_noise(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    model = build_tiny_model("sd1", tmp_path, identity_unet=True)
+    pipe = StableDiffusionPipeline.from_single_file(str(model.checkpoint), config=str(model.config_dir),
+                                                    local_files_only=True)
+    ids = pipe.tokenizer(["a cat", "a red square"], padding="max_length", max_length=77, return_tensors="pt")
+    noise = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        text = pipe.text_encoder(ids.input_ids).last_hidden_state
+        out = pipe.unet(noise, torch.tensor([999, 10]), encoder_hidden_states=text).sample
+    rms = out.pow(2).mean(dim=(2, 3)).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)  # each latent channel's prediction has unit RMS
+    similarity = torch.nn.functional.cosine_similarity(out.flatten(1), noise.flatten(1))
+    assert (similarity > 0.9).all()  # the input itself, slightly blurred by the skip connections from below
+    # prompt and timestep reach only the blocks a LoRA trains, not the prediction
+    assert torch.allclose(out[0], out[1], atol=1e-5)

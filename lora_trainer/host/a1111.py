@@ -160,7 +160,7 @@ class A1111Host:
                     f"WebUI: another checkpoint ({loaded}) was loaded during the pause; the run on {before} cannot "
                     "go on, so it stops and saves the LoRA trained so far. Load that checkpoint again before "
                     "resuming a paused run (with save_state on, Resume from the saved state folder goes on).")
-            restore_merged_loras(sd_model)
+            self.take_off_prompt_loras(sd_model)
 
         return check
 
@@ -302,7 +302,7 @@ class A1111Host:
         if info is None or not str(info.filename).endswith(".safetensors"):
             logger.info("handshake 1: weight check skipped (checkpoint is not a .safetensors file)")
             return
-        names = _unet_params_of(sd_model, restored)
+        names = self.restored_unet_params(sd_model, restored)
         differ = compare_with_file(sd_model.model.diffusion_model, info.filename, UNET_PREFIX, names,
                                    limit=CHECK_EXTRA_TENSORS)
         if differ:
@@ -328,13 +328,10 @@ class A1111Host:
         Raises:
             NetworkError: a name would be dropped or misplaced.
         """
-        networks = lora_extension()
-        sd_model = adapter.model
-        if networks is None:
+        check = self.name_checker(adapter)
+        if check is None:
             logger.warning("compatibility self-test skipped: the built-in Lora extension is not loaded")
             return None
-        if not hasattr(sd_model, "network_layer_mapping"):
-            networks.assign_network_names_to_compvis_modules(sd_model)
         targets = {}
         for component in adapter.lora_targets(include_conv).values():
             targets.update(component)
@@ -344,12 +341,38 @@ class A1111Host:
                 raise NetworkError(f"LoRA: {len(missing)} module names are not targets of the loaded model, e.g. "
                                    f"{missing[:3]}. Train it on this model, or load the model it was trained on.")
             targets = {n: targets[n] for n in names}
-        report = check_names(targets, networks, sd_model.network_layer_mapping)
+        report = check(targets)
         self.last_check = report
         if not report.ok:
             raise NetworkError(describe(report, "compatibility self-test"))
         logger.info("compatibility self-test: all %d module names map onto the loaded model", report.checked)
         return report
+
+    def name_checker(self, adapter):
+        """How this WebUI's Lora extension places kohya names: `{name: module} -> CompatReport`, or None without
+        the extension (A1111: `network_layer_mapping` and the extension's own name conversion)."""
+        networks = lora_extension()
+        if networks is None:
+            return None
+        sd_model = adapter.model
+        if not hasattr(sd_model, "network_layer_mapping"):
+            networks.assign_network_names_to_compvis_modules(sd_model)
+        return lambda targets: check_names(targets, networks, sd_model.network_layer_mapping)
+
+    def take_off_prompt_loras(self, sd_model) -> list[str]:
+        """Take LoRAs that generation merged into the weights off again (A1111: `restore_merged_loras`).
+
+        Args:
+            sd_model: `shared.sd_model`.
+
+        Returns:
+            list[str]: the layers or weight keys that were restored.
+        """
+        return restore_merged_loras(sd_model)
+
+    def restored_unet_params(self, sd_model, restored: list[str]) -> list[str]:
+        """UNet parameter names (relative to `diffusion_model`) of what `take_off_prompt_loras` restored."""
+        return _unet_params_of(sd_model, restored)
 
     def check_file(self, path: str | Path):
         """Run the self-test on a saved LoRA file against the loaded model.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.grids.plan import Render, RenderSettings
-from lora_trainer.host.a1111 import restore_merged_loras, webui_shared
+from lora_trainer.host.a1111 import webui_shared
 from lora_trainer.host.handshake import state_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def webui_renderer(sd_model) -> Render:
     last_state = [None]
 
     def render(prompt: str, negative: str, seed: int, settings: RenderSettings):
-        from modules import processing
+        from modules import processing, scripts
 
         check_sampler(settings.sampler)
         if settings.lora_state != last_state[0]:
@@ -101,6 +101,7 @@ def webui_renderer(sd_model) -> Render:
             sd_model=sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), sampler_name=settings.sampler,
             steps=settings.steps, cfg_scale=settings.cfg_scale, width=settings.width, height=settings.height,
             batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+        p.scripts, p.script_args = scripts.ScriptRunner(), []  # no scripts run; reForge needs a runner, not None
         try:
             processed = processing.process_images(p)
         finally:
@@ -142,7 +143,7 @@ def grid_session(host, config):
         if sd_model is None:
             raise ModelLoadError("WebUI: no model is loaded. Pick a checkpoint at the top of the page first.")
         _check_same_model(host, sd_model, config)
-        restore_merged_loras(sd_model)
+        host.take_off_prompt_loras(sd_model)
         before = state_fingerprint(sd_model)
         adapter = host.adapter(sd_model)
         invalidate_cond_cache()
@@ -152,7 +153,7 @@ def grid_session(host, config):
             failed = False
         finally:
             invalidate_cond_cache()
-            restore_merged_loras(sd_model)  # a <lora:...> in the grid's prompt is merged until the next generation
+            host.take_off_prompt_loras(sd_model)  # a <lora:...> in the grid's prompt stays merged until the next one
             changed = state_fingerprint(sd_model) != before
             if changed:
                 logger.error("grid: the model's weights differ from before the grid")

@@ -1,17 +1,18 @@
 """The extension's glue for the WebUI's callbacks: the tab, its settings section and the API routes.
 
 `scripts/lora_trainer_tab.py` registers the three methods of one `WebUIExtension`; the WebUI objects come through
-`a1111.py` (the only module importing `modules`).
+`a1111.py` (the A1111 parts Forge shares) and the detected host (`detect.py`).
 """
 from __future__ import annotations
 
 import logging
 import os
 
-from lora_trainer.host.a1111 import A1111Host, WebUIJobManager, webui_shared
+from lora_trainer.host.a1111 import WebUIJobManager, webui_shared
 from lora_trainer.host.a1111_api import GridApi, TrainApi
 from lora_trainer.host.a1111_render import XyzAxes
 from lora_trainer.host.api_routes import parse_credentials
+from lora_trainer.host.detect import detect_host
 from lora_trainer.host.folder_policy import SETTING_KEY, SETTING_LABEL, FolderPolicy, is_exposed, split_folders
 from lora_trainer.host.grid_service import GridService
 
@@ -39,10 +40,13 @@ def webui_folder_policy(shared) -> FolderPolicy:
 
 
 class WebUIExtension:
-    """One host, one job manager and one grid service, shared by the tab, the API routes and the X/Y/Z axes."""
+    """One host, one job manager and one grid service, shared by the tab, the API routes and the X/Y/Z axes.
+
+    The host is the WebUI this process runs in (`detect.detect_host`: AUTOMATIC1111 or Forge), told by its packages.
+    """
 
     def __init__(self):
-        self.host = A1111Host()
+        self.host = detect_host()
         self.manager = WebUIJobManager(self.host)
         self.grids = GridService(self.manager)
         self.api = TrainApi(self.manager, check_file=self.host.check_file, folder_policy=self.folder_policy)

@@ -21,7 +21,8 @@ def chunk_count(max_token_length: int) -> int:
     return max(1, -(-int(max_token_length or CHUNK_TOKENS) // CHUNK_TOKENS))
 
 
-def encode_chunks(wrapper, captions: list[str], chunks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_chunks(wrapper, captions: list[str], chunks: int,
+                  fixes_owner=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode captions with a WebUI text wrapper, exactly `chunks` chunks each.
 
     Args:
@@ -29,15 +30,18 @@ def encode_chunks(wrapper, captions: list[str], chunks: int) -> tuple[torch.Tens
             `process_tokens`, `hijack`).
         captions (list[str]): the captions (taken literally when the caller set emphasis to "None").
         chunks (int): chunks per caption.
+        fixes_owner (optional): the object whose `fixes` the embedding layer reads, defaults to `wrapper.hijack`
+            (A1111); Forge's text engine keeps them on its `embeddings`.
 
     Returns:
         tuple: `[B, 77*chunks, C]` and the pooled output of the first chunk (None when the wrapper has none).
     """
     batch_chunks, _ = wrapper.process_texts(list(captions))
+    owner = wrapper.hijack if fixes_owner is None else fixes_owner
     zs = []
     for i in range(chunks):
         batch = [c[i] if i < len(c) else wrapper.empty_chunk() for c in batch_chunks]
-        wrapper.hijack.fixes = [x.fixes for x in batch]
+        owner.fixes = [x.fixes for x in batch]
         zs.append(wrapper.process_tokens([x.tokens for x in batch], [x.multipliers for x in batch]))
     pooled = getattr(zs[0], "pooled", None)
     return torch.hstack(zs), pooled

@@ -16,9 +16,11 @@ class Host(Protocol):
     """A program that holds (or loads) the model and runs training jobs.
 
     Attributes:
-        name (str): "a1111" or "standalone" (shown in logs and the UI).
+        name (str): "a1111", "forge" or "standalone" (shown in logs and the UI).
         offload_idle (bool, optional): keep a finished run's LoRA weights on the CPU until they are applied;
             hosts without the attribute keep them where they trained.
+        run_job (callable, optional): `run_job(work)` runs a background job's body where the host runs its model
+            work (Forge: its main-thread task queue); hosts without it run jobs in their own thread.
     """
 
     name: str

@@ -229,3 +229,64 @@ def borrowed_model(root: nn.Module, adapter=None, where: str = "the loaded model
         if fixed:
             logger.info("handshake: put back %d things the run left changed: %s", len(fixed), "; ".join(fixed[:5]))
         logger.info("handshake: %s restored (devices, dtypes, requires_grad, train/eval, checkpoint flags)", where)
+
+
+@dataclass
+class OrdinaryReport:
+    """What `make_ordinary` did.
+
+    Attributes:
+        converted (int): tensors that were inference tensors and now are ordinary ones.
+        bytes (int): their size in bytes.
+        peak_extra_bytes (int): the largest single tensor copied (the most memory the conversion held twice at once).
+    """
+
+    converted: int = 0
+    bytes: int = 0
+    peak_extra_bytes: int = 0
+
+
+def make_ordinary(roots: list[nn.Module], release=None, release_every: int = 256 * 2**20) -> OrdinaryReport:
+    """Turn every inference tensor (made under `torch.inference_mode`) under `roots` into an ordinary tensor in place.
+
+    Autograd cannot save an inference tensor for backward, so frozen weights a LoRA's gradient flows through must be
+    ordinary. Each tensor is copied and swapped in on its own (Parameters stay Parameters, with the same
+    `requires_grad`), so at most one tensor exists twice at a time; the values are bit-identical.
+
+    Args:
+        roots (list[nn.Module]): the modules to convert (a tree may be shared between roots).
+        release (callable, optional): called after every `release_every` bytes converted, to hand the freed
+            originals back to the system (the host passes `malloc_trim`), defaults to None.
+        release_every (int, optional): bytes between `release` calls, defaults to 256 MiB.
+
+    Returns:
+        OrdinaryReport: counts and the peak extra memory.
+    """
+    report = OrdinaryReport()
+    since_release = 0
+    seen: set[int] = set()
+    with torch.inference_mode(False), torch.no_grad():
+        for root in roots:
+            for module in root.modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                for store in (module._parameters, module._buffers):
+                    for name in list(store):  # names only: a list of the tensors would keep every original alive
+                        tensor = store[name]
+                        if tensor is None or not tensor.is_inference():
+                            continue
+                        copy = tensor.clone()
+                        if isinstance(tensor, nn.Parameter):
+                            copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                        store[name] = copy
+                        size = tensor.numel() * tensor.element_size()
+                        report.converted += 1
+                        report.bytes += size
+                        report.peak_extra_bytes = max(report.peak_extra_bytes, size)
+                        del tensor, copy
+                        since_release += size
+                        if release is not None and since_release >= release_every:
+                            release()
+                            since_release = 0
+    return report

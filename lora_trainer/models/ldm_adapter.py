@@ -155,8 +155,11 @@ class LdmAdapter:
             flag = _LDM_CHECKPOINT_FLAGS.get(type(module).__name__)
             if flag is None:
                 continue
-            self._checkpointed.setdefault(module, bool(getattr(module, flag)))
-            setattr(module, flag, False)
+            if hasattr(module, flag):  # ComfyUI's blocks (reForge) have no such flag: nothing to turn off
+                self._checkpointed.setdefault(module, bool(getattr(module, flag)))
+                setattr(module, flag, False)
+            else:
+                self._checkpointed.setdefault(module, None)
             if enabled:
                 module.forward = _checkpointed_forward(module)
             else:
@@ -169,7 +172,8 @@ class LdmAdapter:
         """Undo enable_gradient_checkpointing: plain forwards and ldm's original `use_checkpoint` flags."""
         for module, flag_value in self._checkpointed.items():
             module.__dict__.pop("forward", None)
-            setattr(module, _LDM_CHECKPOINT_FLAGS[type(module).__name__], flag_value)
+            if flag_value is not None:
+                setattr(module, _LDM_CHECKPOINT_FLAGS[type(module).__name__], flag_value)
         self._checkpointed.clear()
 
 

@@ -6,7 +6,8 @@ SD1/SD2 UNet names use diffusers paths (`down_blocks_0_attentions_0_...`); SDXL 
 (`text_model_encoder_layers_0_self_attn_q_proj`); OpenCLIP resblocks are given those names too.
 Targets (kohya `networks/lora.py`): Linear and 1x1 Conv2d inside `Transformer2DModel` (ldm `SpatialTransformer`);
 with conv also Linear/Conv2d of any kernel inside `ResnetBlock2D`/`Downsample2D`/`Upsample2D` (ldm `ResBlock`/
-`Downsample`/`Upsample`); Linear inside `CLIPAttention`/`CLIPMLP`.
+`Downsample`/`Upsample`); Linear inside `CLIPAttention` (or `CLIPSdpaAttention`)/`CLIPMLP`. "Linear" is
+`networks.base.is_linear`: hosts' own Linear classes that do not subclass `nn.Linear` (Forge) get the same names.
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lora_trainer.networks.base import is_linear
+
 UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 UNET_ATTENTION_CLASSES = ("Transformer2DModel", "SpatialTransformer")
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
-TE_CLASSES = ("CLIPAttention", "CLIPMLP")
+# transformers 4.36-4.47 (Forge pins 4.46) name the attention class after its kernel; kohya lists the SDPA one too.
+TE_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 OPEN_CLIP_BLOCK_CLASS = "ResidualAttentionBlock"
 MHA_PARTS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -200,7 +204,7 @@ def kohya_unet_name(path: str, architecture: str, tree: str) -> str:
 
 
 def _is_1x1_or_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return True
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
@@ -225,7 +229,8 @@ def find_unet_targets(unet: nn.Module, include_conv: bool = False) -> dict[str, 
         for child_name, child in module.named_modules():
             if not child_name:
                 continue
-            if (in_attention and _is_1x1_or_linear(child)) or (in_conv and isinstance(child, (nn.Linear, nn.Conv2d))):
+            conv_target = in_conv and (is_linear(child) or isinstance(child, nn.Conv2d))
+            if (in_attention and _is_1x1_or_linear(child)) or conv_target:
                 targets[_join(name, child_name)] = child
     return targets
 
@@ -273,7 +278,7 @@ def te_targets(text_encoder: nn.Module, prefix: str, max_layers: int | None = No
         cls = type(module).__name__
         if cls in TE_CLASSES:
             for child_name, child in module.named_modules():
-                if isinstance(child, nn.Linear):
+                if is_linear(child):
                     path = _text_model_path(_join(name, child_name))
                     targets[prefix + path.replace(".", "_")] = child
         elif cls == OPEN_CLIP_BLOCK_CLASS:

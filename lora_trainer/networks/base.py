@@ -13,12 +13,29 @@ from .functional import module_dropped
 logger = logging.getLogger(__name__)
 
 
+def is_linear(module: nn.Module) -> bool:
+    """True for `nn.Linear` and for layers that act as one without subclassing it (a host's own Linear class, e.g.
+    Forge's `ForgeOperations.Linear`, an `nn.Module` with `in_features`, `out_features` and a 2-D `weight`).
+
+    Args:
+        module (nn.Module): a layer.
+
+    Returns:
+        bool: whether a LoRA can treat it as a Linear.
+    """
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (not isinstance(module, nn.Conv2d) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+
+
 def describe_layer(lora_name: str, module: nn.Module, shape=None) -> tuple[torch.Size, dict | None]:
     """The weight shape and Conv2d op arguments of a target layer (None for Linear).
 
     Args:
         lora_name (str): kohya name, for error messages.
-        module (nn.Module): an `nn.Linear` or `nn.Conv2d` (ungrouped, zero padding).
+        module (nn.Module): a Linear (`is_linear`) or an `nn.Conv2d` (ungrouped, zero padding).
         shape (tuple, optional): force a Linear of this `[out, in]` shape (fused attention parts), defaults to None.
 
     Returns:
@@ -26,7 +43,7 @@ def describe_layer(lora_name: str, module: nn.Module, shape=None) -> tuple[torch
     """
     if shape is not None:
         return torch.Size(shape), None
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return module.weight.shape, None
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros":

@@ -1,5 +1,9 @@
 """Tiny real-architecture Stable Diffusion checkpoints (SD1, SD2, SDXL) with random weights, for tests and demos.
 
+The VAE is the exception: its weights are set so that it reconstructs images (`signal_path`), so samples are images.
+With `identity_unet=True` (the demo) the UNet starts as a denoiser that takes everything for noise, so a LoRA learns
+its images in a few dozen steps.
+
 Block structure, transformer depths, text-encoder layer counts, vocabulary (49408) and positions (77) are the real
 ones, so key names and module counts match full-size files; only widths are small. The checkpoint is written in
 the original single-file format (`.safetensors` + same-named ldm/sgm `.yaml`), beside a diffusers config folder
@@ -19,15 +23,19 @@ from lora_trainer.models.configs import TOKENIZERS
 from lora_trainer.models.configs import config_dir as full_config_dir
 from lora_trainer.models.convert import OPEN_CLIP_LAYERS, pipeline_to_original
 from lora_trainer.models.tokenizer import write_clip_tokenizer
+from lora_trainer.testing.signal_path import make_unet_identity, make_vae_reconstruct
 from lora_trainer.testing.tiny_yaml import tiny_yaml
 
 logger = logging.getLogger(__name__)
 
 TINY_ARCHITECTURES = ("sd1", "sd2", "sd2-v", "sdxl")
-FORMAT_VERSION = 4  # bump when the tiny layout changes, so cached builds are rebuilt
+FORMAT_VERSION = 5  # bump when the tiny layout changes, so cached builds are rebuilt
 # Widths: channel changes at the same levels as the real models (so the same shortcut convs exist).
 UNET_CHANNELS = {"sd1": [32, 64, 96, 96], "sd2": [32, 64, 96, 96], "sdxl": [32, 64, 96]}
-VAE_CHANNELS = [32, 64, 96, 96]
+# The identity UNet reads (+v, -v) pairs in its last GroupNorm: 64 = 2 channels per group (narrower deeper down: faster)
+IDENTITY_UNET_CHANNELS = {"sd1": [64, 128, 64, 64], "sd2": [64, 128, 64, 64], "sdxl": [64, 128, 64]}
+# 64 = 2 channels per GroupNorm group before both conv_outs, which the reconstructing VAE needs (signal_path.py)
+VAE_CHANNELS = [64, 128, 64, 64]
 HEAD_CHANNELS = 16  # SD2/SDXL use num_head_channels (64 in the real models)
 TE_HIDDEN = {"clip_l": 32, "open_clip_sd2": 32, "open_clip_sdxl": 64}
 TIME_EMBED_DIM_XL = 8  # SDXL size-conditioning embedding per number (256 in the real model)
@@ -58,10 +66,10 @@ def _load_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _tiny_unet_config(arch: str) -> dict:
+def _tiny_unet_config(arch: str, identity_unet: bool) -> dict:
     cfg = _load_json(full_config_dir(arch) / "unet" / "config.json")
     family = "sd2" if arch.startswith("sd2") else arch
-    channels = UNET_CHANNELS[family]
+    channels = (IDENTITY_UNET_CHANNELS if identity_unet else UNET_CHANNELS)[family]
     cfg.update(block_out_channels=channels, sample_size=16)
     if family == "sd1":
         cfg.update(cross_attention_dim=TE_HIDDEN["clip_l"])  # 8 heads, as the real model
@@ -92,8 +100,8 @@ def _tiny_te_config(arch: str, sub: str) -> dict:
     return cfg
 
 
-def _tiny_configs(arch: str) -> dict[str, dict]:
-    configs = {"unet": _tiny_unet_config(arch), "vae": _tiny_vae_config(arch)}
+def _tiny_configs(arch: str, identity_unet: bool) -> dict[str, dict]:
+    configs = {"unet": _tiny_unet_config(arch, identity_unet), "vae": _tiny_vae_config(arch)}
     configs["text_encoder"] = _tiny_te_config(arch, "text_encoder")
     if arch == "sdxl":
         configs["text_encoder_2"] = _tiny_te_config(arch, "text_encoder_2")
@@ -116,7 +124,8 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
 
 
-def _build_components(arch: str, configs: dict[str, dict], seed: int) -> dict[str, torch.nn.Module]:
+def _build_components(arch: str, configs: dict[str, dict], seed: int,
+                      identity_unet: bool) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -138,6 +147,9 @@ def _build_components(arch: str, configs: dict[str, dict], seed: int) -> dict[st
     for name in sorted(models):
         _randomize(models[name], generator)
         models[name].eval()
+    make_vae_reconstruct(models["vae"])
+    if identity_unet:
+        make_unet_identity(models["unet"])
     return models
 
 
@@ -176,12 +188,13 @@ def _write_text_encoder_dir(arch: str, model: torch.nn.Module, configs: dict, ou
         shutil.copyfile(tok / name, out / name)
 
 
-def _cached(out: Path, arch: str, seed: int) -> TinyModel | None:
+def _marker(arch: str, seed: int, identity_unet: bool) -> dict:
+    return {"arch": arch, "seed": seed, "format": FORMAT_VERSION, "identity_unet": identity_unet}
+
+
+def _cached(out: Path, arch: str, seed: int, identity_unet: bool) -> TinyModel | None:
     marker = out / "tiny_model.json"
-    if not marker.is_file():
-        return None
-    info = _load_json(marker)
-    if info.get("arch") != arch or info.get("seed") != seed or info.get("format") != FORMAT_VERSION:
+    if not marker.is_file() or _load_json(marker) != _marker(arch, seed, identity_unet):
         return None
     model = _paths(out, arch)
     required = (model.checkpoint, model.yaml, model.config_dir / "model_index.json", model.text_encoder_dir)
@@ -200,13 +213,16 @@ def _paths(out: Path, arch: str) -> TinyModel:
     )
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> TinyModel:
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, identity_unet: bool = False) -> TinyModel:
     """Build (or reuse) a tiny random checkpoint of a real architecture.
 
     Args:
         arch (str): "sd1", "sd2", "sd2-v" (same weights as "sd2", v-prediction configs) or "sdxl".
-        out_dir (str | Path): folder for the files; a complete earlier build of the same arch and seed is reused.
+        out_dir (str | Path): folder for the files; a complete earlier build of the same settings is reused.
         seed (int, optional): weight seed, defaults to 0.
+        identity_unet (bool, optional): a UNet 64 wide at the top that predicts its input as the noise
+            (`signal_path.make_unet_identity`; epsilon prediction), for a demo where a LoRA visibly learns; defaults
+            to False (random UNet).
 
     Returns:
         TinyModel: the paths of the checkpoint, its yaml, the diffusers config folder and the tokenizer folders.
@@ -216,12 +232,12 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> TinyModel
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"arch={arch!r}: no tiny model. Use one of {TINY_ARCHITECTURES}.")
     out = Path(out_dir).resolve()
-    if (cached := _cached(out, arch, seed)) is not None:
+    if (cached := _cached(out, arch, seed, identity_unet)) is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)
     paths = _paths(out, arch)
-    configs = _tiny_configs(arch)
-    models = _build_components(arch, configs, seed)
+    configs = _tiny_configs(arch, identity_unet)
+    models = _build_components(arch, configs, seed, identity_unet)
     tok_src = write_clip_tokenizer(out / "tokenizer_source")
     _write_config_dir(arch, configs, paths.config_dir, tok_src)
     _write_text_encoder_dir(arch, models["text_encoder"], configs, paths.text_encoder_dir, paths.tokenizer_dir)
@@ -233,7 +249,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> TinyModel
     paths.yaml.write_text(tiny_yaml(arch, configs, paths.text_encoder_dir), encoding="utf-8")
     shutil.rmtree(out / "tokenizer_source")
     (out / "tiny_model.json").write_text(
-        json.dumps({"arch": arch, "seed": seed, "format": FORMAT_VERSION}) + "\n", encoding="utf-8"
+        json.dumps(_marker(arch, seed, identity_unet)) + "\n", encoding="utf-8"
     )
     logger.info("built tiny %s model in %s", arch, out)
     return paths

@@ -193,7 +193,9 @@ class TrainingJob(PausableJob):
             TrainingError: the job was already started.
         """
         self._claim()
-        self._thread = threading.Thread(target=self._run, name="lora-trainer-job", daemon=True)
+        runner = getattr(self.host, "run_job", None)  # a host whose GPU work has its own thread (Forge)
+        target = self._run if runner is None else (lambda: runner(self._run))
+        self._thread = threading.Thread(target=target, name="lora-trainer-job", daemon=True)
         self._thread.start()
         return self
 

@@ -1,6 +1,7 @@
 """The few places where gradio 3.41 (AUTOMATIC1111 1.10) and gradio 4.x (Forge) differ, in one module."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -89,6 +90,43 @@ def close_now(blocks: gr.Blocks) -> None:
     blocks.close()
 
 
+def file_upload(**kwargs) -> gr.File:
+    """A `gr.File` input whose handler gets the uploaded file's path (read it with `uploaded_path`).
+
+    gradio 3 names that type "file" (a temp-file object), gradio 4 "filepath" (a str); "file" is gone in 4.
+
+    Args:
+        **kwargs: other `gr.File` arguments (label, file_types, elem_id...).
+
+    Returns:
+        gr.File: the component.
+    """
+    return gr.File(type="filepath" if GRADIO_MAJOR >= 4 else "file", **kwargs)
+
+
+def uploaded_path(value) -> str | None:
+    """The path of a `file_upload` value: a str (gradio 4), a temp-file object with `.name` (gradio 3), or None."""
+    if value is None or isinstance(value, str):
+        return value or None
+    return getattr(value, "name", None)
+
+
+def line_plot(**kwargs) -> gr.LinePlot:
+    """A `gr.LinePlot` given only the arguments this gradio takes.
+
+    gradio 4.38+ draws its own plots: tooltips are always on, the width follows the layout, and `width`/`tooltip`
+    (which 3.41's Altair plot uses) only raise deprecation warnings there.
+
+    Args:
+        **kwargs: `gr.LinePlot` arguments (x, y, title, height, width, tooltip, elem_id...).
+
+    Returns:
+        gr.LinePlot: the component.
+    """
+    accepted = inspect.signature(gr.LinePlot.__init__).parameters
+    return gr.LinePlot(**{key: value for key, value in kwargs.items() if key in accepted})
+
+
 def click_js(button, js: str, inputs: list) -> None:
     """Run browser-side JavaScript on a click, nothing on the server (`_js=` in gradio 3, `js=` in gradio 4).
 
@@ -101,5 +139,5 @@ def click_js(button, js: str, inputs: list) -> None:
     button.click(None, inputs=inputs, outputs=[], **{key: js})
 
 
-__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "launch_kwargs", "local_theme", "notify_info", "notify_warning",
-           "serve_until_interrupted"]
+__all__ = ["GRADIO_MAJOR", "click_js", "close_now", "enable_queue", "file_upload", "launch_kwargs", "line_plot",
+           "local_theme", "notify_info", "notify_warning", "serve_until_interrupted", "uploaded_path"]

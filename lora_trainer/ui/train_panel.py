@@ -101,9 +101,8 @@ def _options(p: TrainPanel, host_name: str, models_dir: Path | None) -> None:
 def _toml_box(p: TrainPanel) -> None:
     with gr.Accordion("Import / export kohya TOML", open=False, elem_id="lt-tr-toml"):
         with gr.Row():
-            file_type = "file" if compat.GRADIO_MAJOR < 4 else "filepath"
-            p.c["toml_upload"] = gr.File(label="Import a .toml file", file_types=[".toml"], type=file_type,
-                                         elem_id="lt-tr-toml-upload")
+            p.c["toml_upload"] = compat.file_upload(label="Import a .toml file", file_types=[".toml"],
+                                                    elem_id="lt-tr-toml-upload")
             p.c["toml_file"] = gr.File(label="Exported .toml", interactive=False, elem_id="lt-tr-toml-file")
         p.c["toml_text"] = gr.Textbox(label="kohya TOML", lines=10, elem_id="lt-tr-toml-text")
         with gr.Row():
@@ -124,8 +123,8 @@ def _controls(p: TrainPanel) -> None:
     p.c["message"] = gr.Markdown("", elem_id="lt-tr-message")
     p.c["refresh"] = gr.Button("Refresh status", size="sm", elem_id="lt-tr-refresh")
     p.c["status"] = gr.Markdown(views.status_markdown(p.manager.status()), elem_id="lt-tr-status")
-    p.c["loss"] = gr.LinePlot(x="step", y="loss", color="series", title="Loss", label="Loss", height=240, width=440,
-                              tooltip=["series", "step", "loss"], elem_id="lt-tr-loss")
+    p.c["loss"] = compat.line_plot(x="step", y="loss", color="series", title="Loss", label="Loss", height=240,
+                                   width=440, tooltip=["series", "step", "loss"], elem_id="lt-tr-loss")
     p.c["samples"] = gr.Gallery(label="Latest samples (newest first)", columns=4, height=260,
                                 elem_id="lt-tr-samples")
 
@@ -181,7 +180,7 @@ def _wire_config(p: TrainPanel) -> None:
     c["import"].click(_guard(p, import_text, len(fill_out)), inputs=[c["toml_text"]], outputs=fill_out)
 
     def import_file(upload):
-        path = upload if isinstance(upload, str) else getattr(upload, "name", None)
+        path = compat.uploaded_path(upload)
         if not path:
             return [gr.update()] * (len(fill_out) + 1)
         text = Path(path).read_text(encoding="utf-8")

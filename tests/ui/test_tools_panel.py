@@ -100,6 +100,8 @@ def test_bake_writes_a_checkpoint_and_errors_show_in_the_page(page, server):
     choose(page, "lt-tl-bake-checkpoint", "base.safetensors")
     choose(page, "lt-tl-bake-add-file", "a.safetensors")
     page.click("#lt-tl-bake-add")
+    # the preview reads the list as shown: wait for the added line (gradio 4 answers the add a moment later)
+    expect(page.locator("#lt-tl-bake-list textarea")).to_have_value("a.safetensors:1")
     page.click("#lt-tl-bake-preview")
     expect(_result(page)).to_contain_text("(sd1, 1131 tensors")
     page.click("#lt-tl-bake-run")                       # no name for the new file

@@ -1,0 +1,135 @@
+"""A real Forge-family WebUI (lllyasviel's Forge; reForge uses the same parts) for the tests in this folder.
+
+Reuses the A1111 harness (`tests/webui/webui_harness.py`: the `WebUI` client, `Installation`, ports, PNG decoding);
+what differs for Forge hosts is here: their CPU flags, a start that does not wait for a model (Forge loads it on
+the first generation), the full-size random SD1.5-architecture checkpoint their fixed text-encoder configs need, and
+log checks for errors of this extension.
+
+Environment:
+- `<NAME>_DIR` (e.g. `FORGE_DIR`): the host's checkout; without it the tests skip.
+- `<NAME>_PYTHON`: its Python, defaults to `<dir>/venv/bin/python`.
+- `LORA_TRAINER_RANDOM_MODELS`: folder caching the ~2 GB random checkpoint between runs, defaults to pytest's
+  base temp folder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "webui"))
+
+from webui_harness import (  # noqa: E402
+    STAMP,
+    Installation,
+    WebUI,
+    decode_png,
+    free_port,
+)
+
+FORGE_CPU_FLAGS = ["--always-cpu", "--api", "--skip-prepare-environment", "--skip-version-check",
+                   "--skip-torch-cuda-test", "--skip-python-version-check", "--loglevel", "DEBUG"]
+EXTENSION_MARKS = ("/lora_trainer/", "[lora_trainer.")  # a frame in our code, or our logger's line
+
+
+@dataclass(frozen=True)
+class HostSetup:
+    """Where a Forge-family host is and how to start it.
+
+    Attributes:
+        name (str): "forge" or "reforge" (its env variables are `<NAME>_DIR` / `<NAME>_PYTHON`).
+        dir (Path | None): its checkout, None when the env variable is unset.
+        python (str): its Python.
+        flags (tuple[str, ...]): command-line flags for a CPU run with the API.
+    """
+
+    name: str
+    dir: Path | None
+    python: str
+    flags: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls, name: str, flags=FORGE_CPU_FLAGS) -> HostSetup:
+        raw = os.environ.get(f"{name.upper()}_DIR")
+        folder = Path(raw) if raw else None
+        python = os.environ.get(f"{name.upper()}_PYTHON") or str((folder or Path(".")) / "venv" / "bin" / "python")
+        return cls(name, folder, python, tuple(flags))
+
+    @property
+    def skip_reason(self) -> str | None:
+        if self.dir is None:
+            return (f"{self.name.upper()}_DIR is not set: these tests need a real {self.name} checkout (and "
+                    f"{self.name.upper()}_PYTHON, its venv's python); see the README's test section")
+        return None
+
+
+def random_sd1_checkpoint(default_folder: Path) -> Path:
+    """The full-size SD1.5-architecture checkpoint with random fp16 weights (built once, cached; ~2 GB)."""
+    from lora_trainer.testing.random_models import build_random_model
+
+    folder = Path(os.environ.get("LORA_TRAINER_RANDOM_MODELS") or default_folder)
+    return Path(build_random_model("sd1", folder).checkpoint)
+
+
+def start_host(setup: HostSetup, log: Path, timeout: float = 600) -> WebUI:
+    """Start the host on a free port and wait until its API answers (the model loads on first use)."""
+    import subprocess
+
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the process's lifetime
+    process = subprocess.Popen([setup.python, "launch.py", *setup.flags, "--port", str(port)], cwd=setup.dir,
+                               env=env, stdout=handle, stderr=subprocess.STDOUT)
+    host = WebUI(f"http://127.0.0.1:{port}", log, process)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{setup.name} exited with {process.returncode}; see {log}:\n"
+                               + "\n".join(host.log_lines()[-30:]))
+        if "Startup time:" in log.read_text(encoding="utf-8", errors="replace"):
+            try:
+                host.call("/sdapi/v1/options", timeout=10)
+                return host
+            except OSError:
+                pass
+        time.sleep(1)
+    host.stop()
+    raise TimeoutError(f"{setup.name} did not answer within {timeout} s; see {log}")
+
+
+def extension_errors(lines: list[str]) -> list[str]:
+    """Tracebacks with a frame in this package and its ERROR lines (other extensions' errors, and the host failing to
+    read git data of a linked checkout, are not ours)."""
+    found, block = [], []
+    for line in lines + [""]:
+        if line.startswith(("***", "Traceback")) or (block and line.startswith((" ", "\t"))):
+            block.append(line)
+            continue
+        if block and any(mark in "\n".join(block) for mark in EXTENSION_MARKS):
+            found.append("\n".join(block))
+        block = []
+        if "ERROR" in line and any(mark in line for mark in EXTENSION_MARKS):
+            found.append(line)
+    return found
+
+
+
+
+def write_box_dataset(folder: Path, images: int = 3) -> Path:
+    """A tiny captioned dataset (`<folder>/2_box/*.png|txt`, 64 px); returns `folder`."""
+    from PIL import Image, ImageDraw
+
+    sub = folder / "2_box"
+    sub.mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        image = Image.new("RGB", (64, 64), (20, 90, 180))
+        ImageDraw.Draw(image).rectangle([8 * i, 8, 8 * i + 30, 38], fill=(230, 40, 20))
+        image.save(sub / f"{i}.png")
+        (sub / f"{i}.txt").write_text(f"box, red, item{i}", encoding="utf-8")
+    return folder
+
+
+__all__ = ["STAMP", "HostSetup", "Installation", "WebUI", "decode_png", "extension_errors", "random_sd1_checkpoint",
+           "start_host", "write_box_dataset"]
