@@ -3,8 +3,11 @@
 One process, one loaded model, a LoRA with random weights (every module trained: UNet and text encoder), a grid
 of 6 strengths (0, 0.2, ..., 1) x 2 seeds, rendered four ways:
     base model      the same 12 renders with no LoRA at all (the reference time per image)
-    in memory       `lora_trainer.grids.run_grid` with the network kept in memory (bypass injection, strength set
-                    on the modules; strength 0 renders the base model, once per seed)
+    in memory       `lora_trainer.grids.run_grid` with the network kept in memory: merged into the weights once per
+                    strength (deltas recomputed at each strength), both seeds rendered, the original weight tensors
+                    put back; strength 0 renders the base model, once per seed
+    in memory, kept as above with `cache_deltas=True` (each module's float32 delta computed once per grid)
+    in memory, bypass  the LoRA injected as extra forwards (how training and its previews apply it)
     file, bypass    save the LoRA once, then per strength load it by name (read + build the network) and render
                     both seeds with it injected, then take it off
     file, merged    as the WebUI's built-in Lora extension: save once, per strength load it by name, merge
@@ -17,6 +20,7 @@ invocation. Nothing here is asserted.
     python benchmarks/grid_speed.py                              # tiny SD1, 64 px, 20 steps (about a minute)
     python benchmarks/grid_speed.py --size 128 --steps 10 --dim 32
     python benchmarks/grid_speed.py --full --size 64 --steps 8 --repeat 1   # full-size SD1 with random weights
+    python benchmarks/grid_speed.py --full --cache-dir /tmp/bench-cache     # where the full-size model is kept
     python benchmarks/grid_speed.py --checkpoint model.safetensors --size 512 --device cuda
 """
 from __future__ import annotations
@@ -49,6 +53,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the tiny SD1 test model")
     parser.add_argument("--full", action="store_true",
                         help="a full-size SD1 checkpoint with random weights (built once in the cache folder)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="folder for the --full model, default: ~/.cache/lora_trainer/benchmarks")
     parser.add_argument("--config-dir", default=None)
     parser.add_argument("--tokenizer-dir", default=None)
     parser.add_argument("--device", default="cpu")
@@ -58,6 +64,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=16, help="LoRA rank")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--merge-only", action="store_true", help="only time merging the LoRA (no renders)")
+    parser.add_argument("--ways", nargs="+", choices=list(SLUGS), default=list(SLUGS),
+                        help="ways to render, default: all (base is always rendered: the reference)")
     return parser.parse_args()
 
 
@@ -66,7 +75,8 @@ def _adapter(args, work: Path):
     if checkpoint is None and args.full:
         from lora_trainer.testing.random_models import build_random_model
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_trainer" / "benchmarks"
+        cache = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_trainer" \
+            / "benchmarks"
         checkpoint = build_random_model("sd1", cache / "full_sd1").checkpoint
     elif checkpoint is None:
         from lora_trainer.testing.tiny_models import build_tiny_model
@@ -94,10 +104,28 @@ def _base(adapter, render, settings: GridSettings, live, work: Path) -> int:
     return len(DEFAULT_STRENGTHS) * len(SEEDS)
 
 
-def _in_memory(adapter, render, settings: GridSettings, live, work: Path) -> int:
+def _in_memory(adapter, render, settings: GridSettings, live, work: Path, cache_deltas: bool = False) -> int:
     plan = plan_grid(settings, strength_axis(DEFAULT_STRENGTHS), snapshot_axis([LiveSnapshot(live)]),
                      seed_axis(SEEDS))
-    return len(run_grid(plan, adapter, render).cells)
+    return len(run_grid(plan, adapter, render, cache_deltas=cache_deltas).cells)
+
+
+def _in_memory_kept(adapter, render, settings: GridSettings, live, work: Path) -> int:
+    return _in_memory(adapter, render, settings, live, work, cache_deltas=True)
+
+
+def _in_memory_bypass(adapter, render, settings: GridSettings, live, work: Path) -> int:
+    cells = 0
+    before = live.multiplier
+    for strength in DEFAULT_STRENGTHS:
+        live.multiplier = strength
+        live.apply(adapter)
+        for seed in SEEDS:
+            render(settings.prompt, settings.negative_prompt, seed, settings.render)
+            cells += 1
+        live.remove()
+    live.multiplier = before
+    return cells
 
 
 def _load_by_name(adapter, path: Path) -> LoRANetwork:
@@ -138,7 +166,33 @@ def _file_merged(adapter, render, settings: GridSettings, live, work: Path) -> i
     return cells
 
 
-WAYS = {"base model": _base, "in memory": _in_memory, "file, bypass": _file_bypass, "file, merged": _file_merged}
+WAYS = {"base model": _base, "in memory": _in_memory, "in memory, kept": _in_memory_kept,
+        "in memory, bypass": _in_memory_bypass, "file, bypass": _file_bypass, "file, merged": _file_merged}
+SLUGS = dict(zip(("base", "memory", "memory-kept", "memory-bypass", "file-bypass", "file-merged"), WAYS))
+
+
+def _merge_seconds(live, adapter, cache_deltas: bool, repeat: int = 3) -> float:
+    """Best time of merging the LoRA into the weights at a new strength (and restoring them)."""
+    from lora_trainer.networks import MergedWeights
+
+    merger = MergedWeights(live.bind(adapter), cache_deltas=cache_deltas)
+    best = float("inf")
+    for strength in (0.2, 0.4, 0.6, 0.8)[:repeat + 1]:
+        live.network.multiplier = strength
+        start = time.perf_counter()
+        merger.merge()
+        merger.restore()
+        best = min(best, time.perf_counter() - start)
+    merger.release()
+    return best
+
+
+def _print_merge(live, adapter) -> None:
+    weights = sum(m.org_module.weight.numel() if hasattr(m.org_module, "weight") else 0
+                  for m in live.network.loras.values())
+    print(f"merge + restore per strength: deltas recomputed {_merge_seconds(live, adapter, False):.3f} s, kept "
+          f"{_merge_seconds(live, adapter, True):.3f} s ({len(live.network.loras)} modules, {weights / 1e6:.0f} M "
+          f"weights touched, kept deltas {weights * 4 / 2**20:.0f} MiB float32)")
 
 
 def main() -> int:
@@ -152,14 +206,19 @@ def main() -> int:
         settings = GridSettings("square, red, blue background",
                                 RenderSettings(width=args.size, height=args.size, steps=args.steps,
                                                sampler=args.sampler))
+        if args.merge_only:
+            _print_merge(live, adapter)
+            return 0
         render(settings.prompt, "", 0, settings.render)  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in WAYS}
+        chosen = {name: WAYS[name] for name in ["base model", *(SLUGS[slug] for slug in args.ways if slug != "base")]}
+        times: dict[str, list[float]] = {name: [] for name in chosen}
         cells = {}
         for _ in range(args.repeat):
-            for name, way in WAYS.items():
+            for name, way in chosen.items():
                 start = time.perf_counter()
                 cells[name] = way(adapter, render, settings, live, work)
                 times[name].append(time.perf_counter() - start)
+        _print_merge(live, adapter)
     _print_table(args, times, cells)
     return 0
 
@@ -167,14 +226,14 @@ def main() -> int:
 def _print_table(args, times: dict[str, list[float]], cells: dict[str, int]) -> None:
     print(f"grid {len(DEFAULT_STRENGTHS)} strengths x {len(SEEDS)} seeds, {args.size}x{args.size}, {args.steps} "
           f"steps, {args.sampler}, LoRA rank {args.dim}, {args.device}, {args.threads} thread(s), best of "
-          f"{args.repeat}")
+          f"{args.repeat}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     base_cell = min(times["base model"]) / cells["base model"]
-    in_memory = min(times["in memory"])
-    print(f"{'way':<14} {'total s':>8} {'s/cell':>8} {'cell/base':>9} {'vs in memory':>12}")
+    in_memory = min(times.get("in memory") or times["base model"])
+    print(f"{'way':<18} {'total s':>8} {'s/cell':>8} {'cell/base':>9} {'vs in memory':>12}")
     for name, runs in times.items():
         total = min(runs)
         per_cell = total / cells[name]
-        print(f"{name:<14} {total:8.2f} {per_cell:8.3f} {per_cell / base_cell:9.2f} {total / in_memory:11.2f}x")
+        print(f"{name:<18} {total:8.2f} {per_cell:8.3f} {per_cell / base_cell:9.2f} {total / in_memory:11.2f}x")
 
 
 if __name__ == "__main__":

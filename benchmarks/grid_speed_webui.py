@@ -8,9 +8,15 @@ a LoRA through our API, then renders a grid of 6 strengths (0, 0.2, ..., 1) x 2 
     by name      12 txt2img calls with `<lora:NAME:S>` (the built-in Lora extension reads the file and merges
                  `S * delta` into the weights at every new strength)
 Each way runs --repeat times, taking turns; the table shows the best total, the time per cell and per cell against
-the base model. Nothing here is asserted.
+the base model, and the load average. Nothing here is asserted.
+
+With --full-size the model is the full-size SD1 architecture with random weights
+(`lora_trainer.testing.random_models`, kept in --cache-dir) and a text-encoder folder written offline beside it
+(full-size CLIP-L config, tokenizer from OpenCLIP's BPE file) that its yaml points the WebUI at; on CPU the WebUI
+runs it in float32 (--no-half).
 
     A1111_DIR=/path/to/webui python benchmarks/grid_speed_webui.py --steps 20 --size 64
+    A1111_DIR=/path/to/webui python benchmarks/grid_speed_webui.py --full-size --cache-dir /tmp/cache --steps 8
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,6 +44,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="Euler a")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--full-size", action="store_true", help="the full-size SD1 architecture, random weights")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="folder for the --full-size model, default: ~/.cache/lora_trainer/benchmarks")
     return parser.parse_args()
 
 
@@ -51,6 +61,38 @@ def _dataset(root: Path) -> Path:
         image.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"box, red, item{i}", encoding="utf-8")
     return root
+
+
+def _full_size_model(a1111: Path, cache: Path) -> SimpleNamespace:
+    """The full-size random SD1 checkpoint, and a yaml whose text encoder comes from a local folder (offline)."""
+    import shutil
+
+    import yaml
+
+    from lora_trainer.models.tokenizer import write_clip_tokenizer
+    from lora_trainer.testing.random_models import build_random_model
+
+    model = build_random_model("sd1", cache / "full_sd1")
+    text_encoder = cache / "full_sd1_webui" / "text_encoder"
+    if not (text_encoder / "vocab.json").is_file():
+        write_clip_tokenizer(text_encoder)
+    shutil.copyfile(ROOT / "lora_trainer" / "models" / "configs" / "sd1" / "text_encoder" / "config.json",
+                    text_encoder / "config.json")
+    config = yaml.safe_load((a1111 / "configs" / "v1-inference.yaml").read_text(encoding="utf-8"))
+    config["model"]["params"]["cond_stage_config"]["params"] = {"version": str(text_encoder)}
+    config_file = cache / "full_sd1_webui" / "full_sd1.yaml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return SimpleNamespace(checkpoint=model.checkpoint, yaml=config_file)
+
+
+def _model(args, a1111: Path, work: Path):
+    if not args.full_size:
+        from lora_trainer.testing.tiny_models import build_tiny_model
+
+        return build_tiny_model("sd1", work / "sd1")
+    cache = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora_trainer" \
+        / "benchmarks"
+    return _full_size_model(a1111, cache)
 
 
 def _ways(webui, name: str, settings: dict) -> dict:
@@ -80,14 +122,12 @@ def main() -> int:
     install = Installation(a1111)
     name = f"lt_bench_{STAMP}"
     with tempfile.TemporaryDirectory() as tmp:
-        from lora_trainer.testing.tiny_models import build_tiny_model
-
         work = Path(tmp)
-        tiny = build_tiny_model("sd1", work / "sd1")
+        model = _model(args, a1111, work)
         webui = None
         try:
             install.install_extension()
-            checkpoint = install.install_checkpoint(tiny, f"lt_bench_sd1_{STAMP}")
+            checkpoint = install.install_checkpoint(model, f"lt_bench_sd1_{STAMP}")
             install_requirements(webui_python(a1111))
             webui = start_webui(a1111, webui_python(a1111), work / "webui.log", checkpoint)
             status = webui.train({"train_data_dir": str(_dataset(work / "data")), "resolution": "64,64",
@@ -115,8 +155,10 @@ def main() -> int:
             install.remove()
     cells = len(STRENGTHS) * len(SEEDS)
     per_base = best["base model"] / cells
-    print(f"WebUI grid speed: {len(STRENGTHS)} strengths x {len(SEEDS)} seeds, tiny SD1, {args.size} px, "
-          f"{args.steps} steps, {args.sampler}, best of {args.repeat}")
+    print(f"WebUI grid speed: {len(STRENGTHS)} strengths x {len(SEEDS)} seeds, "
+          f"{'full-size SD1 (random weights, fp32)' if args.full_size else 'tiny SD1'}, {args.size} px, "
+          f"{args.steps} steps, {args.sampler}, LoRA rank 16, best of {args.repeat}, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'way':<12} {'total s':>8} {'s/cell':>8} {'vs base':>8}")
     for way, seconds in best.items():
         print(f"{way:<12} {seconds:8.2f} {seconds / cells:8.3f} {seconds / cells / per_base:8.2f}")

@@ -100,7 +100,8 @@ class GridCell:
 
 @dataclass
 class GridPlan:
-    """Axes and cells, in render order: one snapshot after another (each is applied once), base cells first.
+    """Axes and cells, in render order: base cells first, then one snapshot after another, strength by strength
+    (each strength and module-weights value merged once for all seeds).
 
     Attributes:
         settings (GridSettings): prompt and render settings.
@@ -181,7 +182,10 @@ def plan_grid(settings: GridSettings, strengths: Axis, snapshots: Axis, seeds: A
         value = {**fixed, **{axis.kind: axis.values[i] for axis, i in zip((x, y, z), index)}}
         cells.append(GridCell(*index, value["strength"], value["snapshot"], value["seed"], value.get("weights")))
     order = {id(s): n for n, s in enumerate(snapshots.values)}
-    cells.sort(key=lambda c: (not c.is_base, order[id(c.snapshot)], c.seed, c.strength))
+    weights_order = {id(w): n for n, w in enumerate(weights.values)} if weights is not None else {}
+    # strength-major: each (snapshot, strength, weights) is merged into the model once for all its seeds
+    cells.sort(key=lambda c: (not c.is_base, order[id(c.snapshot)], c.strength, weights_order.get(id(c.weights), 0),
+                              c.seed))
     return GridPlan(settings, x, y, z, cells)
 
 

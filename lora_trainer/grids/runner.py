@@ -1,5 +1,9 @@
 """Render a grid: for each cell put its snapshot on the model at its strength, render through the host's `render`,
-and check the cancel flag between cells. The model is given back without any LoRA on it, whatever happens."""
+and check the cancel flag between cells. The model is given back without any LoRA on it, whatever happens.
+
+A snapshot is merged into the weights once per strength (`networks.MergedWeights`), not injected as bypass
+forwards: every cell then renders at the speed of the base model. While merged the model holds one extra copy of
+the touched weights; the original weight tensors are put back afterwards (bit for bit, no subtraction)."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +18,7 @@ from lora_trainer.grids.axes import format_strength
 from lora_trainer.grids.image import draw_labelled_grid
 from lora_trainer.grids.plan import GridCell, GridPlan, Render
 from lora_trainer.grids.weights import weigh_network
+from lora_trainer.networks.merge import MergedWeights
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +63,60 @@ class GridResult:
 
 
 class _Switcher:
-    """Keeps at most one snapshot on the model; strength 0 means none (the base model, bit for bit)."""
+    """Keeps at most one snapshot merged into the model's weights; strength 0 means none (the base model, bit for
+    bit). Cells come strength-major (`plan_grid`), so each strength of a snapshot is merged once for all its seeds.
 
-    def __init__(self, adapter):
+    Args:
+        adapter (ModelAdapter): the loaded model.
+        cache_deltas (bool): keep each snapshot's float32 deltas for the whole grid (see `MergedWeights`).
+    """
+
+    def __init__(self, adapter, cache_deltas: bool = False):
         self.adapter = adapter
-        self.current = None
+        self.cache_deltas = cache_deltas
+        self._mergers: dict[int, MergedWeights] = {}
+        self._current = None
+        self._key = None
 
     def show(self, snapshot, strength: float, weights=None) -> str:
-        if self.current is not None and (strength == 0 or self.current is not snapshot):
-            self.current.remove()
-            self.current = None
+        key = (id(snapshot), strength, weights)
+        if key != self._key:
+            self.take_off()
+            if strength != 0:
+                self._merge(snapshot, strength, weights)
+            self._key = key
         if strength == 0:
             return "base"
-        snapshot.apply(self.adapter, strength)
-        if weights is not None:  # per-module factors on top of the strength (UNet only, block weights)
-            weigh_network(snapshot.network, strength, weights, self.adapter.architecture)
-        self.current = snapshot
         return f"{snapshot.label}@{format_strength(strength)}" + (f"/{weights.label}" if weights is not None else "")
+
+    def _merge(self, snapshot, strength: float, weights) -> None:
+        network = snapshot.bind(self.adapter)
+        merger = self._mergers.get(id(snapshot))
+        if merger is None or merger.network is not network:
+            merger = self._mergers[id(snapshot)] = MergedWeights(network, cache_deltas=self.cache_deltas)
+        # per-module factors on top of the strength (UNet only, block weights)
+        weigh_network(network, strength, weights, self.adapter.architecture)
+        merger.merge()
+        self._current = merger
+
+    def take_off(self) -> None:
+        """Put the model's own weights back (the original tensors); cached deltas stay for the next strength."""
+        if self._current is not None:
+            self._current.restore()
+            self._current = None
+        self._key = None
+
+    def release(self) -> None:
+        """Take off and drop every snapshot's cached deltas (end of the grid)."""
+        self.take_off()
+        for merger in self._mergers.values():
+            merger.release()
+        self._mergers = {}
 
 
 def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | None = None,
-             on_cell: Callable[[CellResult, int, int], None] | None = None) -> GridResult:
+             on_cell: Callable[[CellResult, int, int], None] | None = None,
+             cache_deltas: bool = False) -> GridResult:
     """Render every cell of `plan` on `adapter`'s model and draw the labelled grid.
 
     Args:
@@ -87,6 +125,9 @@ def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | 
         render (Render): the host's renderer; it renders the model as it is at that moment.
         cancel (threading.Event, optional): set it to stop after the current cell, defaults to None.
         on_cell (callable, optional): `(result, done, total)` after each cell (progress, live gallery).
+        cache_deltas (bool, optional): keep each snapshot's float32 deltas (one weight-sized tensor per module)
+            for the whole grid instead of recomputing them at each strength, defaults to False: at SD1.5 size on
+            CPU a merge takes about 1 s recomputed and 0.3 s kept, for 1.3 GiB more memory.
 
     Returns:
         GridResult: the cells and, when complete, the grid image.
@@ -97,7 +138,7 @@ def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | 
     """
     started = time.perf_counter()
     result = GridResult(plan)
-    switcher = _Switcher(adapter)
+    switcher = _Switcher(adapter, cache_deltas)
     base_images: dict[int, Image.Image] = {}
     try:
         for done, cell in enumerate(plan.cells, start=1):
@@ -110,6 +151,7 @@ def run_grid(plan: GridPlan, adapter, render: Render, cancel: threading.Event | 
             if on_cell is not None:
                 on_cell(cell_result, done, len(plan.cells))
     finally:
+        switcher.release()  # the model's own weight tensors back first
         for snapshot in _snapshots(plan):  # every LoRA off the model, in-memory strengths as they were
             snapshot.release()
     if not result.cancelled:

@@ -1,8 +1,10 @@
 """The LoRAs a grid compares: the trained network still in memory (and its EMA) and the epoch/step files its run
 saved (each with its `-ema` file when the run kept an EMA).
 
-Every snapshot is put on the already loaded model by bypass injection and taken off exactly; switching snapshots
-never reloads the model, and a file is read once and kept bound to the model for the rest of the grid.
+A snapshot is put on the already loaded model by bypass injection (`apply`, the X/Y/Z plot axes) or handed to the
+grid runner bound but not injected (`bind`), which merges it into the weights once per strength; either way it
+comes off exactly. Switching snapshots never reloads the model, and a file is read once and kept bound to the
+model for the rest of the grid.
 """
 from __future__ import annotations
 
@@ -139,6 +141,15 @@ class FileSnapshot:
         if not network.applied:
             network.apply()
 
+    def bind(self, adapter):
+        """The file's network bound to `adapter`'s modules, not injected (the grid merges it).
+
+        Raises:
+            NetworkError: the file does not fit the model (another architecture).
+        """
+        self.remove()
+        return self._network_for(adapter)
+
     def remove(self) -> None:
         """Take the LoRA off the model; its original forwards come back exactly."""
         if self._network is not None:
@@ -172,6 +183,11 @@ class LiveSnapshot:
         """Put the LoRA on `adapter`'s model at `strength`; idempotent."""
         self.live.multiplier = strength
         self.live.apply(adapter)
+
+    def bind(self, adapter):
+        """The network in memory bound to `adapter`'s modules, not injected (the grid merges it)."""
+        self.live.remove()
+        return self.live.bind(adapter)
 
     def remove(self) -> None:
         """Take the LoRA off the model exactly."""

@@ -1,8 +1,10 @@
 """Rendering inside the WebUI for the Test panel, the grid route and the X/Y/Z plot axes.
 
 Images come from the WebUI's own `StableDiffusionProcessingTxt2Img` on `shared.sd_model` (its samplers, schedulers,
-prompt syntax and VAE), nothing is saved to the outputs folder, and our LoRA acts by bypass injection: no file is
-written or read, nothing is merged, the model is not reloaded. Two WebUI details matter:
+prompt syntax and VAE), nothing is saved to the outputs folder, no file is written or read and the model is not
+reloaded. Our LoRA is merged into the weights (`networks.MergedWeights`: once per strength in a grid, per cell in
+the X/Y/Z plot; the original weight tensors are put back afterwards), so both render the same pixels, and the same
+as the WebUI's Lora extension with the saved file. Two WebUI details matter:
 - the built-in Lora extension may have merged a LoRA into the weights; it is restored first (as the training
   handshake does) and again afterwards, and the model's fingerprint must be the same after the grid as before;
 - the WebUI caches prompt conditioning by prompt text, not by our modules, so the cache is emptied whenever the
@@ -163,8 +165,8 @@ def grid_session(host, config):
 
 class XyzAxes:
     """Our axes in the WebUI's X/Y/Z plot: the apply functions only mark the cell's processing object; the
-    always-on script (`scripts/lora_trainer_tab.py`) puts the snapshot on the model in `process` and takes it off in
-    `postprocess`, so a generation without our axes never has our LoRA on.
+    always-on script (`scripts/lora_trainer_tab.py`) merges the snapshot into the weights in `process` and puts the
+    original weights back in `postprocess`, so a generation without our axes never has our LoRA on.
 
     Args:
         host (A1111Host): the host.
@@ -174,6 +176,7 @@ class XyzAxes:
     def __init__(self, host, service):
         self.host, self.service = host, service
         self._current = None
+        self._merged = None
 
     def register(self) -> bool:
         """Append our two axes to the X/Y/Z plot script's `axis_options` (once); call from `on_before_ui`.
@@ -219,18 +222,24 @@ class XyzAxes:
         snapshot = self.service.snapshots((label,) if label else ())[-1]
         strength = 1.0 if strength is None else float(strength)
         weights = parse_weights(spec, self.service.presets()) if spec is not None else None
-        if strength != 0:
-            adapter = self.host.adapter(webui_shared().sd_model)
-            snapshot.apply(adapter, strength)
-            if weights is not None:
-                weigh_network(snapshot.network, strength, weights, adapter.architecture)
         self._current = snapshot
+        if strength != 0:
+            from lora_trainer.networks import MergedWeights
+
+            adapter = self.host.adapter(webui_shared().sd_model)
+            network = snapshot.bind(adapter)
+            weigh_network(network, strength, weights, adapter.architecture)
+            self._merged = MergedWeights(network)
+            self._merged.merge()
         invalidate_cond_cache(p)
         p.extra_generation_params["LoRA Trainer"] = f"{snapshot.label} at {strength:g}" + (
             f", {weights.label}" if weights is not None else "")
 
     def after(self, p=None) -> None:
-        """Take our LoRA off the model (idempotent)."""
+        """Take our LoRA off the model: its original weight tensors back (idempotent)."""
+        if self._merged is not None:
+            self._merged.restore()
+            self._merged = None
         if self._current is not None:
             self._current.release()
             self._current = None

@@ -92,12 +92,30 @@ class LiveLoRA:
         with self._lock:
             if self._network.applied:
                 return
-            targets = self._targets_fn(adapter)
-            if not self._bound_to(targets):
-                self._rebind(targets)
-            self._network.to(device=adapter.device)
+            self.bind(adapter)
             self._network.multiplier = self._multiplier
             self._network.apply()
+
+    def bind(self, adapter):
+        """The network bound to `adapter`'s modules and on its device, not injected (e.g. to merge it).
+
+        Args:
+            adapter (ModelAdapter): the loaded model.
+
+        Returns:
+            LoRANetwork: the network (rebuilt by kohya name when the model is not the one it was bound to).
+
+        Raises:
+            NetworkError: the model has no module for one of the LoRA's names (another architecture).
+        """
+        with self._lock:
+            targets = self._targets_fn(adapter)
+            if not self._bound_to(targets):
+                if self._network.applied:
+                    self._network.remove()
+                self._rebind(targets)
+            self._network.to(device=adapter.device)
+            return self._network
 
     def remove(self) -> None:
         """Take the LoRA off the model; the model's original forwards come back exactly. Idempotent."""
