@@ -49,7 +49,7 @@ def invalidate_cond_cache(p=None) -> None:
         for name in names:
             cache = getattr(owner, name, None)
             if isinstance(cache, list):
-                cache[:] = [None, None]
+                cache[:] = [None] * len(cache)  # Forge's caches hold a third item
 
 
 def sampler_names() -> list[str]:

@@ -289,9 +289,10 @@ class ForgeHost(A1111Host):
         return adapter
 
     def grid_session(self, config):
-        """Test grids render through A1111's processing objects, which Forge's LoRA patchers do not follow yet."""
-        raise ModelLoadError("Forge: test grids of the LoRA in memory are not available on Forge yet. Use the saved "
-                             "snapshots in txt2img (<lora:NAME:strength>) or its X/Y/Z plot with Prompt S/R.")
+        """The loaded model and Forge's txt2img as a grid renderer (see `forge_render.grid_session`)."""
+        from lora_trainer.host.forge_render import grid_session
+
+        return grid_session(self, config)
 
     def _make_ordinary(self, roots):
         rss = rss_bytes()

@@ -1,6 +1,7 @@
 """The extension in a real Stable Diffusion WebUI Forge on the CPU (see host_harness.py): the tab and routes load,
 training through our API runs in place on Forge's loaded full-size SD1 model, the LoRA loads in Forge with every key
-matched and changes the image, the model is bit-identical afterwards, and a txt2img sent during training waits.
+matched and changes the image, the model is bit-identical afterwards, a txt2img sent during training waits, and a
+test grid renders the LoRA in memory through Forge's own processing.
 Skipped when FORGE_DIR is not set."""
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ FORGE = HostSetup.from_env("forge")
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(FORGE.skip_reason is not None, reason=str(FORGE.skip_reason))]
 
 PROMPT = "box, red"
+GRID = "/lora_trainer/v1/test/grid"
+SETTINGS = {"steps": 4, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7}
 
 
 def _config(dataset, name, **extra):
@@ -103,3 +106,28 @@ def test_a_merged_prompt_lora_is_taken_out_for_training_and_a_rewritten_file_is_
     plain = forge.txt2img(PROMPT)
     assert any("weights bit-identical after the run" in line for line in forge.log_lines()[lines_before:])
     assert abs(plain - second).mean() > 0.5
+
+
+def test_a_grid_renders_the_in_memory_lora_through_forge(forge, dataset):
+    """Strength 0 is Forge's plain txt2img bit for bit, strength 1 is close to the saved file merged by Forge, and
+    the model's weights are the same afterwards (sha256 before and after the grid)."""
+    from host_harness import decode_png
+
+    name = f"lt_test_sd1_{STAMP}_g"
+    assert forge.train(_config(dataset, name))["state"] == "finished"
+    base = forge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0]
+    lines_before = len(forge.log_lines())
+    answer = forge.call(GRID, {"prompt": PROMPT, "strengths": [0, 1], "seeds": [1], "snapshots": ["in memory"],
+                               **SETTINGS})
+    cells = {c["strength"]: decode_png(c["image"]) for c in answer["cells"]}
+    Path(answer["path"]).unlink()
+    grid_lines = forge.log_lines()[lines_before:]
+    assert any("grid: the model is bit-identical to before the grid (sha256" in line for line in grid_lines)
+    assert extension_errors(grid_lines) == []
+    plain_after = forge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0]
+    from_file = forge.generate({"prompt": f"{PROMPT} <lora:{name}:1>", "seed": 1, **SETTINGS})[1][0]
+    effect, gap = abs(cells[1.0] - base).mean(), abs(cells[1.0] - from_file).mean()
+    print(f"grid strength 1 vs plain {effect:.2f}, vs <lora:{name}:1> from the file {gap:.2f}")
+    assert abs(cells[0.0] - base).max() == 0, "strength 0 must be Forge's plain txt2img"
+    assert abs(plain_after - base).max() == 0, "the model must be as before the grid"
+    assert effect > 1.0 and gap < effect / 4
