@@ -8,8 +8,9 @@ log checks for errors of this extension.
 Environment:
 - `<NAME>_DIR` (e.g. `FORGE_DIR`): the host's checkout; without it the tests skip.
 - `<NAME>_PYTHON`: its Python, defaults to `<dir>/venv/bin/python`.
-- `LORA_TRAINER_RANDOM_MODELS`: folder caching the ~2 GB random checkpoint between runs, defaults to pytest's
-  base temp folder.
+- `LORA_TRAINER_RANDOM_MODELS`: folder caching the random checkpoints between runs (~2 GB SD1, ~7 GB SDXL),
+  defaults to pytest's base temp folder.
+- `LORA_TRAINER_SDXL=1`: also run the SDXL tests (a full-size random SDXL checkpoint; the host then needs ~14 GB).
 """
 from __future__ import annotations
 
@@ -65,12 +66,59 @@ class HostSetup:
         return None
 
 
-def random_sd1_checkpoint(default_folder: Path) -> Path:
-    """The full-size SD1.5-architecture checkpoint with random fp16 weights (built once, cached; ~2 GB)."""
+def random_checkpoint(default_folder: Path, arch: str = "sd1") -> Path:
+    """A full-size checkpoint of `arch` ("sd1" or "sdxl") with random fp16 weights (built once, cached)."""
     from lora_trainer.testing.random_models import build_random_model
 
     folder = Path(os.environ.get("LORA_TRAINER_RANDOM_MODELS") or default_folder)
-    return Path(build_random_model("sd1", folder).checkpoint)
+    return Path(build_random_model(arch, folder).checkpoint)
+
+
+def random_sd1_checkpoint(default_folder: Path) -> Path:
+    """The full-size SD1.5-architecture checkpoint with random fp16 weights (~2 GB)."""
+    return random_checkpoint(default_folder, "sd1")
+
+
+SDXL_SKIP_REASON = (None if os.environ.get("LORA_TRAINER_SDXL") == "1" else
+                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and need ~14 GB")
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    """VmRSS / VmHWM (peak) of a process, in KiB (0 where /proc has no such field)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def timed_train(host: WebUI, config: dict, label: str, timeout: float = 1800) -> dict:
+    """Run training through our API, printing seconds to the first step, per later step and the host's peak RSS.
+
+    Returns:
+        dict: the last status.
+    """
+    rss_before = _rss_kib(host.process.pid, "VmRSS")
+    try:  # Linux: reset the peak (VmHWM) so it measures the run, not the host's start
+        Path(f"/proc/{host.process.pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+    started, first_step, deadline = time.time(), None, time.time() + timeout
+    host.call("/lora_trainer/v1/train/start", {"config": config})
+    while time.time() < deadline:
+        status = host.call("/lora_trainer/v1/train/status")
+        if first_step is None and (status["step"] or 0) >= 1:
+            first_step = time.time() - started
+        if status["state"] in ("finished", "stopped", "failed"):
+            break
+        time.sleep(0.2)
+    else:
+        raise TimeoutError(f"training did not end within {timeout} s: {status}")
+    total, steps = time.time() - started, status["step"] or 0
+    per_step = (total - first_step) / (steps - 1) if first_step is not None and steps > 1 else float("nan")
+    print(f"{label}: start request -> first step {first_step or float('nan'):.1f} s, then {per_step:.1f} s/step; "
+          f"RSS {rss_before / 2**20:.2f} GiB before the run, peak during it "
+          f"{_rss_kib(host.process.pid, 'VmHWM') / 2**20:.2f} GiB")
+    return status
 
 
 def start_host(setup: HostSetup, log: Path, timeout: float = 600) -> WebUI:
@@ -131,5 +179,5 @@ def write_box_dataset(folder: Path, images: int = 3) -> Path:
     return folder
 
 
-__all__ = ["STAMP", "HostSetup", "Installation", "WebUI", "decode_png", "extension_errors", "random_sd1_checkpoint",
-           "start_host", "write_box_dataset"]
+__all__ = ["SDXL_SKIP_REASON", "STAMP", "HostSetup", "Installation", "WebUI", "decode_png", "extension_errors",
+           "random_checkpoint", "random_sd1_checkpoint", "start_host", "timed_train", "write_box_dataset"]

@@ -1,8 +1,8 @@
 """The extension in a real Stable Diffusion WebUI Forge on the CPU (see host_harness.py): the tab and routes load,
 training through our API runs in place on Forge's loaded full-size SD1 model, the LoRA loads in Forge with every key
 matched and changes the image, the model is bit-identical afterwards, a txt2img sent during training waits, and a
-test grid renders the LoRA in memory through Forge's own processing.
-Skipped when FORGE_DIR is not set."""
+test grid renders the LoRA in memory through Forge's own processing; with LORA_TRAINER_SDXL=1 also training in place
+on a full-size SDXL model. Skipped when FORGE_DIR is not set."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from host_harness import STAMP, HostSetup, extension_errors
+from host_harness import SDXL_SKIP_REASON, STAMP, HostSetup, extension_errors, timed_train
 
 FORGE = HostSetup.from_env("forge")
 
@@ -131,3 +131,26 @@ def test_a_grid_renders_the_in_memory_lora_through_forge(forge, dataset):
     assert abs(cells[0.0] - base).max() == 0, "strength 0 must be Forge's plain txt2img"
     assert abs(plain_after - base).max() == 0, "the model must be as before the grid"
     assert effect > 1.0 and gap < effect / 4
+
+
+@pytest.mark.skipif(SDXL_SKIP_REASON is not None, reason=str(SDXL_SKIP_REASON))
+def test_sdxl_train_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(forge_sdxl, dataset):
+    """The SD1 round trip on a full-size SDXL model (UNet only, 2 steps at 64 px)."""
+    name = f"lt_test_sdxl_{STAMP}"
+    base = forge_sdxl.txt2img(PROMPT)  # loads the SDXL model
+    lines_before = len(forge_sdxl.log_lines())
+    status = timed_train(forge_sdxl, _config(dataset, name, max_train_steps=2, network_train_unet_only=True),
+                         "Forge SDXL")
+    assert status["state"] == "finished", status["message"]
+    assert status["step"] == 2 and Path(status["lora_path"]).parent == forge_sdxl.lora_dir
+    assert status["compat"]["ok"] and status["compat"]["checked"] > 0, status["compat"]
+    with_lora = forge_sdxl.txt2img(f"{PROMPT} <lora:{name}:1>")
+    again = forge_sdxl.txt2img(PROMPT)
+    new_lines = forge_sdxl.log_lines()[lines_before:]
+    assert any("weights bit-identical after the run" in line for line in new_lines)
+    loaded = [line for line in new_lines if "[LORA] Loaded" in line and name in line]
+    print(f"SDXL: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}; {loaded}")
+    assert loaded and all("(skipped 0 keys)" in line for line in loaded), new_lines[-40:]
+    assert abs(with_lora - base).mean() > 1.0
+    assert abs(again - base).mean() == 0, "the model must be exactly as before training (same seed, same image)"
+    assert extension_errors(new_lines) == []

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from host_harness import FORGE_CPU_FLAGS, STAMP, HostSetup, Installation, extension_errors, random_sd1_checkpoint, \
-    start_host
+from host_harness import FORGE_CPU_FLAGS, SDXL_SKIP_REASON, STAMP, HostSetup, Installation, extension_errors, \
+    random_checkpoint, start_host, timed_train
 from webui_harness import install_requirements
 
 REFORGE = HostSetup.from_env("reforge", flags=[*FORGE_CPU_FLAGS, "--no-download-sd-model"])
@@ -35,17 +35,9 @@ def _config(dataset, name, **extra):
     return config
 
 
-def _rss_kib(process, field: str) -> int:
-    """VmRSS / VmHWM (peak) of the host process, in KiB."""
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 @pytest.fixture(scope="module")
 def reforge(tmp_path_factory):
-    checkpoint = random_sd1_checkpoint(tmp_path_factory.getbasetemp() / "random_models")
+    checkpoint = random_checkpoint(tmp_path_factory.getbasetemp() / "random_models")
     install = Installation(REFORGE.dir)
     target = REFORGE.dir / "models" / "Stable-diffusion" / f"{NAME}.safetensors"
     server = None
@@ -69,23 +61,8 @@ def reforge(tmp_path_factory):
 def trained(reforge, dataset):
     """One finished run (UNet + text encoder), with the images and log lines around it."""
     base = reforge.txt2img(PROMPT)
-    lines_before, rss_before = len(reforge.log_lines()), _rss_kib(reforge.process, "VmRSS")
-    try:  # Linux: reset the peak (VmHWM) so it measures the run, not reForge's start
-        Path(f"/proc/{reforge.process.pid}/clear_refs").write_text("5")
-    except OSError:
-        pass
-    started = time.time()
-    reforge.call("/lora_trainer/v1/train/start", {"config": _config(dataset, NAME)})
-    first_step = None
-    while True:
-        status = reforge.call("/lora_trainer/v1/train/status")
-        if first_step is None and (status["step"] or 0) >= 1:
-            first_step = time.time() - started
-        if status["state"] in ("finished", "stopped", "failed"):
-            break
-        time.sleep(0.2)
-    print(f"reForge: start request -> first step {first_step:.1f} s; RSS {rss_before / 2**20:.2f} GiB before the "
-          f"run, peak during it {_rss_kib(reforge.process, 'VmHWM') / 2**20:.2f} GiB")
+    lines_before = len(reforge.log_lines())
+    status = timed_train(reforge, _config(dataset, NAME), "reForge")
     again = reforge.txt2img(PROMPT)  # waits until the job has given the model back
     return {"status": status, "base": base, "again": again, "lines": reforge.log_lines()[lines_before:]}
 
@@ -197,3 +174,45 @@ def test_a_paused_run_lets_reforge_generate_then_resumes_and_leaves_the_model_as
     resumed = [line for line in reforge.log_lines()[lines_before:] if "had a prompt LoRA taken off" in line]
     assert resumed and not re.search(r" 0 UNet weights had", resumed[0]), resumed
     assert extension_errors(reforge.log_lines()[lines_before:]) == []
+
+
+@pytest.fixture(scope="module")
+def reforge_sdxl(reforge, tmp_path_factory):
+    """The same reForge with the random SDXL checkpoint loaded (one host in memory at a time); SD1 again after."""
+    title = f"{NAME}_sdxl"
+    install = Installation(REFORGE.dir)
+    try:
+        install.link(random_checkpoint(tmp_path_factory.getbasetemp() / "random_models", "sdxl"),
+                     REFORGE.dir / "models" / "Stable-diffusion" / f"{title}.safetensors")
+        reforge.call("/sdapi/v1/refresh-checkpoints", {})
+        reforge.use_checkpoint(f"{title}.safetensors")
+        yield reforge
+    finally:
+        reforge.use_checkpoint(f"{NAME}.safetensors")
+        install.remove()
+
+
+@pytest.mark.skipif(SDXL_SKIP_REASON is not None, reason=str(SDXL_SKIP_REASON))
+def test_sdxl_training_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(reforge_sdxl, dataset):
+    """The SD1 round trip on a full-size SDXL model (UNet only, 2 steps at 64 px)."""
+    from safetensors import safe_open
+
+    name = f"{NAME}_xl"
+    base = reforge_sdxl.txt2img(PROMPT)
+    lines_before = len(reforge_sdxl.log_lines())
+    status = timed_train(reforge_sdxl, _config(dataset, name, max_train_steps=2, network_train_unet_only=True),
+                         "reForge SDXL")
+    assert status["state"] == "finished" and status["step"] == 2, status["message"]
+    with safe_open(status["lora_path"], framework="pt") as handle:
+        modules = {key.split(".", 1)[0] for key in handle.keys()}
+    with_lora = reforge_sdxl.txt2img(f"{PROMPT} <lora:{name}:1>")
+    again = reforge_sdxl.txt2img(PROMPT)
+    new_lines = reforge_sdxl.log_lines()[lines_before:]
+    assert any("weights bit-identical after the run" in line for line in new_lines)
+    loaded = [LOADED.search(line) for line in new_lines if name in line and "[LORA] Loaded" in line]
+    assert loaded and all(int(m.group(2)) == len(modules) for m in loaded if m), new_lines[-20:]
+    assert not any("lora key not loaded" in line or "NOT LOADED" in line for line in new_lines)
+    print(f"reForge SDXL: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}")
+    assert abs(with_lora - base).mean() > 1.0
+    assert abs(again - base).max() == 0, "the model must be exactly as before training"
+    assert extension_errors(new_lines) == []
