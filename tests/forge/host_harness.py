@@ -10,7 +10,8 @@ Environment:
 - `<NAME>_PYTHON`: its Python, defaults to `<dir>/venv/bin/python`.
 - `LORA_TRAINER_RANDOM_MODELS`: folder caching the random checkpoints between runs (~2 GB SD1, ~7 GB SDXL),
   defaults to pytest's base temp folder.
-- `LORA_TRAINER_SDXL=1`: also run the SDXL tests (a full-size random SDXL checkpoint; the host then needs ~14 GB).
+- `LORA_TRAINER_SDXL=1`: also run the SDXL tests (a full-size random SDXL checkpoint; the host then peaks near
+  24 GB of RSS on the CPU, in the host's own LoRA merge for the txt2img after training).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def random_sd1_checkpoint(default_folder: Path) -> Path:
 
 
 SDXL_SKIP_REASON = (None if os.environ.get("LORA_TRAINER_SDXL") == "1" else
-                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and need ~14 GB")
+                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and the host needs ~24 GB")
 
 
 def _rss_kib(pid: int, field: str) -> int:

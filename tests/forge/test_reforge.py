@@ -188,8 +188,10 @@ def reforge_sdxl(reforge, tmp_path_factory):
         reforge.use_checkpoint(f"{title}.safetensors")
         yield reforge
     finally:
-        reforge.use_checkpoint(f"{NAME}.safetensors")
-        install.remove()
+        try:  # the host may be gone (killed for memory): the link goes anyway
+            reforge.use_checkpoint(f"{NAME}.safetensors")
+        finally:
+            install.remove()
 
 
 @pytest.mark.skipif(SDXL_SKIP_REASON is not None, reason=str(SDXL_SKIP_REASON))
