@@ -81,7 +81,8 @@ def random_sd1_checkpoint(default_folder: Path) -> Path:
 
 
 SDXL_SKIP_REASON = (None if os.environ.get("LORA_TRAINER_SDXL") == "1" else
-                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and the host needs ~24 GB")
+                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and the host "
+                    "needs ~24 GB")
 
 
 def _rss_kib(pid: int, field: str) -> int:
