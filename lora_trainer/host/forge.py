@@ -351,15 +351,7 @@ class ForgeHost(A1111Host):
         """
         objects = adapter.engine.forge_objects_original
         unet_map, clip_map = self.key_maps(adapter.engine)
-        targets = {}
-        for component in adapter.lora_targets(include_conv).values():
-            targets.update(component)
-        if names is not None:
-            missing = [n for n in names if n not in targets]
-            if missing:
-                raise NetworkError(f"LoRA: {len(missing)} module names are not targets of the loaded model, e.g. "
-                                   f"{missing[:3]}. Train it on this model, or load the model it was trained on.")
-            targets = {n: targets[n] for n in names}
+        targets = self.compat_targets(adapter, include_conv, names)
         report = CompatReport()
         for name, module in targets.items():
             report.checked += 1
