@@ -187,6 +187,41 @@ def test_manager_refuses_a_second_job(tiny_sd1, dataset, host, tmp_path):
     assert second.wait(60).state is JobState.FINISHED
 
 
+class _SlowGiveBackHost(StandaloneHost):
+    """The standalone host that holds the end of a run while it gives the model back, until released."""
+
+    def __init__(self, base: StandaloneHost):
+        super().__init__(base.lora_dir(), device="cpu")
+        self._cached, self._cached_key = base._cached, base._cached_key
+        self.giving_back, self.release = threading.Event(), threading.Event()
+
+    @contextmanager
+    def prepare_model(self, config):
+        with super().prepare_model(config) as adapter:
+            yield adapter
+            self.giving_back.set()
+            self.release.wait(30)
+
+
+def test_a_run_is_finished_only_once_the_model_is_given_back_and_the_next_starts_at_once(tiny_sd1, dataset, host,
+                                                                                          tmp_path):
+    slow = _SlowGiveBackHost(host)
+    manager = JobManager(slow)
+    first = manager.start(_config(tiny_sd1, dataset, tmp_path, max_train_steps=1))
+    try:
+        assert slow.giving_back.wait(60), first.status().message
+        status = first.status()
+        assert status.state is JobState.RUNNING and status.message == "giving the model back"
+        assert manager.current is first and status.lora_path  # saved, but the model is still out
+    finally:
+        slow.release.set()
+    while manager.status().state is JobState.RUNNING:  # a client polling the status
+        pass
+    assert manager.status().state is JobState.FINISHED
+    second = manager.start(_config(tiny_sd1, dataset, tmp_path, max_train_steps=1, output_name="t2"))
+    assert second.wait(60).state is JobState.FINISHED
+
+
 def test_live_lora_binds_to_a_reloaded_model(tiny_sd1, dataset, host, tmp_path):
     from lora_trainer.models.loading import load_checkpoint_adapter
 

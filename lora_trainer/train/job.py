@@ -268,6 +268,7 @@ class TrainingJob(PausableJob):
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        ending: dict = {}
         try:
             config = self._resolved_config()
             checked = self.preflight or check_for_host(config, self.host)
@@ -277,24 +278,34 @@ class TrainingJob(PausableJob):
             with self.host.prepare_model(config) as adapter, \
                     self.host.job(title, checked.plan.total_steps) as handle:
                 self._handle = handle
-                self._train(config, adapter, checked)
+                ending = self._train(config, adapter, checked)
+                self._set(message="giving the model back")
         except BaseException as exc:  # every error becomes a failed status the UI shows
             if describe_error(exc).expected:
                 logger.error("training job failed: %s", error_message(exc))
             else:
                 logger.exception("training job failed")
-            self._set(state=JobState.FAILED, message=error_message(exc), finished_at=time.time())
+            ending = {"state": JobState.FAILED, "message": error_message(exc)}
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._handle = None
+            self._end(ending)
+
+    def _end(self, ending: dict) -> None:
+        """Say how the run ended only now that the host has the model back, and free the manager for the next
+        run in the same step: a client that sees "finished" may start again at once."""
+        self._handle = None
+        with self._lock:
+            for key, value in dict(ending, finished_at=time.time()).items():
+                setattr(self._status, key, value)
             self._done.set()
 
     def _resolved_config(self):
         self.config = with_output_dir(self.config, self.host)
         return self.config
 
-    def _train(self, config, adapter, checked) -> None:
+    def _train(self, config, adapter, checked) -> dict:
+        """Train on the host's model; returns the ending state and message (`_end` sets them)."""
         from lora_trainer.train.loop import Trainer
 
         bus = EventBus()
@@ -310,8 +321,8 @@ class TrainingJob(PausableJob):
                                                          else " without saving")
         else:
             message = f"finished: {result.steps} steps, saved {result.lora_path}"
-        self._set(state=state, message=message, lora_path=result.lora_path, step=result.steps,
-                  finished_at=time.time())
+        self._set(lora_path=result.lora_path, step=result.steps)
+        return {"state": state, "message": message}
 
     def _keep_network(self, trainer, config) -> None:
         from lora_trainer.networks import NetworkSettings
