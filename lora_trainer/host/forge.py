@@ -38,6 +38,7 @@ from lora_trainer.host.a1111_job import QueueLock as _QueueLock
 from lora_trainer.host.a1111_keys import CompatReport, file_module_names
 from lora_trainer.host.forge_adapter import ForgeAdapter, engine_architecture
 from lora_trainer.host.handshake import borrowed_model, make_ordinary, state_fingerprint
+from lora_trainer.host.reforge_keys import check_names, module_index
 
 logger = logging.getLogger(__name__)
 
@@ -335,42 +336,13 @@ class ForgeHost(A1111Host):
         return (lora.model_lora_keys_unet(objects.unet.model, {}),
                 lora.model_lora_keys_clip(objects.clip.cond_stage_model, {}))
 
-    def check_compat(self, adapter, include_conv: bool = False, names=None):
-        """Every target's kohya name must be one Forge's LoRA loader maps onto that same layer's weight.
-
-        Args:
-            adapter (ForgeAdapter): the adapter.
-            include_conv (bool, optional): include LoCon targets, defaults to False.
-            names (iterable[str], optional): only these names (a saved file's), defaults to all targets.
-
-        Returns:
-            CompatReport: the report.
-
-        Raises:
-            NetworkError: a name Forge would drop or put elsewhere.
-        """
+    def name_checker(self, adapter):
+        """Forge's placement of kohya names (`A1111Host.check_compat` runs it): its LoRA loader's key maps
+        (`key_maps`), looked up the way `reforge_keys.py` does for reForge's ComfyUI-style maps."""
         objects = adapter.engine.forge_objects_original
         unet_map, clip_map = self.key_maps(adapter.engine)
-        targets = self.compat_targets(adapter, include_conv, names)
-        report = CompatReport()
-        for name, module in targets.items():
-            report.checked += 1
-            root, key = (objects.unet.model, unet_map.get(name)) if name.startswith("lora_unet_") else \
-                (objects.clip.cond_stage_model, clip_map.get(name))
-            if isinstance(key, tuple):
-                key = key[0]
-            if key is None:
-                report.unmatched.append(name)
-            elif root.get_parameter(key) is not getattr(module, "weight", None):
-                report.misplaced.append(name)
-        self.last_check = report
-        if not report.ok:
-            raise NetworkError(f"compatibility self-test: Forge's LoRA loader would drop {report.unmatched[:3]} "
-                               f"and misplace {report.misplaced[:3]} ({len(report.unmatched)} + "
-                               f"{len(report.misplaced)} of {report.checked} names). Report this with the model's "
-                               "architecture, or train without those modules (e.g. network_train_unet_only).")
-        logger.info("compatibility self-test: all %d module names map onto Forge's model", report.checked)
-        return report
+        index = module_index(objects.unet.model, objects.clip.cond_stage_model)
+        return lambda targets: check_names(targets, {**unet_map, **clip_map}, index)
 
     def check_file(self, path: str | Path):
         """Forge's own key matching (`load_lora`) on a saved file: every key must be used.

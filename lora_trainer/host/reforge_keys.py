@@ -1,11 +1,12 @@
-"""The compatibility self-test on reForge: does every LoRA module name land on the module we train, by reForge's
-own key map?
+"""The compatibility self-test on reForge and Forge: does every LoRA module name land on the module we train, by the
+host's own key map?
 
 reForge's Lora extension does not use A1111's `network_layer_mapping`: `load_lora_for_models` builds a key map with
 `ldm_patched.modules.lora.model_lora_keys_unet(unet.model)` and `model_lora_keys_clip(clip.cond_stage_model)`
 ({kohya module name: weight key}, e.g. `lora_unet_down_blocks_0_attentions_0_proj_in` ->
 `diffusion_model.input_blocks.1.1.proj_in.weight`) and logs "lora key not loaded" for a name it lacks. Here the
-same map (built by `reforge.py` with reForge's functions) is looked up for every target name.
+same map (built by `reforge.py` with reForge's functions) is looked up for every target name. Forge's LoRA loader
+builds the same kind of map with its own functions of those names (`forge.py`).
 """
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def mapped_module(name: str, key_map: dict[str, str], index: dict[str, nn.Module
 
     Args:
         name (str): kohya module name.
-        key_map (dict[str, str]): reForge's key map.
+        key_map (dict): the host's key map ({kohya name: weight key}; Forge: also (weight key, slice)).
         index (dict[str, nn.Module]): `module_index` of the key map's roots.
 
     Returns:
         nn.Module | None: the patched module.
     """
     key = key_map.get(name)
+    if isinstance(key, tuple):  # Forge: (weight key, slice of a fused weight)
+        key = key[0]
     if key is None:
         return None
     path = key[: -len(".weight")] if key.endswith(".weight") else key.rsplit(".", 1)[0]
@@ -53,7 +56,7 @@ def check_names(targets: dict[str, nn.Module], key_map: dict[str, str], index: d
 
     Args:
         targets (dict[str, nn.Module]): {kohya module name: the module we train}.
-        key_map (dict[str, str]): reForge's key map.
+        key_map (dict): the host's key map ({kohya name: weight key}; Forge: also (weight key, slice)).
         index (dict[str, nn.Module]): `module_index` of the key map's roots.
 
     Returns:
