@@ -11,10 +11,12 @@ from lora_trainer.host.a1111_keys import check_names, file_module_names
 from lora_trainer.host.a1111_text import chunk_count, encode_chunks
 from lora_trainer.host.handshake import (
     borrowed_model,
+    changed_weights,
     compare_with_file,
     restore_model,
     snapshot_model,
     state_fingerprint,
+    weight_identities,
 )
 from lora_trainer.networks import LoRANetwork
 from lora_trainer.testing.datasets import write_square_dataset
@@ -274,3 +276,29 @@ def test_a_half_precision_host_trains_under_autocast_with_float32_lora_weights(t
     assert {v.dtype for v in load_file(result.lora_path).values()} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert state_fingerprint(model) == before
+
+
+def test_weight_identities_show_a_replaced_or_written_weight_and_a_grid_merge_put_back(ldm_model, adapter):
+    from lora_trainer.host.a1111_render import WeightCheck
+    from lora_trainer.networks import MergedWeights
+
+    unet = ldm_model.model.diffusion_model
+    before = weight_identities(ldm_model)
+    network = LoRANetwork.create(adapter.lora_targets(False), TrainConfig().network)
+    network.eval()
+    with torch.no_grad():
+        for module in network.loras.values():
+            module.lora_up.weight.normal_()
+    merger = MergedWeights(network)
+    merger.merge()
+    replaced = changed_weights(before, weight_identities(ldm_model))
+    assert replaced and all(name.endswith("weight") for name in replaced)
+    merger.restore()
+    assert changed_weights(before, weight_identities(ldm_model)) == []
+    check = WeightCheck(ldm_model)
+    first = next(iter(unet.parameters()))
+    with torch.no_grad():
+        first.mul_(1.0)  # the same bytes, but written: a weight a restore copied back into looks like this
+    assert len(changed_weights(before, weight_identities(ldm_model))) == 1
+    assert changed_weights(before, weight_identities(ldm_model), writes_expected=True) == []
+    assert check.changed() and not check.changed(writes_expected=True)

@@ -6,7 +6,8 @@ reloaded. Our LoRA is merged into the weights (`networks.MergedWeights`: once pe
 the X/Y/Z plot; the original weight tensors are put back afterwards), so both render the same pixels, and the same
 as the WebUI's Lora extension with the saved file. Two WebUI details matter:
 - the built-in Lora extension may have merged a LoRA into the weights; it is restored first (as the training
-  handshake does) and again afterwards, and the model's fingerprint must be the same after the grid as before;
+  handshake does) and again afterwards, and the model must hold the same weight tensors after the grid, none
+  written (`WeightCheck`; with DEBUG logging also the same sha256);
 - the WebUI caches prompt conditioning by prompt text, not by our modules, so the cache is emptied whenever the
   LoRA state changes (a text-encoder LoRA at another strength encodes the same prompt differently).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from lora_trainer.errors import ConfigError, ModelLoadError
 from lora_trainer.grids.plan import Render, RenderSettings
 from lora_trainer.host.a1111 import webui_shared
-from lora_trainer.host.handshake import state_fingerprint
+from lora_trainer.host.handshake import changed_weights, state_fingerprint, weight_identities
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def grid_session(host, config):
             raise ModelLoadError("WebUI: no model is loaded. Pick a checkpoint at the top of the page first.")
         _check_same_model(host, sd_model, config)
         host.take_off_prompt_loras(sd_model)
-        before = state_fingerprint(sd_model)
+        check = WeightCheck(sd_model)
         adapter = host.adapter(sd_model)
         invalidate_cond_cache()
         failed = True
@@ -153,14 +154,49 @@ def grid_session(host, config):
             failed = False
         finally:
             invalidate_cond_cache()
-            host.take_off_prompt_loras(sd_model)  # a <lora:...> in the grid's prompt stays merged until the next one
-            changed = state_fingerprint(sd_model) != before
-            if changed:
-                logger.error("grid: the model's weights differ from before the grid")
+            # a <lora:...> in the grid's prompt stays merged until the next generation: its backups are copied back
+            restored = host.take_off_prompt_loras(sd_model)
+            changed = check.changed(writes_expected=bool(restored))
         if changed and not failed:
             raise ModelLoadError("WebUI: the model's weights changed during the grid. Reload the checkpoint "
                                  "(Settings > Actions > Reload checkpoint) and report this with the console log.")
-        logger.info("grid: the model is bit-identical to before the grid")
+
+
+class WeightCheck:
+    """That a grid gives the model back as it was: the same weight tensors, none written (`weight_identities`, free);
+    with DEBUG logging also a sha256 of every weight before and after (seconds on a full-size model).
+
+    Args:
+        model (nn.Module): the model (or a module tree holding all of its weights).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.identities = weight_identities(model)
+        self.digest = state_fingerprint(model) if logger.isEnabledFor(logging.DEBUG) else None
+
+    def changed(self, writes_expected: bool = False) -> bool:
+        """Compare with the model now, log the outcome.
+
+        Args:
+            writes_expected (bool, optional): the host wrote its backups back into weights it had merged a prompt
+                LoRA into (the hash then decides), defaults to False.
+
+        Returns:
+            bool: True when a weight differs.
+        """
+        replaced = changed_weights(self.identities, weight_identities(self.model), writes_expected)
+        differs = bool(replaced)
+        if self.digest is not None:
+            differs = differs or state_fingerprint(self.model) != self.digest
+        if differs:
+            logger.error("grid: the model's weights differ from before the grid%s",
+                         f" (replaced or written: {replaced[:3]})" if replaced else "")
+        elif self.digest is not None:
+            logger.info("grid: the model is bit-identical to before the grid (sha256 %s)", self.digest[:16])
+        else:
+            logger.info("grid: the model holds the same weight tensors as before the grid, none written")
+        return differs
 
 
 class XyzAxes:
@@ -254,5 +290,5 @@ def _marker(attribute: str):
     return apply
 
 
-__all__ = ["XYZ_SNAPSHOT", "XYZ_STRENGTH", "XYZ_WEIGHTS", "XyzAxes", "check_sampler", "grid_session", "invalidate_cond_cache",
+__all__ = ["XYZ_SNAPSHOT", "XYZ_STRENGTH", "XYZ_WEIGHTS", "WeightCheck", "XyzAxes", "check_sampler", "grid_session", "invalidate_cond_cache",
            "sampler_names", "webui_renderer"]

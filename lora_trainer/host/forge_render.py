@@ -3,7 +3,7 @@
 The renderer is A1111's (`a1111_render.webui_renderer`: Forge keeps `modules.processing`, its samplers and prompt
 syntax); what differs on Forge:
 - the model is the engine's three module trees (`forge_objects_original`: UNet, text encoder(s), VAE), not one
-  `nn.Module`, so the fingerprint is taken over those;
+  `nn.Module`, so the weight check (`a1111_render.WeightCheck`) is taken over those;
 - prompt LoRAs Forge merged into the weights are taken out with Forge's own path (`forge.restore_merged_loras`)
   before the grid and again after it; the engine's LoRA hash is cleared, so each cell's processing builds
   `forge_objects_after_applying_lora` anew from the restored weights;
@@ -15,16 +15,12 @@ syntax); what differs on Forge:
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from torch import nn
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.host.a1111_render import _check_same_model, invalidate_cond_cache, webui_renderer
+from lora_trainer.host.a1111_render import WeightCheck, _check_same_model, invalidate_cond_cache, webui_renderer
 from lora_trainer.host.forge import _forge, restore_merged_loras
-from lora_trainer.host.handshake import state_fingerprint
-
-logger = logging.getLogger(__name__)
 
 
 def engine_modules(engine) -> nn.ModuleList:
@@ -62,9 +58,9 @@ def grid_session(host, config):
         def start():
             restore_merged_loras(engine, _forge()[1])
             invalidate_cond_cache()
-            return state_fingerprint(tree)
+            return WeightCheck(tree)
 
-        before = host.run_job(start)
+        check = host.run_job(start)
         adapter = host.adapter(engine)
         render = webui_renderer(engine)
         failed = True
@@ -74,17 +70,14 @@ def grid_session(host, config):
         finally:
             def finish():
                 invalidate_cond_cache()
-                restore_merged_loras(engine, _forge()[1])  # a <lora:...> in the grid's prompt is not left merged
-                return state_fingerprint(tree)
+                # a <lora:...> in the grid's prompt is not left merged (Forge puts its backup tensors back)
+                return check.changed(writes_expected=bool(restore_merged_loras(engine, _forge()[1])))
 
-            changed = host.run_job(finish) != before
-            if changed:
-                logger.error("grid: the model's weights differ from before the grid")
+            changed = host.run_job(finish)
         if changed and not failed:
             raise ModelLoadError("Forge: the model's weights changed during the grid. Load the checkpoint again "
                                  "(pick another one and this one at the top of the page) and report this with the "
                                  "console log.")
-        logger.info("grid: the model is bit-identical to before the grid (sha256 %s)", before[:16])
 
 
 __all__ = ["engine_modules", "grid_session"]

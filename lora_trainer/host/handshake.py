@@ -7,7 +7,8 @@ Steps: `snapshot_model` remembers every parameter's and buffer's device, dtype a
 train/eval flag, ldm/sgm checkpoint flags and instance-level `forward` overrides; `refuse_untrainable` refuses
 weights training cannot use (fp8 storage, meta tensors) with a message saying what to change; `borrowed_model`
 freezes everything and, on any exit, puts it all back and removes leftovers (instance forwards our modules set).
-`state_fingerprint` / `compare_with_file` prove the weights are bit-identical to before / to the checkpoint file.
+`state_fingerprint` / `compare_with_file` prove the weights are bit-identical to before / to the checkpoint file;
+`weight_identities` / `changed_weights` show at no cost that no weight was replaced or written.
 """
 from __future__ import annotations
 
@@ -158,6 +159,48 @@ def state_fingerprint(module: nn.Module) -> str:
             if data.numel():  # the tensor's own bytes, not a copy of them (a third faster on a full-size model)
                 digest.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
+
+
+def weight_identities(module: nn.Module) -> dict[str, tuple[int, int | None]]:
+    """Which tensor object holds each parameter and buffer, and its version counter; free to take, unlike a hash.
+
+    Equal before and after some work means no weight was replaced (a merge not put back) and none was written in
+    place by a torch op (each write bumps the counter). Inference tensors (Forge) carry no counter: None.
+
+    Args:
+        module (nn.Module): the model.
+
+    Returns:
+        dict[str, tuple[int, int | None]]: `{name: (id, version)}`.
+    """
+    found = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        try:
+            version = tensor._version
+        except RuntimeError:  # an inference tensor
+            version = None
+        found[name] = (id(tensor), version)
+    return found
+
+
+def changed_weights(before: dict, after: dict, writes_expected: bool = False) -> list[str]:
+    """Names whose tensor was replaced (or added, or removed) between two `weight_identities`, or written in place.
+
+    Args:
+        before (dict): `weight_identities` before.
+        after (dict): `weight_identities` after.
+        writes_expected (bool, optional): in-place writes are expected (the host copied its backups back into
+            weights it had merged a prompt LoRA into), so only replacements count, defaults to False.
+
+    Returns:
+        list[str]: the changed names, sorted.
+    """
+    changed = set(before).symmetric_difference(after)
+    for name in set(before) & set(after):
+        (id_before, version_before), (id_after, version_after) = before[name], after[name]
+        if id_before != id_after or (not writes_expected and version_before != version_after):
+            changed.add(name)
+    return sorted(changed)
 
 
 def compare_with_file(module: nn.Module, checkpoint: str | Path, prefix: str, names: list[str] | None = None,
