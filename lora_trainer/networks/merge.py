@@ -103,11 +103,17 @@ class MergedWeights:
         if not active:
             return
         original = slot.owner._parameters[slot.attribute]
-        merged = original.detach().to(torch.float32, copy=True)
+        base = original.detach().to(torch.float32)  # no copy when it is float32 already
+        merged = None
         for module, rows in active:
-            update = self._delta(module, merged) * module.multiplier
+            delta = self._delta(module, base)
+            if merged is None and rows is None:  # one pass and one new tensor for the usual single module
+                merged = torch.add(base, delta.reshape(base.shape), alpha=module.multiplier)
+                continue
+            if merged is None:
+                merged = base.clone()
             target = merged if rows is None else merged[rows]
-            target += update.reshape(target.shape)
+            target.add_(delta.reshape(target.shape), alpha=module.multiplier)
         self._originals.append((slot, original))
         slot.owner._parameters[slot.attribute] = nn.Parameter(merged.to(original.dtype), requires_grad=False)
 
