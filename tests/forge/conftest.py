@@ -1,11 +1,11 @@
 """Fixtures of the real-Forge tests (see host_harness.py for the environment): Forge started once per session on the
-CPU with this extension and the full-size random SD1 checkpoint installed, the random SDXL checkpoint swapped in for
-the SDXL tests (only with LORA_TRAINER_SDXL=1), and a tiny dataset."""
+CPU with this extension and the full-size random SD1 checkpoint installed, a random SD2 or SDXL checkpoint swapped in
+for their tests (only with LORA_TRAINER_SD2=1 / LORA_TRAINER_SDXL=1), and a tiny dataset."""
 from __future__ import annotations
 
 import pytest
-from host_harness import STAMP, HostSetup, Installation, random_checkpoint, start_host, \
-    write_box_dataset
+from host_harness import OTHER_ARCHITECTURES, STAMP, HostSetup, Installation, architecture_skip_reason, \
+    checkpoint_selected, random_checkpoint, start_host, write_box_dataset
 
 FORGE = HostSetup.from_env("forge")
 CHECKPOINT_TITLE = f"lt_test_sd1_{STAMP}"
@@ -39,19 +39,16 @@ def forge(tmp_path_factory):
         install.remove()
 
 
-@pytest.fixture(scope="module")
-def forge_sdxl(forge, tmp_path_factory):
-    """The same Forge with the random SDXL checkpoint selected (one host in memory at a time); SD1 again after."""
-    title = f"lt_test_sdxl_{STAMP}"
-    install = Installation(FORGE.dir)
-    try:
-        install.link(random_checkpoint(tmp_path_factory.getbasetemp() / "random_models", "sdxl"),
-                     FORGE.dir / "models" / "Stable-diffusion" / f"{title}.safetensors")
-        forge.call("/sdapi/v1/refresh-checkpoints", {})
-        forge.use_checkpoint(f"{title}.safetensors")
-        yield forge
-    finally:
-        try:  # the host may be gone (killed for memory): the link goes anyway
-            forge.use_checkpoint(f"{CHECKPOINT_TITLE}.safetensors")
-        finally:
-            install.remove()
+@pytest.fixture(scope="module", params=sorted(OTHER_ARCHITECTURES))
+def forge_other(request, forge, tmp_path_factory):
+    """The same Forge with a random SD2 or SDXL checkpoint selected (each only when asked for); SD1 again after.
+
+    Yields:
+        tuple: (arch, the host).
+    """
+    arch = request.param
+    if architecture_skip_reason(arch):
+        pytest.skip(architecture_skip_reason(arch))
+    with checkpoint_selected(forge, FORGE, arch, tmp_path_factory.getbasetemp() / "random_models",
+                             f"lt_test_{arch}_{STAMP}", f"{CHECKPOINT_TITLE}.safetensors") as host:
+        yield arch, host

@@ -10,11 +10,13 @@ Environment:
 - `<NAME>_PYTHON`: its Python, defaults to `<dir>/venv/bin/python`.
 - `LORA_TRAINER_RANDOM_MODELS`: folder caching the random checkpoints between runs (~2 GB SD1, ~7 GB SDXL),
   defaults to pytest's base temp folder.
+- `LORA_TRAINER_SD2=1`: also run the SD2 tests (a full-size random SD2 checkpoint with OpenCLIP-H, ~2.6 GB).
 - `LORA_TRAINER_SDXL=1`: also run the SDXL tests (a full-size random SDXL checkpoint; the host then peaks near
   24 GB of RSS on the CPU, in the host's own LoRA merge for the txt2img after training).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -68,7 +70,7 @@ class HostSetup:
 
 
 def random_checkpoint(default_folder: Path, arch: str = "sd1") -> Path:
-    """A full-size checkpoint of `arch` ("sd1" or "sdxl") with random fp16 weights (built once, cached)."""
+    """A full-size checkpoint of `arch` ("sd1", "sd2" or "sdxl") with random fp16 weights (built once, cached)."""
     from lora_trainer.testing.random_models import build_random_model
 
     folder = Path(os.environ.get("LORA_TRAINER_RANDOM_MODELS") or default_folder)
@@ -80,9 +82,33 @@ def random_sd1_checkpoint(default_folder: Path) -> Path:
     return random_checkpoint(default_folder, "sd1")
 
 
-SDXL_SKIP_REASON = (None if os.environ.get("LORA_TRAINER_SDXL") == "1" else
-                    "LORA_TRAINER_SDXL=1 is not set: the SDXL tests build a ~7 GB random checkpoint and the host "
-                    "needs ~24 GB")
+OTHER_ARCHITECTURES = {  # the architectures tested besides SD1, each only when asked for (size, memory)
+    "sd2": "the SD2 tests build a ~2.6 GB random checkpoint (OpenCLIP-H text encoder)",
+    "sdxl": "the SDXL tests build a ~7 GB random checkpoint and the host needs ~24 GB",
+}
+
+
+def architecture_skip_reason(arch: str) -> str | None:
+    """Why the tests of `arch` ("sd2", "sdxl") skip: None when `LORA_TRAINER_<ARCH>=1` is set."""
+    variable = f"LORA_TRAINER_{arch.upper()}"
+    return None if os.environ.get(variable) == "1" else f"{variable}=1 is not set: {OTHER_ARCHITECTURES[arch]}"
+
+
+@contextlib.contextmanager
+def checkpoint_selected(host: WebUI, setup: HostSetup, arch: str, cache: Path, title: str, back_to: str):
+    """The running host with the random `arch` checkpoint installed as `title` and selected (one model in memory at
+    a time); `back_to` (a checkpoint title) is selected again afterwards and the link taken out."""
+    install = Installation(setup.dir)
+    try:
+        install.link(random_checkpoint(cache, arch), setup.dir / "models" / "Stable-diffusion" / f"{title}.safetensors")
+        host.call("/sdapi/v1/refresh-checkpoints", {})
+        host.use_checkpoint(f"{title}.safetensors")
+        yield host
+    finally:
+        try:  # the host may be gone (killed for memory): the link goes anyway
+            host.use_checkpoint(back_to)
+        finally:
+            install.remove()
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -167,6 +193,26 @@ def extension_errors(lines: list[str]) -> list[str]:
 
 
 
+def _xyz_script(host: WebUI) -> dict:
+    return next(s for s in host.call("/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
+
+
+def xyz_choices(host: WebUI) -> list[str]:
+    """The axis labels of the host's txt2img X/Y/Z plot script."""
+    return next(a["choices"] for a in _xyz_script(host)["args"] if a["label"] == "X type")
+
+
+def xyz_plot(host: WebUI, axis: str, values: str, body: dict):
+    """A txt2img through the host's X/Y/Z plot script with one X axis (by label), its cells returned too:
+    (answer, [grid, cell, ...]). The script's own defaults fill the rest (reForge's script has more arguments)."""
+    args = _xyz_script(host)["args"]
+    script_args = [arg.get("value") for arg in args]
+    script_args[:9] = [xyz_choices(host).index(axis), values, [], 0, "", [], 0, "", []]  # X, Y, Z: type, values
+    for position, arg in enumerate(args):
+        if arg["label"] in ("Draw legend", "Include Sub Images"):
+            script_args[position] = True
+    return host.generate({**body, "script_name": "x/y/z plot", "script_args": script_args})
+
 def write_box_dataset(folder: Path, images: int = 3) -> Path:
     """A tiny captioned dataset (`<folder>/2_box/*.png|txt`, 64 px); returns `folder`."""
     from PIL import Image, ImageDraw
@@ -181,5 +227,6 @@ def write_box_dataset(folder: Path, images: int = 3) -> Path:
     return folder
 
 
-__all__ = ["SDXL_SKIP_REASON", "STAMP", "HostSetup", "Installation", "WebUI", "decode_png", "extension_errors",
-           "random_checkpoint", "random_sd1_checkpoint", "start_host", "timed_train", "write_box_dataset"]
+__all__ = ["OTHER_ARCHITECTURES", "STAMP", "HostSetup", "Installation", "WebUI", "architecture_skip_reason",
+           "checkpoint_selected", "decode_png", "extension_errors", "random_checkpoint", "random_sd1_checkpoint",
+           "start_host", "timed_train", "write_box_dataset", "xyz_choices", "xyz_plot"]

@@ -1,8 +1,8 @@
 """The extension in a real Stable Diffusion WebUI Forge on the CPU (see host_harness.py): the tab and routes load,
 training through our API runs in place on Forge's loaded full-size SD1 model, the LoRA loads in Forge with every key
 matched and changes the image, the model is bit-identical afterwards, a txt2img sent during training waits, and a
-test grid renders the LoRA in memory through Forge's own processing; with LORA_TRAINER_SDXL=1 also training in place
-on a full-size SDXL model. Skipped when FORGE_DIR is not set."""
+test grid renders the LoRA in memory through Forge's own processing; with LORA_TRAINER_SD2=1 / LORA_TRAINER_SDXL=1
+also training in place on a full-size SD2 / SDXL model. Skipped when FORGE_DIR is not set."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from host_harness import SDXL_SKIP_REASON, STAMP, HostSetup, extension_errors, timed_train
+from host_harness import STAMP, HostSetup, extension_errors, timed_train, xyz_choices, xyz_plot
 
 FORGE = HostSetup.from_env("forge")
 
@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.webui, pytest.mark.skipif(FORGE.skip_reason is not Non
 PROMPT = "box, red"
 GRID = "/lora_trainer/v1/test/grid"
 SETTINGS = {"steps": 4, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7}
+XYZ_AXES = ("LoRA Trainer: strength", "LoRA Trainer: snapshot", "LoRA Trainer: module weights")
 
 
 def _config(dataset, name, **extra):
@@ -109,8 +110,9 @@ def test_a_merged_prompt_lora_is_taken_out_for_training_and_a_rewritten_file_is_
 
 
 def test_a_grid_renders_the_in_memory_lora_through_forge(forge, dataset):
-    """Strength 0 is Forge's plain txt2img bit for bit, strength 1 is close to the saved file merged by Forge, and
-    the model's weights are the same afterwards (sha256 before and after the grid)."""
+    """Strength 0 is Forge's plain txt2img bit for bit, strength 1 is close to the saved file merged by Forge, the
+    model's weights are the same afterwards (sha256 before and after the grid), and Forge's X/Y/Z plot with our
+    strength axis renders the same cells."""
     from host_harness import decode_png
 
     name = f"lt_test_sd1_{STAMP}_g"
@@ -131,26 +133,40 @@ def test_a_grid_renders_the_in_memory_lora_through_forge(forge, dataset):
     assert abs(cells[0.0] - base).max() == 0, "strength 0 must be Forge's plain txt2img"
     assert abs(plain_after - base).max() == 0, "the model must be as before the grid"
     assert effect > 1.0 and gap < effect / 4
+    # the same cells through Forge's own X/Y/Z plot script with our strength axis
+    assert set(XYZ_AXES) <= set(xyz_choices(forge))
+    lines_before = len(forge.log_lines())
+    answer, images = xyz_plot(forge, "LoRA Trainer: strength", "0, 1", {"prompt": PROMPT, "seed": 1, **SETTINGS})
+    assert len(images) == 1 + 2, "the X/Y/Z grid, then its two cells"
+    assert abs(images[1] - cells[0.0]).max() == 0 and abs(images[2] - cells[1.0]).max() == 0
+    assert "LoRA Trainer: in memory at 1" in answer["info"]
+    assert abs(forge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0, \
+        "our LoRA is off after the X/Y/Z plot"
+    assert extension_errors(forge.log_lines()[lines_before:]) == []
 
 
-@pytest.mark.skipif(SDXL_SKIP_REASON is not None, reason=str(SDXL_SKIP_REASON))
-def test_sdxl_train_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(forge_sdxl, dataset):
-    """The SD1 round trip on a full-size SDXL model (UNet only, 2 steps at 64 px)."""
-    name = f"lt_test_sdxl_{STAMP}"
-    base = forge_sdxl.txt2img(PROMPT)  # loads the SDXL model
-    lines_before = len(forge_sdxl.log_lines())
-    status = timed_train(forge_sdxl, _config(dataset, name, max_train_steps=2, network_train_unet_only=True),
-                         "Forge SDXL")
+def test_sd2_and_sdxl_train_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(forge_other, dataset):
+    """The SD1 round trip on a full-size SD2 (with its OpenCLIP-H text encoder) or SDXL model (UNet only, for
+    memory), 2 steps at 64 px."""
+    arch, host = forge_other
+    name = f"lt_test_{arch}_lora_{STAMP}"
+    base = host.txt2img(PROMPT)  # loads the model
+    lines_before = len(host.log_lines())
+    status = timed_train(host, _config(dataset, name, max_train_steps=2, network_train_unet_only=arch == "sdxl"),
+                         f"Forge {arch}")
     assert status["state"] == "finished", status["message"]
-    assert status["step"] == 2 and Path(status["lora_path"]).parent == forge_sdxl.lora_dir
+    assert status["step"] == 2 and Path(status["lora_path"]).parent == host.lora_dir
     assert status["compat"]["ok"] and status["compat"]["checked"] > 0, status["compat"]
-    with_lora = forge_sdxl.txt2img(f"{PROMPT} <lora:{name}:1>")
-    again = forge_sdxl.txt2img(PROMPT)
-    new_lines = forge_sdxl.log_lines()[lines_before:]
+    with_lora = host.txt2img(f"{PROMPT} <lora:{name}:1>")
+    again = host.txt2img(PROMPT)
+    new_lines = host.log_lines()[lines_before:]
     assert any("weights bit-identical after the run" in line for line in new_lines)
     loaded = [line for line in new_lines if "[LORA] Loaded" in line and name in line]
-    print(f"SDXL: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}; {loaded}")
+    print(f"{arch}: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}; {loaded}")
     assert loaded and all("(skipped 0 keys)" in line for line in loaded), new_lines[-40:]
+    assert not any("with unmatched keys" in line for line in new_lines)
+    parts = {part for line in loaded for part in ("UNet", "CLIP") if f"-{part} with" in line}
+    assert parts == ({"UNet"} if arch == "sdxl" else {"UNet", "CLIP"}), loaded
     assert abs(with_lora - base).mean() > 1.0
     assert abs(again - base).mean() == 0, "the model must be exactly as before training (same seed, same image)"
     assert extension_errors(new_lines) == []

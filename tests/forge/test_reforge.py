@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from host_harness import FORGE_CPU_FLAGS, SDXL_SKIP_REASON, STAMP, HostSetup, Installation, extension_errors, \
-    random_checkpoint, start_host, timed_train
+from host_harness import FORGE_CPU_FLAGS, OTHER_ARCHITECTURES, STAMP, HostSetup, Installation, \
+    architecture_skip_reason, checkpoint_selected, extension_errors, random_checkpoint, start_host, timed_train, \
+    xyz_choices, xyz_plot
 from webui_harness import install_requirements
 
 REFORGE = HostSetup.from_env("reforge", flags=[*FORGE_CPU_FLAGS, "--no-download-sd-model"])
@@ -117,12 +118,25 @@ def test_a_grid_renders_the_in_memory_lora_through_reforge(trained, reforge):
     cells = {(c["strength"], c["snapshot"]): c for c in answer["cells"]}
     from host_harness import decode_png
 
-    assert abs(decode_png(cells[(0.0, "in memory")]["image"]) - base).max() == 0
-    assert abs(decode_png(cells[(1.0, "in memory")]["image"]) - base).mean() > 1.0
+    images = {strength: decode_png(cells[(strength, "in memory")]["image"]) for strength in (0.0, 1.0)}
+    assert abs(images[0.0] - base).max() == 0
+    assert abs(images[1.0] - base).mean() > 1.0
     Path(answer["path"]).unlink()
     assert any("grid: the model is bit-identical to before the grid" in line
                for line in reforge.log_lines()[lines_before:])
     assert abs(reforge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0
+    # the same cells through reForge's own X/Y/Z plot script with our strength axis
+    assert {"LoRA Trainer: strength", "LoRA Trainer: snapshot", "LoRA Trainer: module weights"} <= \
+        set(xyz_choices(reforge))
+    lines_before = len(reforge.log_lines())
+    xyz_answer, xyz_images = xyz_plot(reforge, "LoRA Trainer: strength", "0, 1",
+                                      {"prompt": PROMPT, "seed": 1, **SETTINGS})
+    assert len(xyz_images) == 1 + 2, "the X/Y/Z grid, then its two cells"
+    assert abs(xyz_images[1] - images[0.0]).max() == 0 and abs(xyz_images[2] - images[1.0]).max() == 0
+    assert "LoRA Trainer: in memory at 1" in xyz_answer["info"]
+    assert abs(reforge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0, \
+        "our LoRA is off after the X/Y/Z plot"
+    assert extension_errors(reforge.log_lines()[lines_before:]) == []
 
 
 def test_a_txt2img_sent_during_training_waits_then_runs(trained, reforge, dataset):
@@ -176,45 +190,45 @@ def test_a_paused_run_lets_reforge_generate_then_resumes_and_leaves_the_model_as
     assert extension_errors(reforge.log_lines()[lines_before:]) == []
 
 
-@pytest.fixture(scope="module")
-def reforge_sdxl(reforge, tmp_path_factory):
-    """The same reForge with the random SDXL checkpoint loaded (one host in memory at a time); SD1 again after."""
-    title = f"{NAME}_sdxl"
-    install = Installation(REFORGE.dir)
-    try:
-        install.link(random_checkpoint(tmp_path_factory.getbasetemp() / "random_models", "sdxl"),
-                     REFORGE.dir / "models" / "Stable-diffusion" / f"{title}.safetensors")
-        reforge.call("/sdapi/v1/refresh-checkpoints", {})
-        reforge.use_checkpoint(f"{title}.safetensors")
-        yield reforge
-    finally:
-        try:  # the host may be gone (killed for memory): the link goes anyway
-            reforge.use_checkpoint(f"{NAME}.safetensors")
-        finally:
-            install.remove()
+@pytest.fixture(scope="module", params=sorted(OTHER_ARCHITECTURES))
+def reforge_other(request, reforge, tmp_path_factory):
+    """The same reForge with a random SD2 or SDXL checkpoint loaded (each only when asked for); SD1 again after.
+
+    Yields:
+        tuple: (arch, the host).
+    """
+    arch = request.param
+    if architecture_skip_reason(arch):
+        pytest.skip(architecture_skip_reason(arch))
+    with checkpoint_selected(reforge, REFORGE, arch, tmp_path_factory.getbasetemp() / "random_models",
+                             f"{NAME}_{arch}", f"{NAME}.safetensors") as host:
+        yield arch, host
 
 
-@pytest.mark.skipif(SDXL_SKIP_REASON is not None, reason=str(SDXL_SKIP_REASON))
-def test_sdxl_training_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(reforge_sdxl, dataset):
-    """The SD1 round trip on a full-size SDXL model (UNet only, 2 steps at 64 px)."""
+def test_sd2_and_sdxl_training_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(reforge_other,
+                                                                                                dataset):
+    """The SD1 round trip on a full-size SD2 (with its OpenCLIP-H text encoder) or SDXL model (UNet only, for
+    memory), 2 steps at 64 px."""
     from safetensors import safe_open
 
-    name = f"{NAME}_xl"
-    base = reforge_sdxl.txt2img(PROMPT)
-    lines_before = len(reforge_sdxl.log_lines())
-    status = timed_train(reforge_sdxl, _config(dataset, name, max_train_steps=2, network_train_unet_only=True),
-                         "reForge SDXL")
+    arch, host = reforge_other
+    name = f"{NAME}_{arch}_lora"
+    base = host.txt2img(PROMPT)
+    lines_before = len(host.log_lines())
+    status = timed_train(host, _config(dataset, name, max_train_steps=2, network_train_unet_only=arch == "sdxl"),
+                         f"reForge {arch}")
     assert status["state"] == "finished" and status["step"] == 2, status["message"]
     with safe_open(status["lora_path"], framework="pt") as handle:
         modules = {key.split(".", 1)[0] for key in handle.keys()}
-    with_lora = reforge_sdxl.txt2img(f"{PROMPT} <lora:{name}:1>")
-    again = reforge_sdxl.txt2img(PROMPT)
-    new_lines = reforge_sdxl.log_lines()[lines_before:]
+    assert any(m.startswith("lora_te") for m in modules) is (arch != "sdxl")
+    with_lora = host.txt2img(f"{PROMPT} <lora:{name}:1>")
+    again = host.txt2img(PROMPT)
+    new_lines = host.log_lines()[lines_before:]
     assert any("weights bit-identical after the run" in line for line in new_lines)
     loaded = [LOADED.search(line) for line in new_lines if name in line and "[LORA] Loaded" in line]
     assert loaded and all(int(m.group(2)) == len(modules) for m in loaded if m), new_lines[-20:]
     assert not any("lora key not loaded" in line or "NOT LOADED" in line for line in new_lines)
-    print(f"reForge SDXL: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}")
+    print(f"reForge {arch}: mean |pixel diff| with the LoRA {abs(with_lora - base).mean():.2f}")
     assert abs(with_lora - base).mean() > 1.0
     assert abs(again - base).max() == 0, "the model must be exactly as before training"
     assert extension_errors(new_lines) == []
