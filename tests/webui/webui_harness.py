@@ -179,11 +179,12 @@ def install_requirements(python: str) -> str:
     return done.stdout
 
 
-def start_webui(a1111_dir: Path, python: str, log: Path, checkpoint: str, timeout: float = 600) -> WebUI:
-    """Start the WebUI on CPU on a free port and wait until the model is loaded."""
+def start_webui(a1111_dir: Path, python: str, log: Path, checkpoint: str, timeout: float = 600,
+                flags=tuple(CPU_FLAGS)) -> WebUI:
+    """Start the WebUI on CPU on a free port and wait until the model is loaded (`flags`: its command line)."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    args = [python, "launch.py", *CPU_FLAGS, "--port", str(port),
+    args = [python, "launch.py", *flags, "--port", str(port),
             "--ckpt", str(a1111_dir / "models" / "Stable-diffusion" / checkpoint)]
     handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - kept open for the process's lifetime
     process = subprocess.Popen(args, cwd=a1111_dir, env=env, stdout=handle, stderr=subprocess.STDOUT)
