@@ -4,8 +4,8 @@ for their tests (only with LORA_TRAINER_SD2=1 / LORA_TRAINER_SDXL=1), and a tiny
 from __future__ import annotations
 
 import pytest
-from host_harness import OTHER_ARCHITECTURES, STAMP, HostSetup, Installation, architecture_skip_reason, \
-    checkpoint_selected, random_checkpoint, start_host, write_box_dataset
+from host_harness import OTHER_ARCHITECTURES, STAMP, HostSetup, Installation, checkpoint_selected, \
+    random_checkpoint, start_host, write_box_dataset
 
 FORGE = HostSetup.from_env("forge")
 CHECKPOINT_TITLE = f"lt_test_sd1_{STAMP}"
@@ -41,14 +41,7 @@ def forge(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=sorted(OTHER_ARCHITECTURES))
 def forge_other(request, forge, tmp_path_factory):
-    """The same Forge with a random SD2 or SDXL checkpoint selected (each only when asked for); SD1 again after.
-
-    Yields:
-        tuple: (arch, the host).
-    """
-    arch = request.param
-    if architecture_skip_reason(arch):
-        pytest.skip(architecture_skip_reason(arch))
-    with checkpoint_selected(forge, FORGE, arch, tmp_path_factory.getbasetemp() / "random_models",
-                             f"lt_test_{arch}_{STAMP}", f"{CHECKPOINT_TITLE}.safetensors") as host:
-        yield arch, host
+    """(arch, Forge) with a random SD2 or SDXL checkpoint selected, when asked for; SD1 again after."""
+    with checkpoint_selected(forge, FORGE, request.param, tmp_path_factory.getbasetemp() / "random_models",
+                             f"lt_test_{request.param}_{STAMP}", f"{CHECKPOINT_TITLE}.safetensors") as host:
+        yield request.param, host

@@ -97,7 +97,12 @@ def architecture_skip_reason(arch: str) -> str | None:
 @contextlib.contextmanager
 def checkpoint_selected(host: WebUI, setup: HostSetup, arch: str, cache: Path, title: str, back_to: str):
     """The running host with the random `arch` checkpoint installed as `title` and selected (one model in memory at
-    a time); `back_to` (a checkpoint title) is selected again afterwards and the link taken out."""
+    a time); `back_to` (a checkpoint title) is selected again afterwards and the link taken out. Skips the test
+    unless `LORA_TRAINER_<ARCH>=1`."""
+    import pytest
+
+    if architecture_skip_reason(arch):
+        pytest.skip(architecture_skip_reason(arch))
     install = Installation(setup.dir)
     try:
         install.link(random_checkpoint(cache, arch), setup.dir / "models" / "Stable-diffusion" / f"{title}.safetensors")
@@ -213,6 +218,21 @@ def xyz_plot(host: WebUI, axis: str, values: str, body: dict):
             script_args[position] = True
     return host.generate({**body, "script_name": "x/y/z plot", "script_args": script_args})
 
+XYZ_AXES = ("LoRA Trainer: strength", "LoRA Trainer: snapshot", "LoRA Trainer: module weights")
+
+
+def check_xyz_strength_cells(host: WebUI, body: dict, at_0, at_1, base) -> None:
+    """Our axes are in the host's X/Y/Z plot, whose strength axis at 0, 1 renders `at_0` and `at_1` (the grid
+    route's cells) bit for bit, says so in its infotext and leaves the model as before (`body` renders `base`)."""
+    assert set(XYZ_AXES) <= set(xyz_choices(host))
+    lines_before = len(host.log_lines())
+    answer, images = xyz_plot(host, "LoRA Trainer: strength", "0, 1", body)
+    assert len(images) == 1 + 2, "the X/Y/Z grid, then its two cells"
+    assert abs(images[1] - at_0).max() == 0 and abs(images[2] - at_1).max() == 0
+    assert "LoRA Trainer: in memory at 1" in answer["info"]
+    assert abs(host.generate(body)[1][0] - base).max() == 0, "our LoRA is off after the X/Y/Z plot"
+    assert extension_errors(host.log_lines()[lines_before:]) == []
+
 def write_box_dataset(folder: Path, images: int = 3) -> Path:
     """A tiny captioned dataset (`<folder>/2_box/*.png|txt`, 64 px); returns `folder`."""
     from PIL import Image, ImageDraw
@@ -227,6 +247,6 @@ def write_box_dataset(folder: Path, images: int = 3) -> Path:
     return folder
 
 
-__all__ = ["OTHER_ARCHITECTURES", "STAMP", "HostSetup", "Installation", "WebUI", "architecture_skip_reason",
-           "checkpoint_selected", "decode_png", "extension_errors", "random_checkpoint", "random_sd1_checkpoint",
+__all__ = ["OTHER_ARCHITECTURES", "STAMP", "XYZ_AXES", "HostSetup", "Installation", "WebUI",
+           "architecture_skip_reason", "check_xyz_strength_cells", "checkpoint_selected", "decode_png", "extension_errors", "random_checkpoint", "random_sd1_checkpoint",
            "start_host", "timed_train", "write_box_dataset", "xyz_choices", "xyz_plot"]

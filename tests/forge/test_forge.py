@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from host_harness import STAMP, HostSetup, extension_errors, timed_train, xyz_choices, xyz_plot
+from host_harness import STAMP, HostSetup, check_xyz_strength_cells, extension_errors, timed_train
 
 FORGE = HostSetup.from_env("forge")
 
@@ -20,7 +20,6 @@ pytestmark = [pytest.mark.webui, pytest.mark.skipif(FORGE.skip_reason is not Non
 PROMPT = "box, red"
 GRID = "/lora_trainer/v1/test/grid"
 SETTINGS = {"steps": 4, "width": 64, "height": 64, "sampler_name": "Euler a", "cfg_scale": 7}
-XYZ_AXES = ("LoRA Trainer: strength", "LoRA Trainer: snapshot", "LoRA Trainer: module weights")
 
 
 def _config(dataset, name, **extra):
@@ -133,16 +132,7 @@ def test_a_grid_renders_the_in_memory_lora_through_forge(forge, dataset):
     assert abs(cells[0.0] - base).max() == 0, "strength 0 must be Forge's plain txt2img"
     assert abs(plain_after - base).max() == 0, "the model must be as before the grid"
     assert effect > 1.0 and gap < effect / 4
-    # the same cells through Forge's own X/Y/Z plot script with our strength axis
-    assert set(XYZ_AXES) <= set(xyz_choices(forge))
-    lines_before = len(forge.log_lines())
-    answer, images = xyz_plot(forge, "LoRA Trainer: strength", "0, 1", {"prompt": PROMPT, "seed": 1, **SETTINGS})
-    assert len(images) == 1 + 2, "the X/Y/Z grid, then its two cells"
-    assert abs(images[1] - cells[0.0]).max() == 0 and abs(images[2] - cells[1.0]).max() == 0
-    assert "LoRA Trainer: in memory at 1" in answer["info"]
-    assert abs(forge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0, \
-        "our LoRA is off after the X/Y/Z plot"
-    assert extension_errors(forge.log_lines()[lines_before:]) == []
+    check_xyz_strength_cells(forge, {"prompt": PROMPT, "seed": 1, **SETTINGS}, cells[0.0], cells[1.0], base)
 
 
 def test_sd2_and_sdxl_train_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(forge_other, dataset):

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from host_harness import FORGE_CPU_FLAGS, OTHER_ARCHITECTURES, STAMP, HostSetup, Installation, \
-    architecture_skip_reason, checkpoint_selected, extension_errors, random_checkpoint, start_host, timed_train, \
-    xyz_choices, xyz_plot
+    check_xyz_strength_cells, checkpoint_selected, extension_errors, random_checkpoint, start_host, timed_train
 from webui_harness import install_requirements
 
 REFORGE = HostSetup.from_env("reforge", flags=[*FORGE_CPU_FLAGS, "--no-download-sd-model"])
@@ -125,18 +124,7 @@ def test_a_grid_renders_the_in_memory_lora_through_reforge(trained, reforge):
     assert any("grid: the model is bit-identical to before the grid" in line
                for line in reforge.log_lines()[lines_before:])
     assert abs(reforge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0
-    # the same cells through reForge's own X/Y/Z plot script with our strength axis
-    assert {"LoRA Trainer: strength", "LoRA Trainer: snapshot", "LoRA Trainer: module weights"} <= \
-        set(xyz_choices(reforge))
-    lines_before = len(reforge.log_lines())
-    xyz_answer, xyz_images = xyz_plot(reforge, "LoRA Trainer: strength", "0, 1",
-                                      {"prompt": PROMPT, "seed": 1, **SETTINGS})
-    assert len(xyz_images) == 1 + 2, "the X/Y/Z grid, then its two cells"
-    assert abs(xyz_images[1] - images[0.0]).max() == 0 and abs(xyz_images[2] - images[1.0]).max() == 0
-    assert "LoRA Trainer: in memory at 1" in xyz_answer["info"]
-    assert abs(reforge.generate({"prompt": PROMPT, "seed": 1, **SETTINGS})[1][0] - base).max() == 0, \
-        "our LoRA is off after the X/Y/Z plot"
-    assert extension_errors(reforge.log_lines()[lines_before:]) == []
+    check_xyz_strength_cells(reforge, {"prompt": PROMPT, "seed": 1, **SETTINGS}, images[0.0], images[1.0], base)
 
 
 def test_a_txt2img_sent_during_training_waits_then_runs(trained, reforge, dataset):
@@ -192,17 +180,10 @@ def test_a_paused_run_lets_reforge_generate_then_resumes_and_leaves_the_model_as
 
 @pytest.fixture(scope="module", params=sorted(OTHER_ARCHITECTURES))
 def reforge_other(request, reforge, tmp_path_factory):
-    """The same reForge with a random SD2 or SDXL checkpoint loaded (each only when asked for); SD1 again after.
-
-    Yields:
-        tuple: (arch, the host).
-    """
-    arch = request.param
-    if architecture_skip_reason(arch):
-        pytest.skip(architecture_skip_reason(arch))
-    with checkpoint_selected(reforge, REFORGE, arch, tmp_path_factory.getbasetemp() / "random_models",
-                             f"{NAME}_{arch}", f"{NAME}.safetensors") as host:
-        yield arch, host
+    """(arch, reForge) with a random SD2 or SDXL checkpoint loaded, when asked for; SD1 again after."""
+    with checkpoint_selected(reforge, REFORGE, request.param, tmp_path_factory.getbasetemp() / "random_models",
+                             f"{NAME}_{request.param}", f"{NAME}.safetensors") as host:
+        yield request.param, host
 
 
 def test_sd2_and_sdxl_training_in_place_then_the_lora_loads_with_every_key_and_changes_the_image(reforge_other,
