@@ -180,7 +180,8 @@ class WeightCheck:
 
         Args:
             writes_expected (bool, optional): the host wrote its backups back into weights it had merged a prompt
-                LoRA into (the hash then decides), defaults to False.
+                LoRA into, so only replaced tensors count (at DEBUG the sha256 compares the bytes), defaults to
+                False.
 
         Returns:
             bool: True when a weight differs.
