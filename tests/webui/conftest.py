@@ -55,7 +55,6 @@ def webui(tiny, tmp_path_factory):
         yield server
         server.stop()
     finally:
-        for name in ("lt_test_sd1", "lt_test_sdxl"):
-            for path in (a1111 / "models" / "Lora").glob(f"{name}_{STAMP}*"):
-                path.unlink()
+        for path in (a1111 / "models" / "Lora").glob(f"lt_test_*_{STAMP}*"):  # every run's files (LoHa, LoKr too)
+            path.unlink()
         install.remove()
