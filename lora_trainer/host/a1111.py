@@ -326,27 +326,12 @@ class A1111Host:
             CompatReport | None: None when the Lora extension is not loaded.
 
         Raises:
-            NetworkError: a name would be dropped or misplaced.
+            NetworkError: a name would be dropped or misplaced, or is not a target of the loaded model.
         """
         check = self.name_checker(adapter)
         if check is None:
             logger.warning("compatibility self-test skipped: the built-in Lora extension is not loaded")
             return None
-        targets = self.compat_targets(adapter, include_conv, names)
-        report = check(targets)
-        self.last_check = report
-        if not report.ok:
-            raise NetworkError(describe(report, "compatibility self-test"))
-        logger.info("compatibility self-test: all %d module names map onto the loaded model", report.checked)
-        return report
-
-    @staticmethod
-    def compat_targets(adapter, include_conv: bool = False, names=None) -> dict:
-        """The targets the self-test checks: `{kohya name: module}` of every component, or of `names` only.
-
-        Raises:
-            NetworkError: a name in `names` is not a target of the loaded model.
-        """
         targets = {}
         for component in adapter.lora_targets(include_conv).values():
             targets.update(component)
@@ -356,7 +341,12 @@ class A1111Host:
                 raise NetworkError(f"LoRA: {len(missing)} module names are not targets of the loaded model, e.g. "
                                    f"{missing[:3]}. Train it on this model, or load the model it was trained on.")
             targets = {n: targets[n] for n in names}
-        return targets
+        report = check(targets)
+        self.last_check = report
+        if not report.ok:
+            raise NetworkError(describe(report, "compatibility self-test"))
+        logger.info("compatibility self-test: all %d module names map onto the loaded model", report.checked)
+        return report
 
     def name_checker(self, adapter):
         """How this WebUI's Lora extension places kohya names: `{name: module} -> CompatReport`, or None without
