@@ -2,8 +2,9 @@
 and check the cancel flag between cells. The model is given back without any LoRA on it, whatever happens.
 
 A snapshot is merged into the weights once per strength (`networks.MergedWeights`), not injected as bypass
-forwards: every cell then renders at the speed of the base model. While merged the model holds one extra copy of
-the touched weights; the original weight tensors are put back afterwards (bit for bit, no subtraction)."""
+forwards: cells render without the LoRA's extra matmuls at every step, as with a file loaded by name. While merged
+the model holds one extra copy of the touched weights; the original weight tensors are put back afterwards (bit for
+bit, no subtraction)."""
 from __future__ import annotations
 
 import logging
