@@ -77,11 +77,6 @@ def random_checkpoint(default_folder: Path, arch: str = "sd1") -> Path:
     return Path(build_random_model(arch, folder).checkpoint)
 
 
-def random_sd1_checkpoint(default_folder: Path) -> Path:
-    """The full-size SD1.5-architecture checkpoint with random fp16 weights (~2 GB)."""
-    return random_checkpoint(default_folder, "sd1")
-
-
 OTHER_ARCHITECTURES = {  # the architectures tested besides SD1, each only when asked for (size, memory)
     "sd2": "the SD2 tests build a ~2.6 GB random checkpoint (OpenCLIP-H text encoder)",
     "sdxl": "the SDXL tests build a ~7 GB random checkpoint and the host needs ~24 GB",
@@ -248,5 +243,6 @@ def write_box_dataset(folder: Path, images: int = 3) -> Path:
 
 
 __all__ = ["OTHER_ARCHITECTURES", "STAMP", "XYZ_AXES", "HostSetup", "Installation", "WebUI",
-           "architecture_skip_reason", "check_xyz_strength_cells", "checkpoint_selected", "decode_png", "extension_errors", "random_checkpoint", "random_sd1_checkpoint",
-           "start_host", "timed_train", "write_box_dataset", "xyz_choices", "xyz_plot"]
+           "architecture_skip_reason", "check_xyz_strength_cells", "checkpoint_selected", "decode_png",
+           "extension_errors", "random_checkpoint", "start_host", "timed_train", "write_box_dataset", "xyz_choices",
+           "xyz_plot"]
