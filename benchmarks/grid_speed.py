@@ -6,7 +6,6 @@ of 6 strengths (0, 0.2, ..., 1) x 2 seeds, rendered four ways:
     in memory       `lora_trainer.grids.run_grid` with the network kept in memory: merged into the weights once per
                     strength (deltas recomputed at each strength), both seeds rendered, the original weight tensors
                     put back; strength 0 renders the base model, once per seed
-    in memory, kept as above with `cache_deltas=True` (each module's float32 delta computed once per grid)
     in memory, bypass  the LoRA injected as extra forwards (how training and its previews apply it)
     file, bypass    save the LoRA once, then per strength load it by name (read + build the network) and render
                     both seeds with it injected, then take it off
@@ -104,14 +103,10 @@ def _base(adapter, render, settings: GridSettings, live, work: Path) -> int:
     return len(DEFAULT_STRENGTHS) * len(SEEDS)
 
 
-def _in_memory(adapter, render, settings: GridSettings, live, work: Path, cache_deltas: bool = False) -> int:
+def _in_memory(adapter, render, settings: GridSettings, live, work: Path) -> int:
     plan = plan_grid(settings, strength_axis(DEFAULT_STRENGTHS), snapshot_axis([LiveSnapshot(live)]),
                      seed_axis(SEEDS))
-    return len(run_grid(plan, adapter, render, cache_deltas=cache_deltas).cells)
-
-
-def _in_memory_kept(adapter, render, settings: GridSettings, live, work: Path) -> int:
-    return _in_memory(adapter, render, settings, live, work, cache_deltas=True)
+    return len(run_grid(plan, adapter, render).cells)
 
 
 def _in_memory_bypass(adapter, render, settings: GridSettings, live, work: Path) -> int:
@@ -166,33 +161,34 @@ def _file_merged(adapter, render, settings: GridSettings, live, work: Path) -> i
     return cells
 
 
-WAYS = {"base model": _base, "in memory": _in_memory, "in memory, kept": _in_memory_kept,
-        "in memory, bypass": _in_memory_bypass, "file, bypass": _file_bypass, "file, merged": _file_merged}
-SLUGS = dict(zip(("base", "memory", "memory-kept", "memory-bypass", "file-bypass", "file-merged"), WAYS))
+WAYS = {"base model": _base, "in memory": _in_memory, "in memory, bypass": _in_memory_bypass,
+        "file, bypass": _file_bypass, "file, merged": _file_merged}
+SLUGS = dict(zip(("base", "memory", "memory-bypass", "file-bypass", "file-merged"), WAYS))
 
 
-def _merge_seconds(live, adapter, cache_deltas: bool, repeat: int = 3) -> float:
-    """Best time of merging the LoRA into the weights at a new strength (and restoring them)."""
+def _merge_seconds(live, adapter) -> tuple[float, float]:
+    """Merging the LoRA into the weights at a new strength (and restoring them): the first merge of a grid (it
+    allocates the merged weights) and the best of the later ones (they write into the same buffers)."""
     from lora_trainer.networks import MergedWeights
 
-    merger = MergedWeights(live.bind(adapter), cache_deltas=cache_deltas)
-    best = float("inf")
-    for strength in (0.2, 0.4, 0.6, 0.8)[:repeat + 1]:
+    merger = MergedWeights(live.bind(adapter))
+    times = []
+    for strength in (0.2, 0.4, 0.6, 0.8):
         live.network.multiplier = strength
         start = time.perf_counter()
         merger.merge()
         merger.restore()
-        best = min(best, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     merger.release()
-    return best
+    return times[0], min(times[1:])
 
 
 def _print_merge(live, adapter) -> None:
     weights = sum(m.org_module.weight.numel() if hasattr(m.org_module, "weight") else 0
                   for m in live.network.loras.values())
-    print(f"merge + restore per strength: deltas recomputed {_merge_seconds(live, adapter, False):.3f} s, kept "
-          f"{_merge_seconds(live, adapter, True):.3f} s ({len(live.network.loras)} modules, {weights / 1e6:.0f} M "
-          f"weights touched, kept deltas {weights * 4 / 2**20:.0f} MiB float32)")
+    first, later = _merge_seconds(live, adapter)
+    print(f"merge + restore per strength: first {first:.3f} s, later {later:.3f} s ({len(live.network.loras)} "
+          f"modules, {weights / 1e6:.0f} M weights touched, merged copy {weights * 4 / 2**20:.0f} MiB float32)")
 
 
 def main() -> int:

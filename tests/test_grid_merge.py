@@ -15,7 +15,7 @@ from lora_trainer.grids import (
     snapshot_axis, strength_axis,
 )
 from lora_trainer.models.loading import load_checkpoint_adapter
-from lora_trainer.networks import LoRANetwork
+from lora_trainer.networks import LoRANetwork, MergedWeights
 from lora_trainer.train import LiveLoRA
 
 SETTINGS = GridSettings("square, red", RenderSettings(width=32, height=32, steps=3, sampler="Euler a"), "blurry")
@@ -68,25 +68,31 @@ def _watching_renderer(adapter, live: LiveLoRA, before: dict, seen: list):
     render = adapter_renderer(adapter)
 
     def watch(prompt, negative, seed, settings):
-        replaced = tuple(sorted(id(p) for k, (p, _) in _weights(adapter).items() if p is not before[k][0]))
-        seen.append((settings.lora_state, seed, live.applied, replaced))
+        replaced = [(k, p) for k, (p, _) in _weights(adapter).items() if p is not before[k][0]]
+        ids = tuple(sorted(id(p) for _, p in replaced))
+        total = sum(p.detach().double().sum().item() for _, p in replaced)
+        seen.append((settings.lora_state, seed, live.applied, ids, total))
         return render(prompt, negative, seed, settings)
 
     return watch
 
 
-def test_each_strength_is_merged_once_for_its_seeds_and_every_weight_comes_back(sd1, single_thread):
+def test_each_strength_is_merged_once_for_its_seeds_and_every_weight_comes_back(sd1, single_thread, monkeypatch):
     live = _live_lora(sd1, seed=3)
     before = _weights(sd1)
     seen: list = []
+    merges = []
+    merge = MergedWeights.merge
+    monkeypatch.setattr(MergedWeights, "merge", lambda self: (merges.append(self.network.multiplier), merge(self)))
     plan = _plan([LiveSnapshot(live)], (0.0, 0.5, 1.0), (1, 2))
     result = run_grid(plan, sd1, _watching_renderer(sd1, live, before, seen))
-    assert [(state, seed) for state, seed, _, _ in seen] == [
+    assert [(state, seed) for state, seed, *_ in seen] == [
         ("base", 1), ("base", 2), ("in memory@0.5", 1), ("in memory@0.5", 2), ("in memory@1", 1), ("in memory@1", 2)]
-    assert not any(applied for _, _, applied, _ in seen)  # no bypass forwards while rendering
+    assert not any(applied for _, _, applied, *_ in seen)  # no bypass forwards while rendering
     assert seen[0][3] == seen[1][3] == ()  # the base model's own weights
-    assert seen[2][3] and seen[2][3] == seen[3][3]  # one merge for both seeds of a strength
-    assert seen[4][3] and seen[4][3] != seen[2][3]
+    assert merges == [0.5, 1.0]  # one merge for both seeds of a strength
+    assert seen[2][3] and seen[2][3:] == seen[3][3:]
+    assert seen[4][3] == seen[2][3] and seen[4][4] != seen[2][4]  # the next strength, written into the same buffers
     assert result.image is not None and not live.applied
     _assert_given_back(sd1, before)
 

@@ -83,7 +83,7 @@ def test_multiplier_zero_merges_nothing_and_remerge_uses_the_originals():
     network = _network("linear", layer, "lora")
     original = layer.weight
     network.multiplier = 0.0
-    merger = MergedWeights(network, cache_deltas=True)
+    merger = MergedWeights(network)
     merger.merge()
     assert layer.weight is original and not merger.merged
     network.multiplier = 0.5
@@ -121,3 +121,44 @@ def test_an_injected_network_is_not_merged_twice():
     with pytest.raises(NetworkError, match="bypass"):
         MergedWeights(network).merge()
     network.remove()
+
+
+def test_later_merges_write_into_the_same_buffers_shared_between_mergers():
+    layer, inputs = _layer("linear")
+    original = layer.weight
+    first, second = _network("linear", layer, "lora"), _network("linear", layer, "loha")
+    buffers = {}
+    merger = MergedWeights(first, buffers=buffers)
+    first.multiplier = 0.5
+    merger.merge()
+    buffer = layer.weight
+    merger.restore()
+    first.multiplier = 1.0
+    merger.merge()
+    assert layer.weight is buffer and buffer is not original
+    (module,) = first.loras.values()
+    torch.testing.assert_close(layer.weight, original.detach() + module.delta_weight().detach())
+    merger.restore()
+    other = MergedWeights(second, buffers=buffers)
+    second.multiplier = 0.3
+    other.merge()
+    (module,) = second.loras.values()
+    assert layer.weight is buffer
+    torch.testing.assert_close(layer.weight, original.detach() + 0.3 * module.delta_weight().detach())
+    other.release()
+    assert layer.weight is original and not buffers
+
+
+def test_channels_last_kernels_merge_through_the_delta_weight():
+    layer, inputs = _layer("conv3x3")
+    layer.to(memory_format=torch.channels_last)
+    network = _network("conv3x3", layer, "lora")
+    network.multiplier = 0.8
+    network.apply()
+    bypass = _out(layer, inputs)
+    network.remove()
+    merger = MergedWeights(network)
+    merger.merge()
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(_out(layer, inputs), bypass, rtol=1e-5, atol=1e-5)
+    merger.restore()

@@ -165,6 +165,16 @@ class NetworkModule(nn.Module):
         """The scaled weight delta `diff * alpha / dim` (multiplier not applied), shaped like the target weight."""
         return self.diff_weight() * self.scale
 
+    def add_delta_(self, target: torch.Tensor, multiplier: float) -> None:
+        """`target += multiplier * delta_weight()` in place (merging into a weight; `target` has its shape).
+
+        Args:
+            target (torch.Tensor): a float32 copy of the target weight (or its rows of a fused weight).
+            multiplier (float): the strength.
+        """
+        delta = self.delta_weight().detach().to(device=target.device, dtype=target.dtype)
+        target.add_(delta.reshape(target.shape), alpha=multiplier)
+
     # -- state dict ------------------------------------------------------------------------------------------
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         """This module's tensors keyed by kohya suffix (`lora_down.weight`, ..., `alpha`)."""

@@ -38,6 +38,15 @@ class LoRAModule(NetworkModule):
     def diff_weight(self) -> torch.Tensor:
         return lora_diff_weight(self.lora_down.weight, self.lora_up.weight, self.weight_shape)
 
+    def add_delta_(self, target: torch.Tensor, multiplier: float) -> None:
+        if not target.is_contiguous():  # channels-last kernels: no flat view to accumulate into
+            return super().add_delta_(target, multiplier)
+        # one GEMM accumulating into the weight: no weight-sized delta (nor its scaled copy) is allocated
+        up, down = (w.detach().to(device=target.device, dtype=target.dtype) for w in (self.lora_up.weight,
+                                                                                      self.lora_down.weight))
+        target.view(target.shape[0], -1).addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1),
+                                                alpha=multiplier * self.scale)
+
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_down(x.to(self.lora_down.weight.dtype))
         h = dropout(h, self.dropout, self.training)
