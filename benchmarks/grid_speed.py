@@ -4,8 +4,8 @@ One process, one loaded model, a LoRA with random weights (every module trained:
 of 6 strengths (0, 0.2, ..., 1) x 2 seeds, rendered four ways:
     base model      the same 12 renders with no LoRA at all (the reference time per image)
     in memory       `lora_trainer.grids.run_grid` with the network kept in memory: merged into the weights once per
-                    strength (deltas recomputed at each strength), both seeds rendered, the original weight tensors
-                    put back; strength 0 renders the base model, once per seed
+                    strength (into buffers allocated at the first merge), both seeds rendered, the original weight
+                    tensors put back; strength 0 renders the base model, once per seed
     in memory, bypass  the LoRA injected as extra forwards (how training and its previews apply it)
     file, bypass    save the LoRA once, then per strength load it by name (read + build the network) and render
                     both seeds with it injected, then take it off
@@ -13,8 +13,9 @@ of 6 strengths (0, 0.2, ..., 1) x 2 seeds, rendered four ways:
                     `strength * delta` into the model's weights (backing them up) and render both seeds, restore
 
 Each way runs --repeat times, the ways taking turns; the table shows the best total (the run least disturbed by
-other work on the machine), the time per cell, and per cell against the base model. Compare rows of one
-invocation. Nothing here is asserted.
+other work on the machine), the time per cell, the part of it spent rendering (the rest is merging or loading), and
+per cell against the base model. On Linux CPUs the script runs itself again with a steady heap (`steady_heap.py`).
+Compare rows of one invocation. Nothing here is asserted.
 
     python benchmarks/grid_speed.py                              # tiny SD1, 64 px, 20 steps (about a minute)
     python benchmarks/grid_speed.py --size 128 --steps 10 --dim 32
@@ -43,6 +44,7 @@ from lora_trainer.grids import (  # noqa: E402
 from lora_trainer.models.loading import load_checkpoint_adapter  # noqa: E402
 from lora_trainer.networks import LoRANetwork, load_lora  # noqa: E402
 from lora_trainer.train import LiveLoRA  # noqa: E402
+from steady_heap import use_steady_heap  # noqa: E402
 
 SEEDS = (1, 2)
 
@@ -64,6 +66,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--merge-only", action="store_true", help="only time merging the LoRA (no renders)")
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's default heap (see steady_heap.py)")
     parser.add_argument("--ways", nargs="+", choices=list(SLUGS), default=list(SLUGS),
                         help="ways to render, default: all (base is always rendered: the reference)")
     return parser.parse_args()
@@ -191,14 +194,26 @@ def _print_merge(live, adapter) -> None:
           f"modules, {weights / 1e6:.0f} M weights touched, merged copy {weights * 4 / 2**20:.0f} MiB float32)")
 
 
+def _timed(render, spent: list[float]):
+    def timed(*args):
+        start = time.perf_counter()
+        image = render(*args)
+        spent[0] += time.perf_counter() - start
+        return image
+
+    return timed
+
+
 def main() -> int:
     args = _arguments()
+    heap = use_steady_heap(args.default_malloc, rerun=args.device == "cpu")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         adapter = _adapter(args, work)
         live = _random_live_lora(adapter, args.dim)
-        render = adapter_renderer(adapter)
+        spent = [0.0]  # seconds inside render calls
+        render = _timed(adapter_renderer(adapter), spent)
         settings = GridSettings("square, red, blue background",
                                 RenderSettings(width=args.size, height=args.size, steps=args.steps,
                                                sampler=args.sampler))
@@ -207,29 +222,31 @@ def main() -> int:
             return 0
         render(settings.prompt, "", 0, settings.render)  # warm-up
         chosen = {name: WAYS[name] for name in ["base model", *(SLUGS[slug] for slug in args.ways if slug != "base")]}
-        times: dict[str, list[float]] = {name: [] for name in chosen}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}  # (total, in render) seconds
         cells = {}
         for _ in range(args.repeat):
             for name, way in chosen.items():
+                spent[0] = 0.0
                 start = time.perf_counter()
                 cells[name] = way(adapter, render, settings, live, work)
-                times[name].append(time.perf_counter() - start)
+                runs[name].append((time.perf_counter() - start, spent[0]))
         _print_merge(live, adapter)
-    _print_table(args, times, cells)
+    _print_table(args, heap, runs, cells)
     return 0
 
 
-def _print_table(args, times: dict[str, list[float]], cells: dict[str, int]) -> None:
+def _print_table(args, heap: str, runs: dict[str, list[tuple[float, float]]], cells: dict[str, int]) -> None:
     print(f"grid {len(DEFAULT_STRENGTHS)} strengths x {len(SEEDS)} seeds, {args.size}x{args.size}, {args.steps} "
           f"steps, {args.sampler}, LoRA rank {args.dim}, {args.device}, {args.threads} thread(s), best of "
-          f"{args.repeat}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    base_cell = min(times["base model"]) / cells["base model"]
-    in_memory = min(times.get("in memory") or times["base model"])
-    print(f"{'way':<18} {'total s':>8} {'s/cell':>8} {'cell/base':>9} {'vs in memory':>12}")
-    for name, runs in times.items():
-        total = min(runs)
+          f"{args.repeat}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}, heap: {heap}")
+    best = {name: min(times) for name, times in runs.items()}
+    base_cell = best["base model"][0] / cells["base model"]
+    in_memory = (best.get("in memory") or best["base model"])[0]
+    print(f"{'way':<18} {'total s':>8} {'s/cell':>8} {'render s/cell':>13} {'cell/base':>9} {'vs in memory':>12}")
+    for name, (total, rendering) in best.items():
         per_cell = total / cells[name]
-        print(f"{name:<18} {total:8.2f} {per_cell:8.3f} {per_cell / base_cell:9.2f} {total / in_memory:11.2f}x")
+        print(f"{name:<18} {total:8.2f} {per_cell:8.3f} {rendering / cells[name]:13.3f} {per_cell / base_cell:9.2f} "
+              f"{total / in_memory:11.2f}x")
 
 
 if __name__ == "__main__":

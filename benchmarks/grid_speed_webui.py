@@ -11,11 +11,9 @@ Each way runs --repeat times, taking turns; the table shows the best total, the 
 the base model, and the load average. Nothing here is asserted. The WebUI logs at INFO, as users run it (at DEBUG
 a grid also hashes every weight before and after: about 5 s on the full-size model).
 
-On Linux the WebUI runs with a steady glibc heap (`STEADY_HEAP`, unless GLIBC_TUNABLES is set or --default-malloc):
-with glibc's defaults, a full-size txt2img on the CPU took 13.8 s after training and 9.0 s after a grid, the same
-call, because of 4.0 M against 1.3 M minor page faults that depend on which allocations came before; that would
-decide the comparison instead of the ways. With one arena, a high trim threshold and transparent huge pages the same
-calls took 7.7 and 7.0 s with about a thousand faults each.
+On Linux the WebUI runs with a steady glibc heap (`steady_heap.py`, unless GLIBC_TUNABLES is set or
+--default-malloc): with glibc's defaults, a full-size txt2img on the CPU took 13.8 s after training and 9.0 s after a
+grid, the same call; with it, 7.7 and 7.0 s with about a thousand page faults each.
 
 With --full-size the model is the full-size SD1 architecture with random weights
 (`lora_trainer.testing.random_models`, kept in --cache-dir) and a text-encoder folder written offline beside it
@@ -39,10 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "webui"))
 
+from steady_heap import use_steady_heap  # noqa: E402
 from webui_harness import CPU_FLAGS, STAMP, Installation, install_requirements, start_webui, webui_python  # noqa: E402
 
-STEADY_HEAP = ("glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=8589934592:glibc.malloc.mmap_threshold=33554432"
-               ":glibc.malloc.hugetlb=1")
 STRENGTHS = (0, 0.2, 0.4, 0.6, 0.8, 1)
 SEEDS = (1, 2)
 
@@ -128,8 +125,7 @@ def _ways(webui, name: str, settings: dict) -> dict:
 
 def main() -> int:
     args = _arguments()
-    heap = "default" if args.default_malloc or sys.platform != "linux" else os.environ.setdefault("GLIBC_TUNABLES",
-                                                                                                  STEADY_HEAP)
+    heap = use_steady_heap(args.default_malloc)
     a1111 = Path(os.environ["A1111_DIR"])
     install = Installation(a1111)
     name = f"lt_bench_{STAMP}"
