@@ -1,5 +1,5 @@
 """`python -m lora_trainer train` in a real subprocess: SIGUSR1 pauses after the current step, SIGUSR1 again goes
-on, Ctrl+C while paused stops and saves."""
+on, Ctrl+C while paused stops and saves; a signal acts even when it lands while the main thread holds a lock."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_trainer.cli.signal_relay import SignalRelay
 from lora_trainer.testing.datasets import write_square_dataset
 from test_cli import write_config
 
@@ -69,3 +70,20 @@ def test_sigusr1_pauses_and_goes_on_and_ctrl_c_stops_while_paused(tiny_sd1, tmp_
             process.kill()
     output = "".join(seen) + "".join(iter(lambda: lines.get_nowait() if not lines.empty() else "", ""))
     assert "stopped after" in output and (tmp_path / "out" / "cli_lora.safetensors").is_file()
+
+
+def test_a_signal_landing_while_the_main_thread_holds_the_event_lock_still_acts():
+    # Event.wait holds the Event's (non-reentrant) lock between its checks; a handler that set the Event itself
+    # hung right here, as a pause poll did when `kill -USR1` landed inside it
+    event = threading.Event()
+    relay = SignalRelay()
+    previous = signal.signal(signal.SIGUSR1, relay.handler(event.set))
+    try:
+        with event._cond:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.1)  # the handler runs in this thread, between bytecodes, while the lock is held
+            assert not event.is_set()
+        assert event.wait(5)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        relay.close()

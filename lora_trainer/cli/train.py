@@ -17,6 +17,8 @@ import os
 import signal
 from pathlib import Path
 
+from lora_trainer.cli.signal_relay import SignalRelay
+
 log = logging.getLogger(__name__)
 
 
@@ -171,15 +173,18 @@ def _train_checked(config, device: str | None, checked, extra_subscribers=(), gr
     validation: dict[int, float] = {}
     bus.subscribe(lambda event: _remember(event, saved, validation))
     commands = TrainCommands()
-    previous = signal.signal(signal.SIGINT, lambda *_: commands.request_stop(save=True))
+    relay = SignalRelay()  # the handlers must not set the commands' Events themselves (see signal_relay)
+    previous = signal.signal(signal.SIGINT, relay.handler(lambda: commands.request_stop(save=True)))
     toggle = getattr(signal, "SIGUSR1", None) if group is None else None  # `kill -USR1 <pid>`: pause / go on
-    previous_toggle = signal.signal(toggle, lambda *_: toggle_pause(commands)) if toggle is not None else None
+    previous_toggle = signal.signal(toggle, relay.handler(lambda: toggle_pause(commands))) \
+        if toggle is not None else None
     try:
         result = Trainer(config, adapter, events=bus, commands=commands, preflight=checked, group=group).run()
     finally:
         signal.signal(signal.SIGINT, previous)
         if toggle is not None:
             signal.signal(toggle, previous_toggle)
+        relay.close()
     if main:
         print(f"{'stopped' if result.stopped else 'finished'} after {result.steps} steps: {result.lora_path}")
         if validation:
