@@ -55,6 +55,15 @@ def _params(layer):
     return dict(layer.named_parameters())
 
 
+def _bypass(network, layer, inputs, multiplier):
+    """The layer's output with the network injected (bypass forwards) at `multiplier`: what a merge must give."""
+    network.multiplier = multiplier
+    network.apply()
+    out = _out(layer, inputs)
+    network.remove()
+    return out
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_merged_output_equals_bypass_and_restore_is_exact(algo, kind):
@@ -62,10 +71,7 @@ def test_merged_output_equals_bypass_and_restore_is_exact(algo, kind):
     network = _network(kind, layer, algo)
     before = {name: (param, param.detach().clone()) for name, param in _params(layer).items()}
     base = _out(layer, inputs)
-    network.multiplier = 0.6
-    network.apply()
-    bypass = _out(layer, inputs)
-    network.remove()
+    bypass = _bypass(network, layer, inputs, 0.6)
     merger = MergedWeights(network)
     merger.merge()
     assert merger.merged and any(p is not before[n][0] for n, p in _params(layer).items())
@@ -153,10 +159,7 @@ def test_channels_last_kernels_merge_through_the_delta_weight():
     layer, inputs = _layer("conv3x3")
     layer.to(memory_format=torch.channels_last)
     network = _network("conv3x3", layer, "lora")
-    network.multiplier = 0.8
-    network.apply()
-    bypass = _out(layer, inputs)
-    network.remove()
+    bypass = _bypass(network, layer, inputs, 0.8)
     merger = MergedWeights(network)
     merger.merge()
     assert layer.weight.is_contiguous(memory_format=torch.channels_last)
