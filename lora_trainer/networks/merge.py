@@ -99,9 +99,7 @@ class MergedWeights:
             return
         original = slot.owner._parameters[slot.attribute]
         merged = self._buffer(slot, original)
-        work = merged if merged.dtype == torch.float32 else torch.empty(merged.shape, dtype=torch.float32,
-                                                                           device=merged.device)
-        work.copy_(original)
+        work = merged.copy_(original) if merged.dtype == torch.float32 else original.float()
         for module, rows in active:
             module.add_delta_(work if rows is None else work[rows], module.multiplier)
         if work is not merged:
